@@ -1,0 +1,10 @@
+//! Blip: reliable, ordered delivery of messages to IP multicast groups.
+//!
+//! The crate is cut the way quinn and smoltcp are: [`wire`] holds the packet formats, [`proto`] the
+//! protocol as a sans-IO state machine (time, bytes and randomness go in; datagrams, timeouts and deliveries
+//! come out), and [`sim`] a deterministic network simulator that drives it under any loss pattern.
+#![warn(missing_docs)]
+
+pub mod proto;
+pub mod sim;
+pub mod wire;

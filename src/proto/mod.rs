@@ -1,0 +1,500 @@
+//! The protocol as a sans-IO state machine.
+//!
+//! An [`Endpoint`] is one node's protocol state for one stream of a group: it sends (as one sender session)
+//! and receives from every other sender it hears. It never touches a socket or a clock: the driver passes
+//! the current time and received bytes in, and takes datagrams to send, the next timeout, events and
+//! deliveries out. The driving loop is:
+//!
+//! ```text
+//! loop {
+//!     endpoint.handle_datagram(now, from, bytes)   // for each datagram received
+//!     endpoint.handle_timeout(now)                 // when poll_timeout() has passed
+//!     endpoint.send(now, msg)                      // for each message the application hands over
+//!     while let Some(t) = endpoint.poll_transmit(now, &mut buf) { socket.send(&buf[..t.len], t.destination) }
+//!     while let Some(d) = endpoint.recv() { application.deliver(d) }
+//!     while let Some(e) = endpoint.poll_event() { application.event(e) }
+//!     wait until endpoint.poll_timeout() or a datagram arrives
+//! }
+//! ```
+
+mod config;
+mod membership;
+mod receiver;
+pub(crate) mod rng;
+mod sender;
+mod window;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::time::Instant;
+
+pub use config::*;
+pub use membership::Member;
+
+use crate::wire::{Header, Kind, MAX_NAK_RANGES, MemberRepr, NakRepr, Packet, SeqRange, StatusRepr};
+use receiver::{Step, Stream};
+use rng::Rng;
+use sender::Sender;
+
+/// Why [`Endpoint::send`] did not take a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The message exceeds [`Config::max_message`].
+    #[error("message of {size} bytes exceeds the configured maximum of {max} bytes (Config::max_message)")]
+    TooLarge {
+        /// Size of the rejected message.
+        size: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// The window is full (flow control or untransmitted data) or a large message is still being fragmented:
+    /// transmit, handle incoming STATUS, and try again.
+    #[error("send window full; try again after transmitting and receiving")]
+    WouldBlock,
+}
+
+/// Where a datagram from [`Endpoint::poll_transmit`] goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// The multicast group.
+    Group,
+    /// One node, at the address its packets came from.
+    Unicast(SocketAddr),
+}
+
+/// A datagram ready in the caller's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    /// Bytes written at the start of the buffer.
+    pub len: usize,
+    /// Where to send them.
+    pub destination: Destination,
+}
+
+/// A message delivered in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Message<'a> {
+    /// The sender's session.
+    pub session: u64,
+    /// The message's sequence number in that session.
+    pub seq: u64,
+    /// The message bytes (borrowed until the next call on the endpoint).
+    pub payload: &'a [u8],
+}
+
+/// What [`Endpoint::recv`] yields, in stream order per sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery<'a> {
+    /// The next message.
+    Message(Message<'a>),
+    /// Datagrams the sender no longer retains were never received: their messages are lost.
+    Loss {
+        /// The sender's session.
+        session: u64,
+        /// Lost datagram sequence numbers.
+        datagrams: Range<u64>,
+        /// Lost message sequence numbers (`None` if nothing had been delivered from this sender before).
+        messages: Option<Range<u64>>,
+    },
+}
+
+/// Something the application may want to know about, other than deliveries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// First packet heard from a sender session.
+    SenderJoined {
+        /// The sender's session.
+        session: u64,
+        /// Address its packets come from.
+        addr: SocketAddr,
+    },
+    /// A sender has been silent for `sender_timeout` and is forgotten.
+    SenderGone {
+        /// The sender's session.
+        session: u64,
+    },
+    /// A receiver reported its position to this sender for the first time.
+    ReceiverJoined {
+        /// The receiver's session.
+        session: u64,
+    },
+    /// A receiver has been silent for `receiver_timeout`; flow control no longer waits for it.
+    ReceiverGone {
+        /// The receiver's session.
+        session: u64,
+    },
+    /// The slow-receiver policy stopped waiting for a receiver that was a whole window behind.
+    SlowReceiverDropped {
+        /// The receiver's session.
+        session: u64,
+        /// The position it had reported.
+        position: u64,
+    },
+    /// A node announced itself for the first time.
+    PeerJoined {
+        /// Its node id.
+        node_id: u64,
+        /// Its session.
+        session: u64,
+        /// Its announced name.
+        name: String,
+    },
+    /// A node said it is leaving.
+    PeerLeft {
+        /// Its node id.
+        node_id: u64,
+        /// Its session.
+        session: u64,
+    },
+    /// A node was silent for `member_timeout`.
+    PeerExpired {
+        /// Its node id.
+        node_id: u64,
+        /// Its last session.
+        session: u64,
+    },
+    /// A known node id announced itself with a new session: it restarted.
+    PeerRestarted {
+        /// Its node id.
+        node_id: u64,
+        /// The previous incarnation.
+        old_session: u64,
+        /// The new incarnation.
+        new_session: u64,
+    },
+}
+
+/// Counters kept by an endpoint. All only grow.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Messages accepted by `send`.
+    pub messages_sent: u64,
+    /// Payload bytes accepted by `send`.
+    pub bytes_sent: u64,
+    /// New DATA datagrams transmitted.
+    pub datagrams_sent: u64,
+    /// DATA datagrams retransmitted in answer to NAKs.
+    pub retransmits: u64,
+    /// NAKed datagrams not retransmitted because they were retransmitted within the linger.
+    pub retransmits_suppressed: u64,
+    /// NAKed ranges dropped because the retransmission queue was full.
+    pub retransmit_queue_full: u64,
+    /// HEARTBEAT packets sent.
+    pub heartbeats_sent: u64,
+    /// Times `send` found the window closed by flow control.
+    pub flow_control_blocked: u64,
+    /// NAK packets sent.
+    pub naks_sent: u64,
+    /// NAK packets received for this endpoint's own session.
+    pub naks_received: u64,
+    /// Missing datagrams whose NAK was held back because another receiver asked for them.
+    pub naks_suppressed: u64,
+    /// STATUS packets sent.
+    pub status_sent: u64,
+    /// STATUS packets received for this endpoint's own session.
+    pub status_received: u64,
+    /// Distinct DATA datagrams stored for delivery.
+    pub datagrams_received: u64,
+    /// Of those, ones that arrived as retransmissions.
+    pub repairs_received: u64,
+    /// Messages delivered to the application.
+    pub messages_delivered: u64,
+    /// DATA datagrams received again after they had been received.
+    pub duplicates: u64,
+    /// DATA datagrams dropped because they were past the receive buffer (they are NAKed later).
+    pub beyond_buffer: u64,
+    /// Packets that failed to parse, or broke the framing rules across datagrams.
+    pub malformed: u64,
+    /// Packets for another stream of the group.
+    pub foreign_stream: u64,
+    /// This endpoint's own packets looped back.
+    pub own_packets: u64,
+    /// Packets from senders beyond `max_senders`, or members beyond `max_members`.
+    pub over_limit: u64,
+    /// Reassembled messages discarded for exceeding `max_message`.
+    pub oversized_messages: u64,
+    /// Loss events delivered.
+    pub loss_events: u64,
+    /// Datagrams covered by loss events.
+    pub lost_datagrams: u64,
+}
+
+/// One node's protocol state for one stream. See the [module docs](self) for the driving loop.
+pub struct Endpoint {
+    config: Config,
+    session: u64,
+    rng: Rng,
+    sender: Sender,
+    streams: Vec<Stream>,
+    /// Stream that delivered last; `recv` continues there (batching) before moving round.
+    current: usize,
+    members: membership::Membership,
+    events: VecDeque<Event>,
+    stats: Stats,
+    housekeeping_at: Instant,
+    nak_ranges: [SeqRange; MAX_NAK_RANGES],
+}
+
+/// How often silent senders, receivers and members are looked for.
+pub const HOUSEKEEPING_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+impl Endpoint {
+    /// Creates an endpoint. `session` identifies this incarnation (pick it at random); `seed` seeds the
+    /// timer jitter. Allocates the retransmission window (`window × max_datagram` bytes) here, once.
+    pub fn new(config: Config, session: u64, seed: u64, now: Instant) -> Result<Endpoint, ConfigError> {
+        config.validate()?;
+        Ok(Endpoint {
+            sender: Sender::new(&config, session),
+            members: membership::Membership::new(&config, now),
+            config,
+            session,
+            rng: Rng::new(seed),
+            streams: Vec::new(),
+            current: 0,
+            events: VecDeque::new(),
+            stats: Stats::default(),
+            housekeeping_at: now + HOUSEKEEPING_INTERVAL,
+            nak_ranges: [SeqRange { start: 0, len: 0 }; MAX_NAK_RANGES],
+        })
+    }
+
+    /// This incarnation's session id.
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Nodes currently known to be alive.
+    pub fn members(&self) -> &[Member] {
+        self.members.members()
+    }
+
+    /// Sessions of the senders currently followed.
+    pub fn senders(&self) -> impl Iterator<Item = u64> + '_ {
+        self.streams.iter().map(|s| s.session)
+    }
+
+    /// Live receivers tracked by this endpoint's sender.
+    pub fn receivers(&self) -> usize {
+        self.sender.live_receivers()
+    }
+
+    /// Queues a message. Small messages are packed together into the open datagram, which goes out at the
+    /// next [`poll_transmit`](Self::poll_transmit); larger ones are fragmented.
+    pub fn send(&mut self, now: Instant, msg: &[u8]) -> Result<(), SendError> {
+        self.sender.send(now, msg, &mut self.events, &mut self.stats)
+    }
+
+    /// Whether `send` would accept a message now.
+    pub fn is_writable(&mut self, now: Instant) -> bool {
+        self.sender.is_writable(now, &mut self.events)
+    }
+
+    /// Whether datagrams are waiting for `poll_transmit`.
+    pub fn has_pending_transmit(&self) -> bool {
+        self.sender.has_pending()
+    }
+
+    /// Announces that this node is leaving; the MEMBER packet goes out at the next `poll_transmit`.
+    pub fn close(&mut self, now: Instant) {
+        self.members.leave(now);
+    }
+
+    /// Processes one received datagram. Never panics on any input; bad packets are counted and dropped.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        let packet = match Packet::parse(bytes) {
+            Ok(p) => p,
+            Err(_) => {
+                self.stats.malformed += 1;
+                return;
+            }
+        };
+        let header = packet.header();
+        if header.session == self.session {
+            self.stats.own_packets += 1;
+            return;
+        }
+        if header.stream != self.config.stream {
+            self.stats.foreign_stream += 1;
+            return;
+        }
+        match packet {
+            Packet::Data(d) => {
+                if let Some(i) = self.stream_for(now, header.session, from, d.seq, d.low, d.is_retransmit()) {
+                    self.streams[i].handle_data(now, &self.config, &mut self.rng, &d, bytes, &mut self.stats);
+                }
+            }
+            Packet::Heartbeat(_, hb) => {
+                if let Some(i) = self.stream_for(now, header.session, from, hb.next_seq, hb.low, false) {
+                    self.streams[i].handle_heartbeat(now, &self.config, &mut self.rng, &hb);
+                }
+            }
+            Packet::Nak(nak) => {
+                if nak.target_session == self.session {
+                    self.sender.handle_nak(now, &nak, &mut self.stats);
+                } else if let Some(s) = self.streams.iter_mut().find(|s| s.session == nak.target_session) {
+                    s.overhear_nak(now, &self.config, &nak, &mut self.stats);
+                }
+            }
+            Packet::Status(_, status) => {
+                if status.target_session == self.session {
+                    self.stats.status_received += 1;
+                    self.sender.handle_status(now, header.session, &status, &mut self.events);
+                }
+            }
+            Packet::Member(m) => {
+                if !self.members.handle(now, header.session, &m.repr, &mut self.events) {
+                    self.stats.over_limit += 1;
+                }
+            }
+        }
+    }
+
+    /// Index of the stream for `session`, creating it (late-join policy) when this is a new sender.
+    fn stream_for(
+        &mut self,
+        now: Instant,
+        session: u64,
+        from: SocketAddr,
+        seq: u64,
+        low: u64,
+        retransmit: bool,
+    ) -> Option<usize> {
+        if let Some(s) = self.streams.get(self.current)
+            && s.session == session
+        {
+            return Some(self.current);
+        }
+        if let Some(i) = self.streams.iter().position(|s| s.session == session) {
+            return Some(i);
+        }
+        if retransmit && self.config.late_join == LateJoin::Next {
+            return None; // an old datagram repaired for someone else: not where this receiver starts
+        }
+        if self.streams.len() >= self.config.max_senders {
+            self.stats.over_limit += 1;
+            return None;
+        }
+        self.streams.push(receiver::new_stream(session, from, seq, low, now, &self.config));
+        self.events.push_back(Event::SenderJoined { session, addr: from });
+        Some(self.streams.len() - 1)
+    }
+
+    /// Runs timers: expiry of silent peers, progress of a fragmented message. NAKs, STATUS and heartbeats
+    /// that fall due are emitted by `poll_transmit`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.sender.on_tick(now, &mut self.events, &mut self.stats);
+        if now >= self.housekeeping_at {
+            self.housekeeping_at = now + HOUSEKEEPING_INTERVAL;
+            let timeout = self.config.sender_timeout;
+            let events = &mut self.events;
+            self.streams.retain(|s| {
+                let alive = now.saturating_duration_since(s.last_heard) < timeout;
+                if !alive {
+                    events.push_back(Event::SenderGone { session: s.session });
+                }
+                alive
+            });
+            self.current = 0;
+            self.sender.expire_receivers(now, &mut self.events);
+            self.members.expire(now, &mut self.events);
+        }
+    }
+
+    /// Writes the next datagram to send into `buf` (at least `max_datagram` bytes), or returns `None` when
+    /// nothing is due. Priority: NAKs, retransmissions, new data, STATUS, heartbeats, announcements.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        for i in 0..self.streams.len() {
+            let count = self.streams[i].collect_naks(now, &self.config, &mut self.nak_ranges);
+            if count > 0 {
+                let target_session = self.streams[i].session;
+                let header = self.header(Kind::Nak);
+                let nak = NakRepr { target_session, ranges: &self.nak_ranges[..count] };
+                let len = nak.emit(&header, buf).ok()?;
+                self.stats.naks_sent += 1;
+                return Some(Transmit { len, destination: Destination::Group });
+            }
+        }
+        if let Some(len) = self.sender.poll_transmit(now, buf, &mut self.events, &mut self.stats) {
+            return Some(Transmit { len, destination: Destination::Group });
+        }
+        for s in self.streams.iter_mut() {
+            if let Some(next_expected) = s.take_status(now, &self.config) {
+                let header = Header { kind: Kind::Status, flags: 0, stream: self.config.stream, session: self.session };
+                let status =
+                    StatusRepr { target_session: s.session, next_expected, buffer_capacity: s.buffer_capacity() };
+                let len = status.emit(&header, buf).ok()?;
+                self.stats.status_sent += 1;
+                return Some(Transmit { len, destination: Destination::Unicast(s.addr) });
+            }
+        }
+        if let Some(state) = self.members.poll_announce(now) {
+            let header = self.header(Kind::Member);
+            let repr = MemberRepr { node_id: self.config.node_id, state, name: &self.config.node_name };
+            let len = repr.emit(&header, buf).ok()?;
+            return Some(Transmit { len, destination: Destination::Group });
+        }
+        None
+    }
+
+    fn header(&self, kind: Kind) -> Header {
+        Header { kind, flags: 0, stream: self.config.stream, session: self.session }
+    }
+
+    /// When `handle_timeout` (and then `poll_transmit`) should next be called, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t = earliest(self.sender.poll_timeout(), self.members.poll_timeout());
+        t = earliest(t, Some(self.housekeeping_at));
+        for s in &self.streams {
+            t = earliest(t, s.poll_timeout());
+        }
+        t
+    }
+
+    /// Next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Next delivery (message or loss), in order per sender. The payload is borrowed from the endpoint's
+    /// buffers until the next call.
+    pub fn recv(&mut self) -> Option<Delivery<'_>> {
+        let n = self.streams.len();
+        for k in 0..n {
+            let i = (self.current + k) % n;
+            let Some(step) = self.streams[i].poll(&self.config, &mut self.rng, &mut self.stats) else {
+                continue;
+            };
+            self.current = i;
+            let s = &self.streams[i];
+            let session = s.session;
+            return Some(match step {
+                Step::Message { slot, range, seq } => {
+                    Delivery::Message(Message { session, seq, payload: &s.slot_bytes(slot)[range] })
+                }
+                Step::Reassembled { seq } => Delivery::Message(Message { session, seq, payload: s.reassembled() }),
+                Step::Loss { datagrams, messages } => Delivery::Loss { session, datagrams, messages },
+            });
+        }
+        None
+    }
+}
+
+/// The earlier of two optional instants.
+pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}

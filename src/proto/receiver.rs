@@ -1,0 +1,458 @@
+//! The receiving half: one [`Stream`] per remote sender session. It buffers datagrams in a fixed ring
+//! indexed by sequence, delivers messages in order (reassembling fragments), detects gaps from sequence
+//! numbers and heartbeats, schedules NAKs with a random backoff (held back when another receiver already
+//! asked), reports losses it can no longer repair, and reports its position to the sender.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use super::config::{Config, LateJoin};
+use super::rng::Rng;
+use super::{Stats, earliest};
+use crate::wire::{DATA_HEADER_LEN, DataPacket, HeartbeatRepr, MAX_NAK_RANGES, NakPacket, SeqRange, data::frame_at};
+
+/// One slot of the receive ring. It describes sequence `seq` once `seq < Stream::marked`.
+struct Slot {
+    seq: u64,
+    filled: bool,
+    /// When to NAK this datagram if it is still missing.
+    nak_at: Instant,
+    /// The whole datagram as received (header included); capacity is reused lap after lap.
+    bytes: Vec<u8>,
+}
+
+/// What the next delivery step produced, as positions (the borrow is taken afterwards).
+pub(crate) enum Step {
+    /// A whole message inside a stored datagram: slot index and byte range.
+    Message { slot: usize, range: Range<usize>, seq: u64 },
+    /// A reassembled message in the stream's reassembly buffer.
+    Reassembled { seq: u64 },
+    /// Datagrams that can no longer be repaired.
+    Loss { datagrams: Range<u64>, messages: Option<Range<u64>> },
+}
+
+pub(crate) struct Stream {
+    pub(crate) session: u64,
+    pub(crate) addr: SocketAddr,
+    /// Next datagram to consume.
+    next_deliver: u64,
+    /// Byte offset of the next frame in datagram `next_deliver` (0: not started).
+    cursor: usize,
+    /// Index of the next frame in datagram `next_deliver`.
+    frame_index: u64,
+    /// One past the highest datagram known to exist (from data or heartbeats).
+    high: u64,
+    /// Slots for `next_deliver..marked` describe their sequence; `marked == min(high, next_deliver + cap)`.
+    marked: u64,
+    sender_low: u64,
+    sender_receivers: u32,
+    slots: Box<[Slot]>,
+    /// Next message sequence to deliver (None until the first datagram is consumed).
+    next_msg: Option<u64>,
+    reassembly: Vec<u8>,
+    reassembling: bool,
+    /// The message being reassembled exceeds `max_message`: its remaining fragments are discarded.
+    oversized: bool,
+    /// Earliest `nak_at` among missing slots (a lower bound: may be early, never late).
+    nak_due: Option<Instant>,
+    pub(crate) last_heard: Instant,
+    now: Instant,
+    status_at: Instant,
+    status_pos: u64,
+}
+
+impl Stream {
+    fn new(session: u64, addr: SocketAddr, start: u64, now: Instant, cap: usize) -> Stream {
+        let slots = (0..cap).map(|_| Slot { seq: u64::MAX, filled: false, nak_at: now, bytes: Vec::new() }).collect();
+        Stream {
+            session,
+            addr,
+            next_deliver: start,
+            cursor: 0,
+            frame_index: 0,
+            high: start,
+            marked: start,
+            sender_low: 0,
+            sender_receivers: 0,
+            slots,
+            next_msg: None,
+            reassembly: Vec::new(),
+            reassembling: false,
+            oversized: false,
+            nak_due: None,
+            last_heard: now,
+            now,
+            status_at: now, // report at once: the sender must know us before it evicts what we need
+            status_pos: start,
+        }
+    }
+
+    fn cap(&self) -> u64 {
+        self.slots.len() as u64
+    }
+
+    fn index(&self, seq: u64) -> usize {
+        (seq % self.cap()) as usize
+    }
+
+    fn is_missing(&self, seq: u64) -> bool {
+        let s = &self.slots[self.index(seq)];
+        s.seq == seq && !s.filled
+    }
+
+    /// Random delay before the first NAK. With one receiver (as the sender's heartbeat tells) there is no one
+    /// to suppress, so the NAK goes at once.
+    fn nak_delay(&self, cfg: &Config, rng: &mut Rng) -> Duration {
+        if self.sender_receivers == 1 {
+            Duration::ZERO
+        } else {
+            Duration::from_nanos(rng.below_nanos(cfg.nak_backoff.as_nanos() as u64))
+        }
+    }
+
+    /// Describes every slot up to `min(high, next_deliver + cap)`; the ones now known to exist but not
+    /// received get a NAK timer. `arriving` is the datagram being stored right now (no timer for it).
+    fn extend_marks(&mut self, cfg: &Config, rng: &mut Rng, arriving: Option<u64>) {
+        let limit = self.high.min(self.next_deliver + self.cap());
+        while self.marked < limit {
+            let seq = self.marked;
+            let nak_at = if Some(seq) == arriving { self.now } else { self.now + self.nak_delay(cfg, rng) };
+            let i = self.index(seq);
+            let slot = &mut self.slots[i];
+            slot.seq = seq;
+            slot.filled = false;
+            slot.nak_at = nak_at;
+            if Some(seq) != arriving {
+                self.nak_due = earliest(self.nak_due, Some(nak_at));
+            }
+            self.marked += 1;
+        }
+    }
+
+    fn note_sender_low(&mut self, low: u64) {
+        self.sender_low = self.sender_low.max(low);
+    }
+
+    pub(crate) fn handle_data(
+        &mut self,
+        now: Instant,
+        cfg: &Config,
+        rng: &mut Rng,
+        pkt: &DataPacket<'_>,
+        bytes: &[u8],
+        stats: &mut Stats,
+    ) {
+        self.now = now;
+        self.last_heard = now;
+        self.note_sender_low(pkt.low);
+        let seq = pkt.seq;
+        if seq < self.next_deliver {
+            stats.duplicates += 1;
+            return;
+        }
+        if seq >= self.high {
+            self.high = seq + 1;
+        }
+        self.extend_marks(cfg, rng, Some(seq));
+        if seq >= self.next_deliver + self.cap() {
+            stats.beyond_buffer += 1;
+            return;
+        }
+        let i = self.index(seq);
+        let slot = &mut self.slots[i];
+        debug_assert_eq!(slot.seq, seq);
+        if slot.filled {
+            stats.duplicates += 1;
+            return;
+        }
+        slot.filled = true;
+        slot.bytes.clear();
+        slot.bytes.extend_from_slice(bytes);
+        stats.datagrams_received += 1;
+        if pkt.is_retransmit() {
+            stats.repairs_received += 1;
+        }
+    }
+
+    pub(crate) fn handle_heartbeat(&mut self, now: Instant, cfg: &Config, rng: &mut Rng, hb: &HeartbeatRepr) {
+        self.now = now;
+        self.last_heard = now;
+        self.note_sender_low(hb.low);
+        self.sender_receivers = hb.receivers;
+        if hb.next_seq > self.high {
+            self.high = hb.next_seq;
+            self.extend_marks(cfg, rng, None);
+        }
+        if self.next_deliver != self.status_pos {
+            self.status_at = now;
+        }
+    }
+
+    /// Another receiver asked for these datagrams: hold our own NAK for them back as if we had sent it.
+    pub(crate) fn overhear_nak(&mut self, now: Instant, cfg: &Config, nak: &NakPacket<'_>, stats: &mut Stats) {
+        self.now = now;
+        let hold = now + cfg.nak_retry;
+        for r in nak.ranges() {
+            let start = r.start.max(self.next_deliver);
+            let end = r.end().min(self.marked);
+            for seq in start..end {
+                let i = self.index(seq);
+                let slot = &mut self.slots[i];
+                if slot.seq == seq && !slot.filled && slot.nak_at < hold {
+                    slot.nak_at = hold;
+                    stats.naks_suppressed += 1;
+                }
+            }
+        }
+    }
+
+    /// Collects the missing datagrams whose NAK is due into `out`; returns how many ranges were written.
+    pub(crate) fn collect_naks(&mut self, now: Instant, cfg: &Config, out: &mut [SeqRange; MAX_NAK_RANGES]) -> usize {
+        self.now = now;
+        match self.nak_due {
+            Some(due) if due <= now => {}
+            _ => return 0,
+        }
+        let mut count = 0usize;
+        let mut next_due: Option<Instant> = None;
+        let retry_at = now + cfg.nak_retry;
+        let first = self.next_deliver.max(self.sender_low);
+        for seq in first..self.marked {
+            let i = self.index(seq);
+            let slot = &mut self.slots[i];
+            if slot.filled {
+                continue;
+            }
+            if slot.nak_at > now {
+                next_due = earliest(next_due, Some(slot.nak_at));
+                continue;
+            }
+            if count > 0 && out[count - 1].end() == seq && out[count - 1].len < u32::MAX {
+                out[count - 1].len += 1;
+            } else if count < MAX_NAK_RANGES {
+                out[count] = SeqRange { start: seq, len: 1 };
+                count += 1;
+            } else {
+                next_due = Some(now); // more ranges than one NAK holds: the rest go in the next one
+                continue;
+            }
+            slot.nak_at = retry_at;
+            next_due = earliest(next_due, Some(retry_at));
+        }
+        self.nak_due = next_due;
+        count
+    }
+
+    /// The next delivery step, if one is possible now.
+    pub(crate) fn poll(&mut self, cfg: &Config, rng: &mut Rng, stats: &mut Stats) -> Option<Step> {
+        loop {
+            let nd = self.next_deliver;
+            if nd >= self.marked {
+                return None;
+            }
+            let i = self.index(nd);
+            if !self.slots[i].filled {
+                return self.try_declare_loss(cfg, rng, stats);
+            }
+            if self.cursor == 0 {
+                self.start_datagram(i);
+            }
+            let (flags, range, next) = {
+                let bytes = &self.slots[i].bytes;
+                match frame_at(bytes, self.cursor) {
+                    Some((f, next)) => {
+                        let start = next - f.payload.len();
+                        (f.flags, start..next, next)
+                    }
+                    None => {
+                        self.finish_datagram(i, cfg, rng);
+                        continue;
+                    }
+                }
+            };
+            let msg = self.frame_msg_seq(i);
+            self.cursor = next;
+            self.frame_index += 1;
+            let first = flags & crate::wire::FRAME_FIRST != 0;
+            let last = flags & crate::wire::FRAME_LAST != 0;
+            match (first, last) {
+                (true, true) => {
+                    if self.reassembling {
+                        self.abandon_reassembly(stats);
+                    }
+                    self.next_msg = Some(msg + 1);
+                    stats.messages_delivered += 1;
+                    return Some(Step::Message { slot: i, range, seq: msg });
+                }
+                (true, false) => {
+                    if self.reassembling {
+                        self.abandon_reassembly(stats);
+                    }
+                    self.reassembling = true;
+                    self.oversized = false;
+                    self.reassembly.clear();
+                    self.append_fragment(i, range, cfg, stats);
+                }
+                (false, _) if !self.reassembling => {
+                    // The tail of a message whose start we never had (joined or lost mid-message).
+                }
+                (false, last) => {
+                    self.append_fragment(i, range, cfg, stats);
+                    if last {
+                        self.reassembling = false;
+                        self.next_msg = Some(msg + 1);
+                        if self.oversized {
+                            self.oversized = false;
+                            continue;
+                        }
+                        stats.messages_delivered += 1;
+                        return Some(Step::Reassembled { seq: msg });
+                    }
+                }
+            }
+        }
+    }
+
+    fn frame_msg_seq(&self, slot: usize) -> u64 {
+        // Frame k of a datagram belongs to message msg_seq + k (see the DATA layout).
+        let b = &self.slots[slot].bytes;
+        crate::wire::be_u64(b, 24).wrapping_add(self.frame_index)
+    }
+
+    fn start_datagram(&mut self, slot: usize) {
+        self.cursor = DATA_HEADER_LEN;
+        self.frame_index = 0;
+        if self.next_msg.is_none() {
+            // First datagram consumed from this sender: if it opens with the tail of an earlier message, that
+            // message was never ours to deliver.
+            let msg_seq = crate::wire::be_u64(&self.slots[slot].bytes, 24);
+            let continuation = self.slots[slot].bytes[DATA_HEADER_LEN + 2] & crate::wire::FRAME_FIRST == 0;
+            self.next_msg = Some(msg_seq + continuation as u64);
+        }
+    }
+
+    fn append_fragment(&mut self, slot: usize, range: Range<usize>, cfg: &Config, stats: &mut Stats) {
+        if self.oversized {
+            return;
+        }
+        if self.reassembly.len() + range.len() > cfg.max_message {
+            self.oversized = true;
+            self.reassembly.clear();
+            stats.oversized_messages += 1;
+            return;
+        }
+        self.reassembly.extend_from_slice(&self.slots[slot].bytes[range]);
+    }
+
+    fn abandon_reassembly(&mut self, stats: &mut Stats) {
+        self.reassembling = false;
+        self.reassembly.clear();
+        stats.malformed += 1;
+    }
+
+    fn finish_datagram(&mut self, slot: usize, cfg: &Config, rng: &mut Rng) {
+        self.slots[slot].filled = false;
+        self.slots[slot].seq = u64::MAX;
+        self.next_deliver += 1;
+        self.cursor = 0;
+        self.extend_marks(cfg, rng, None);
+        if self.next_deliver - self.status_pos >= (self.cap() / 4).max(1) {
+            self.status_at = self.now;
+        }
+    }
+
+    /// `next_deliver` is missing. If the sender no longer retains it, the run of missing datagrams below the
+    /// sender's low is lost: report it exactly once the next datagram after it is here (its message sequence
+    /// closes the lost message range).
+    fn try_declare_loss(&mut self, cfg: &Config, rng: &mut Rng, stats: &mut Stats) -> Option<Step> {
+        let start = self.next_deliver;
+        if start >= self.sender_low {
+            return None;
+        }
+        let mut end = start;
+        while end < self.marked && end < self.sender_low && self.is_missing(end) {
+            end += 1;
+        }
+        if end >= self.marked {
+            return None; // the datagram that ends the loss has not been heard of yet
+        }
+        let i = self.index(end);
+        if !self.slots[i].filled {
+            return None;
+        }
+        let b = &self.slots[i].bytes;
+        let msg_seq = crate::wire::be_u64(b, 24);
+        let continuation = b[DATA_HEADER_LEN + 2] & crate::wire::FRAME_FIRST == 0;
+        let resume = msg_seq + continuation as u64;
+        let messages = self.next_msg.map(|from| from..resume.max(from));
+        if self.reassembling {
+            self.reassembling = false;
+            self.reassembly.clear();
+        }
+        for seq in start..end {
+            let j = self.index(seq);
+            self.slots[j].seq = u64::MAX;
+        }
+        self.next_deliver = end;
+        self.cursor = 0;
+        self.next_msg = Some(resume);
+        self.extend_marks(cfg, rng, None);
+        if continuation {
+            // Frame 0 is the tail of a lost message: start delivery after it.
+            self.start_datagram(i);
+            if let Some((_, next)) = frame_at(&self.slots[i].bytes, DATA_HEADER_LEN) {
+                self.cursor = next;
+                self.frame_index = 1;
+            }
+        }
+        stats.loss_events += 1;
+        stats.lost_datagrams += end - start;
+        self.status_at = self.now;
+        Some(Step::Loss { datagrams: start..end, messages })
+    }
+
+    pub(crate) fn slot_bytes(&self, slot: usize) -> &[u8] {
+        &self.slots[slot].bytes
+    }
+
+    pub(crate) fn reassembled(&self) -> &[u8] {
+        &self.reassembly
+    }
+
+    /// A STATUS is due: returns the position to report.
+    pub(crate) fn take_status(&mut self, now: Instant, cfg: &Config) -> Option<u64> {
+        if self.status_at > now {
+            return None;
+        }
+        self.status_at = now + cfg.status_interval;
+        self.status_pos = self.next_deliver;
+        Some(self.next_deliver)
+    }
+
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        earliest(self.nak_due, Some(self.status_at))
+    }
+
+    pub(crate) fn buffer_capacity(&self) -> u32 {
+        self.slots.len() as u32
+    }
+}
+
+/// Creates the stream for a sender heard for the first time, placed by the late-join policy.
+pub(crate) fn new_stream(
+    session: u64,
+    addr: SocketAddr,
+    first_seq: u64,
+    low: u64,
+    now: Instant,
+    cfg: &Config,
+) -> Stream {
+    let start = match cfg.late_join {
+        LateJoin::Next => first_seq,
+        LateJoin::Oldest => low.min(first_seq),
+    };
+    let mut s = Stream::new(session, addr, start, now, cfg.receive_buffer);
+    s.sender_low = low;
+    s
+}

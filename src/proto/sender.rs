@@ -1,0 +1,403 @@
+//! The sending half: packs messages into datagrams in the retransmission window, transmits them,
+//! answers NAKs from stored bytes, heartbeats while idle, and applies flow control from receivers' STATUS.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::config::{Config, SlowReceiverPolicy};
+use super::window::Window;
+use super::{Event, SendError, Stats};
+use crate::wire::{
+    DATA_HEADER_LEN, DataWriter, FLAG_RETRANSMIT, FRAME_FIRST, FRAME_HEADER_LEN, FRAME_LAST, Header, HeartbeatRepr,
+    Kind, NakPacket, StatusRepr,
+};
+
+/// A receiver the sender has heard STATUS from.
+#[derive(Debug)]
+struct RemoteReceiver {
+    session: u64,
+    next_expected: u64,
+    last_heard: Instant,
+    /// Since when this receiver alone has kept the window from advancing (for `DropAfter`).
+    blocking_since: Option<Instant>,
+    /// Dropped by the slow-receiver policy: ignored for flow control until it catches up with the window.
+    dropped: bool,
+}
+
+pub(crate) struct Sender {
+    header: Header,
+    max_datagram: usize,
+    max_message: usize,
+    window: Window,
+    /// Sequence of the open datagram (when `open_len > 0`), else of the next one to open.
+    next_seq: u64,
+    /// Bytes written in the open datagram; 0 when none is open.
+    open_len: usize,
+    /// Frames in the open datagram.
+    open_frames: u64,
+    /// Message sequence of the open datagram's frame 0.
+    open_msg_seq: u64,
+    /// Message sequence the next new message will carry.
+    next_msg: u64,
+    /// Every datagram below this has been transmitted at least once.
+    sent: u64,
+    /// Lowest sequence still in the window.
+    low: u64,
+    retransmit: VecDeque<(u64, u64)>,
+    retransmit_cap: usize,
+    linger: Duration,
+    /// A message larger than the free space, being fragmented into the window as space frees.
+    staged: Vec<u8>,
+    staged_offset: usize,
+    staged_active: bool,
+    /// Message sequence of the staged message.
+    staged_msg: u64,
+    receivers: Vec<RemoteReceiver>,
+    max_receivers: usize,
+    receiver_timeout: Duration,
+    policy: SlowReceiverPolicy,
+    heartbeat_at: Option<Instant>,
+    heartbeat_interval: Duration,
+    heartbeat_min: Duration,
+    heartbeat_max: Duration,
+}
+
+impl Sender {
+    pub(crate) fn new(config: &Config, session: u64) -> Sender {
+        Sender {
+            header: Header { kind: Kind::Data, flags: 0, stream: config.stream, session },
+            max_datagram: config.max_datagram,
+            max_message: config.max_message,
+            window: Window::new(config.window, config.max_datagram),
+            next_seq: 0,
+            open_len: 0,
+            open_frames: 0,
+            open_msg_seq: 0,
+            next_msg: 0,
+            sent: 0,
+            low: 0,
+            retransmit: VecDeque::with_capacity(config.retransmit_queue),
+            retransmit_cap: config.retransmit_queue,
+            linger: config.retransmit_linger,
+            staged: Vec::new(),
+            staged_offset: 0,
+            staged_active: false,
+            staged_msg: 0,
+            receivers: Vec::new(),
+            max_receivers: config.max_receivers,
+            receiver_timeout: config.receiver_timeout,
+            policy: config.slow_receiver,
+            heartbeat_at: None,
+            heartbeat_interval: config.heartbeat_min,
+            heartbeat_min: config.heartbeat_min,
+            heartbeat_max: config.heartbeat_max,
+        }
+    }
+
+    /// One past the last sealed datagram.
+    fn sealed_end(&self) -> u64 {
+        self.next_seq
+    }
+
+    pub(crate) fn live_receivers(&self) -> usize {
+        self.receivers.iter().filter(|r| !r.dropped).count()
+    }
+
+    pub(crate) fn send(
+        &mut self,
+        now: Instant,
+        msg: &[u8],
+        events: &mut VecDeque<Event>,
+        stats: &mut Stats,
+    ) -> Result<(), SendError> {
+        if msg.len() > self.max_message {
+            return Err(SendError::TooLarge { size: msg.len(), max: self.max_message });
+        }
+        if self.staged_active {
+            self.progress_staged(now, events, stats);
+            if self.staged_active {
+                return Err(SendError::WouldBlock);
+            }
+        }
+        let need = FRAME_HEADER_LEN + msg.len();
+        if self.open_len > 0 && self.open_len + need <= self.max_datagram {
+            self.append(FRAME_FIRST | FRAME_LAST, msg);
+        } else if DATA_HEADER_LEN + need <= self.max_datagram {
+            self.seal();
+            if !self.open(now, events, stats) {
+                return Err(SendError::WouldBlock);
+            }
+            self.append(FRAME_FIRST | FRAME_LAST, msg);
+        } else {
+            // Larger than a datagram: copy once and fragment as the window allows.
+            self.staged.clear();
+            self.staged.extend_from_slice(msg);
+            self.staged_offset = 0;
+            self.staged_active = true;
+            self.staged_msg = self.next_msg;
+            self.progress_staged(now, events, stats);
+        }
+        stats.messages_sent += 1;
+        stats.bytes_sent += msg.len() as u64;
+        self.next_msg += 1;
+        Ok(())
+    }
+
+    /// Whether a message could be accepted now (window space and no fragmented message in progress).
+    pub(crate) fn is_writable(&mut self, now: Instant, events: &mut VecDeque<Event>) -> bool {
+        !self.staged_active && (self.open_len > 0 || self.may_open(self.next_seq, now, events))
+    }
+
+    fn append(&mut self, flags: u8, payload: &[u8]) {
+        let at = self.open_len;
+        let buf = self.window.building_mut(self.next_seq);
+        // The callers checked the space, so the writer cannot fail.
+        self.open_len = DataWriter::push_frame(buf, at, flags, payload).expect("space checked by caller");
+        self.open_frames += 1;
+    }
+
+    fn progress_staged(&mut self, now: Instant, events: &mut VecDeque<Event>, stats: &mut Stats) {
+        while self.staged_active {
+            let room = if self.open_len > 0 { self.max_datagram - self.open_len } else { 0 };
+            if room <= FRAME_HEADER_LEN {
+                self.seal();
+                if !self.open(now, events, stats) {
+                    return;
+                }
+                continue;
+            }
+            let take = (room - FRAME_HEADER_LEN).min(self.staged.len() - self.staged_offset);
+            let mut flags = 0;
+            if self.staged_offset == 0 {
+                flags |= FRAME_FIRST;
+            }
+            if self.staged_offset + take == self.staged.len() {
+                flags |= FRAME_LAST;
+            }
+            let at = self.open_len;
+            let buf = self.window.building_mut(self.next_seq);
+            let chunk = &self.staged[self.staged_offset..self.staged_offset + take];
+            self.open_len = DataWriter::push_frame(buf, at, flags, chunk).expect("room computed above");
+            self.open_frames += 1;
+            self.staged_offset += take;
+            if flags & FRAME_LAST != 0 {
+                self.staged_active = false;
+                if self.staged.capacity() > 4 * self.max_datagram {
+                    // Give back the memory of a very large message rather than keep it for ever.
+                    self.staged = Vec::new();
+                }
+            } else {
+                // An unfinished fragment must be the last frame of its datagram.
+                self.seal();
+            }
+        }
+    }
+
+    /// Closes the open datagram: it becomes eligible for transmission.
+    fn seal(&mut self) {
+        if self.open_len > 0 {
+            self.window.set_len(self.next_seq, self.open_len);
+            self.next_seq += 1;
+            self.open_len = 0;
+            self.open_frames = 0;
+        }
+    }
+
+    /// Opens datagram `next_seq` in its window slot if flow control allows evicting the slot's old datagram.
+    fn open(&mut self, now: Instant, events: &mut VecDeque<Event>, stats: &mut Stats) -> bool {
+        debug_assert_eq!(self.open_len, 0);
+        if !self.may_open(self.next_seq, now, events) {
+            stats.flow_control_blocked += 1;
+            return false;
+        }
+        let seq = self.next_seq;
+        let cap = self.window.capacity() as u64;
+        if seq >= cap {
+            self.low = seq - cap + 1;
+        }
+        // The message that frame 0 belongs to: the staged one if fragmenting, else the next new message.
+        self.open_msg_seq = if self.staged_active && self.staged_offset > 0 { self.staged_msg } else { self.next_msg };
+        let (header, low) = (self.header, self.low);
+        let buf = self.window.slot_mut(seq);
+        self.open_len = DataWriter::begin(buf, &header, seq, self.open_msg_seq, low).expect("slot fits header");
+        true
+    }
+
+    /// Flow control: may the slot for `seq` be reused (evicting `seq - window`)?
+    fn may_open(&mut self, seq: u64, now: Instant, events: &mut VecDeque<Event>) -> bool {
+        let cap = self.window.capacity() as u64;
+        if seq < cap {
+            return true;
+        }
+        let evict = seq - cap;
+        if evict >= self.sent {
+            return false; // never overwrite what has not been transmitted once
+        }
+        let mut ok = true;
+        for r in self.receivers.iter_mut() {
+            if r.dropped || r.next_expected > evict {
+                continue;
+            }
+            match self.policy {
+                SlowReceiverPolicy::HoldBack => ok = false,
+                SlowReceiverPolicy::DropAfter(limit) => {
+                    let since = *r.blocking_since.get_or_insert(now);
+                    if now.saturating_duration_since(since) >= limit {
+                        r.dropped = true;
+                        r.blocking_since = None;
+                        events.push_back(Event::SlowReceiverDropped { session: r.session, position: r.next_expected });
+                    } else {
+                        ok = false;
+                    }
+                }
+            }
+        }
+        ok
+    }
+
+    pub(crate) fn handle_status(&mut self, now: Instant, from: u64, status: &StatusRepr, events: &mut VecDeque<Event>) {
+        if let Some(r) = self.receivers.iter_mut().find(|r| r.session == from) {
+            r.last_heard = now;
+            if status.next_expected > r.next_expected {
+                r.next_expected = status.next_expected;
+                r.blocking_since = None;
+            }
+            if r.dropped && r.next_expected >= self.low {
+                r.dropped = false;
+            }
+            return;
+        }
+        if self.receivers.len() >= self.max_receivers {
+            return;
+        }
+        self.receivers.push(RemoteReceiver {
+            session: from,
+            next_expected: status.next_expected,
+            last_heard: now,
+            blocking_since: None,
+            dropped: false,
+        });
+        events.push_back(Event::ReceiverJoined { session: from });
+    }
+
+    pub(crate) fn handle_nak(&mut self, now: Instant, nak: &NakPacket<'_>, stats: &mut Stats) {
+        stats.naks_received += 1;
+        let end = self.sealed_end().min(self.sent);
+        for r in nak.ranges() {
+            if r.start < self.low {
+                // Part of the range is gone: tell receivers the window's bounds at once so they report the
+                // loss instead of asking again.
+                self.heartbeat_at = Some(now);
+            }
+            let start = r.start.max(self.low);
+            let stop = r.end().min(end);
+            if start >= stop {
+                continue;
+            }
+            if self.retransmit.len() >= self.retransmit_cap {
+                stats.retransmit_queue_full += 1;
+                continue;
+            }
+            self.retransmit.push_back((start, stop));
+        }
+    }
+
+    pub(crate) fn expire_receivers(&mut self, now: Instant, events: &mut VecDeque<Event>) {
+        let timeout = self.receiver_timeout;
+        self.receivers.retain(|r| {
+            let alive = now.saturating_duration_since(r.last_heard) < timeout;
+            if !alive {
+                events.push_back(Event::ReceiverGone { session: r.session });
+            }
+            alive
+        });
+    }
+
+    /// Makes progress on a fragmented message (window space may have been freed by a STATUS).
+    pub(crate) fn on_tick(&mut self, now: Instant, events: &mut VecDeque<Event>, stats: &mut Stats) {
+        if self.staged_active {
+            self.progress_staged(now, events, stats);
+        }
+    }
+
+    /// Next datagram to send, if any: retransmissions first (repair latency), then new data, then heartbeat.
+    pub(crate) fn poll_transmit(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+        events: &mut VecDeque<Event>,
+        stats: &mut Stats,
+    ) -> Option<usize> {
+        while let Some(&(start, stop)) = self.retransmit.front() {
+            if start + 1 >= stop {
+                self.retransmit.pop_front();
+            } else {
+                self.retransmit[0].0 += 1;
+            }
+            if start < self.low || start >= self.sent {
+                continue;
+            }
+            if !self.window.claim_retransmit(start, now, self.linger) {
+                stats.retransmits_suppressed += 1;
+                continue;
+            }
+            let n = self.copy_out(start, buf)?;
+            DataWriter::set_flags(buf, FLAG_RETRANSMIT);
+            stats.retransmits += 1;
+            return Some(n);
+        }
+
+        if self.staged_active {
+            self.progress_staged(now, events, stats);
+        }
+        if self.sent == self.sealed_end() {
+            // Flush on poll: whatever the application queued since the last poll goes out now.
+            self.seal();
+        }
+        if self.sent < self.sealed_end() {
+            let n = self.copy_out(self.sent, buf)?;
+            self.sent += 1;
+            stats.datagrams_sent += 1;
+            self.heartbeat_interval = self.heartbeat_min;
+            self.heartbeat_at = Some(now + self.heartbeat_min);
+            return Some(n);
+        }
+
+        match self.heartbeat_at {
+            Some(at) if at <= now => {
+                let hb = HeartbeatRepr {
+                    next_seq: self.sent,
+                    low: self.low,
+                    next_msg: self.next_msg,
+                    receivers: self.live_receivers() as u32,
+                };
+                let header = Header { kind: Kind::Heartbeat, ..self.header };
+                let n = hb.emit(&header, buf).ok()?;
+                self.heartbeat_interval = (self.heartbeat_interval * 2).min(self.heartbeat_max);
+                self.heartbeat_at = Some(now + self.heartbeat_interval);
+                stats.heartbeats_sent += 1;
+                Some(n)
+            }
+            _ => None,
+        }
+    }
+
+    fn copy_out(&self, seq: u64, buf: &mut [u8]) -> Option<usize> {
+        let d = self.window.datagram(seq);
+        let out = buf.get_mut(..d.len())?;
+        out.copy_from_slice(d);
+        Some(d.len())
+    }
+
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        if !self.retransmit.is_empty() {
+            return None; // work is pending now; the caller polls transmit first
+        }
+        self.heartbeat_at
+    }
+
+    /// Whether anything is ready to transmit immediately.
+    pub(crate) fn has_pending(&self) -> bool {
+        !self.retransmit.is_empty() || self.sent < self.sealed_end() || self.open_len > 0
+    }
+}
