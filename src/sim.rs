@@ -103,6 +103,9 @@ pub struct SimConfig {
     pub stalls: Vec<Stall>,
     /// Receivers cut off entirely for a while.
     pub blackouts: Vec<Blackout>,
+    /// DATA datagram sequence numbers dropped on every sender's uplink on their first transmission
+    /// (retransmissions pass): deterministic loss at a chosen place, such as the last datagram before idle.
+    pub drop_datagrams: Vec<u64>,
     /// Give up (error) past this much virtual time.
     pub max_virtual: Duration,
     /// Give up (error) past this many loop iterations.
@@ -126,6 +129,7 @@ impl Default for SimConfig {
             receiver_downlink: LinkConfig::default(),
             stalls: Vec::new(),
             blackouts: Vec::new(),
+            drop_datagrams: Vec::new(),
             max_virtual: Duration::from_secs(120),
             max_steps: 20_000_000,
         }
@@ -171,6 +175,8 @@ pub struct SimReport {
     pub slow_receivers_dropped: u64,
     /// Times a sender's `send` returned `WouldBlock`.
     pub sender_blocked: u64,
+    /// Messages before the first one a receiver delivered under `LateJoin::Next` (not expected of it).
+    pub skipped_at_join: u64,
 }
 
 /// Why a run did not finish.
@@ -198,6 +204,8 @@ struct Node {
     down_bad: bool,
     /// Receivers: next expected message index from each sender (indexed by sender).
     expected: Vec<u64>,
+    /// Receivers: whether anything was delivered from each sender yet.
+    started: Vec<bool>,
     /// Senders: next message index to send.
     next_index: u64,
 }
@@ -262,6 +270,7 @@ impl<'c> Sim<'c> {
                 up_bad: false,
                 down_bad: false,
                 expected: vec![0; cfg.senders],
+                started: vec![false; cfg.senders],
                 next_index: 0,
             });
         }
@@ -451,6 +460,7 @@ impl<'c> Sim<'c> {
 
     fn read(&mut self, node: usize) {
         let senders = &self.sender_sessions;
+        let late_next = self.cfg.protocol.late_join == crate::proto::LateJoin::Next;
         let n = &mut self.nodes[node];
         let report = &mut self.report;
         while let Some(d) = n.endpoint.recv() {
@@ -461,6 +471,13 @@ impl<'c> Sim<'c> {
                         report.corrupt += 1;
                     }
                     let want = &mut n.expected[s];
+                    if !n.started[s] {
+                        n.started[s] = true;
+                        if late_next {
+                            report.skipped_at_join += m.seq;
+                            *want = m.seq;
+                        }
+                    }
                     if m.seq < *want {
                         report.duplicates += 1;
                         report.in_order = false;
@@ -477,6 +494,7 @@ impl<'c> Sim<'c> {
                     let Some(s) = senders.iter().position(|&x| x == session) else { continue };
                     report.loss_events += 1;
                     let want = &mut n.expected[s];
+                    n.started[s] = true;
                     match messages {
                         Some(r) if r.start == *want => {
                             report.lost_messages += r.end - r.start;
@@ -508,7 +526,7 @@ impl<'c> Sim<'c> {
         while let Some(tx) = self.nodes[src].endpoint.poll_transmit(now, &mut self.buf) {
             let bytes = self.buf[..tx.len].to_vec();
             // The uplink decides once for every destination: a drop here is shared by all.
-            let up_ok = self.link_passes(src, true, bytes.len());
+            let up_ok = self.link_passes(src, true, bytes.len()) && !self.scripted_drop(src, &bytes);
             let dsts: Vec<usize> = match tx.destination {
                 Destination::Group => (0..self.nodes.len()).filter(|&d| d != src).collect(),
                 Destination::Unicast(a) => self.nodes.iter().position(|n| n.addr == a).into_iter().collect(),
@@ -528,6 +546,13 @@ impl<'c> Sim<'c> {
                 }
             }
         }
+    }
+
+    fn scripted_drop(&self, src: usize, bytes: &[u8]) -> bool {
+        if self.is_receiver(src) || self.cfg.drop_datagrams.is_empty() {
+            return false;
+        }
+        matches!(DataPacket::parse(bytes), Ok(d) if !d.is_retransmit() && self.cfg.drop_datagrams.contains(&d.seq))
     }
 
     fn delay(&mut self, src: usize, dst: usize) -> u64 {

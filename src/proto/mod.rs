@@ -343,7 +343,7 @@ impl Endpoint {
                 if nak.target_session == self.session {
                     self.sender.handle_nak(now, &nak, &mut self.stats);
                 } else if let Some(s) = self.streams.iter_mut().find(|s| s.session == nak.target_session) {
-                    s.overhear_nak(now, &self.config, &nak, &mut self.stats);
+                    s.overhear_nak(now, &self.config, &mut self.rng, &nak, &mut self.stats);
                 }
             }
             Packet::Status(_, status) => {
@@ -415,7 +415,7 @@ impl Endpoint {
     /// nothing is due. Priority: NAKs, retransmissions, new data, STATUS, heartbeats, announcements.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
         for i in 0..self.streams.len() {
-            let count = self.streams[i].collect_naks(now, &self.config, &mut self.nak_ranges);
+            let count = self.streams[i].collect_naks(now, &self.config, &mut self.rng, &mut self.nak_ranges);
             if count > 0 {
                 let target_session = self.streams[i].session;
                 let header = self.header(Kind::Nak);

@@ -52,6 +52,9 @@ pub(crate) struct Stream {
     next_msg: Option<u64>,
     reassembly: Vec<u8>,
     reassembling: bool,
+    /// Datagrams skipped as unrecoverable, reported when the next datagram arrives (its message sequence
+    /// closes the lost message range): first lost datagram and first lost message.
+    pending_loss: Option<(u64, Option<u64>)>,
     /// The message being reassembled exceeds `max_message`: its remaining fragments are discarded.
     oversized: bool,
     /// Earliest `nak_at` among missing slots (a lower bound: may be early, never late).
@@ -79,6 +82,7 @@ impl Stream {
             next_msg: None,
             reassembly: Vec::new(),
             reassembling: false,
+            pending_loss: None,
             oversized: false,
             nak_due: None,
             last_heard: now,
@@ -190,9 +194,17 @@ impl Stream {
     }
 
     /// Another receiver asked for these datagrams: hold our own NAK for them back as if we had sent it.
-    pub(crate) fn overhear_nak(&mut self, now: Instant, cfg: &Config, nak: &NakPacket<'_>, stats: &mut Stats) {
+    pub(crate) fn overhear_nak(
+        &mut self,
+        now: Instant,
+        cfg: &Config,
+        rng: &mut Rng,
+        nak: &NakPacket<'_>,
+        stats: &mut Stats,
+    ) {
         self.now = now;
-        let hold = now + cfg.nak_retry;
+        // Jittered like a first NAK, so that receivers which all held back do not all retry at once.
+        let hold = now + cfg.nak_retry + self.nak_delay(cfg, rng);
         for r in nak.ranges() {
             let start = r.start.max(self.next_deliver);
             let end = r.end().min(self.marked);
@@ -208,7 +220,13 @@ impl Stream {
     }
 
     /// Collects the missing datagrams whose NAK is due into `out`; returns how many ranges were written.
-    pub(crate) fn collect_naks(&mut self, now: Instant, cfg: &Config, out: &mut [SeqRange; MAX_NAK_RANGES]) -> usize {
+    pub(crate) fn collect_naks(
+        &mut self,
+        now: Instant,
+        cfg: &Config,
+        rng: &mut Rng,
+        out: &mut [SeqRange; MAX_NAK_RANGES],
+    ) -> usize {
         self.now = now;
         match self.nak_due {
             Some(due) if due <= now => {}
@@ -216,7 +234,7 @@ impl Stream {
         }
         let mut count = 0usize;
         let mut next_due: Option<Instant> = None;
-        let retry_at = now + cfg.nak_retry;
+        let retry_at = now + cfg.nak_retry + self.nak_delay(cfg, rng);
         let first = self.next_deliver.max(self.sender_low);
         for seq in first..self.marked {
             let i = self.index(seq);
@@ -253,9 +271,16 @@ impl Stream {
             }
             let i = self.index(nd);
             if !self.slots[i].filled {
-                return self.try_declare_loss(cfg, rng, stats);
+                if nd < self.sender_low {
+                    self.skip_unrecoverable(cfg, rng, stats);
+                    continue;
+                }
+                return None;
             }
             if self.cursor == 0 {
+                if let Some(loss) = self.pending_loss.take() {
+                    return Some(self.report_loss(i, loss, stats));
+                }
                 self.start_datagram(i);
             }
             let (flags, range, next) = {
@@ -362,54 +387,56 @@ impl Stream {
         }
     }
 
-    /// `next_deliver` is missing. If the sender no longer retains it, the run of missing datagrams below the
-    /// sender's low is lost: report it exactly once the next datagram after it is here (its message sequence
-    /// closes the lost message range).
-    fn try_declare_loss(&mut self, cfg: &Config, rng: &mut Rng, stats: &mut Stats) -> Option<Step> {
+    /// `next_deliver` is missing and the sender no longer retains it: skip the run of missing datagrams below
+    /// the sender's low. Datagrams past the receive buffer were never stored, so they count as missing too.
+    fn skip_unrecoverable(&mut self, cfg: &Config, rng: &mut Rng, stats: &mut Stats) {
         let start = self.next_deliver;
-        if start >= self.sender_low {
-            return None;
-        }
+        let limit = self.sender_low.min(self.marked);
         let mut end = start;
-        while end < self.marked && end < self.sender_low && self.is_missing(end) {
+        while end < limit && self.is_missing(end) {
             end += 1;
         }
-        if end >= self.marked {
-            return None; // the datagram that ends the loss has not been heard of yet
+        if end == self.marked && end < self.sender_low {
+            end = self.sender_low;
         }
-        let i = self.index(end);
-        if !self.slots[i].filled {
-            return None;
-        }
-        let b = &self.slots[i].bytes;
-        let msg_seq = crate::wire::be_u64(b, 24);
-        let continuation = b[DATA_HEADER_LEN + 2] & crate::wire::FRAME_FIRST == 0;
-        let resume = msg_seq + continuation as u64;
-        let messages = self.next_msg.map(|from| from..resume.max(from));
-        if self.reassembling {
-            self.reassembling = false;
-            self.reassembly.clear();
-        }
-        for seq in start..end {
+        for seq in start..end.min(self.marked) {
             let j = self.index(seq);
             self.slots[j].seq = u64::MAX;
         }
+        if self.reassembling {
+            // The message being reassembled lost its tail; `next_msg` still names it.
+            self.reassembling = false;
+            self.reassembly.clear();
+        }
+        let from_msg = self.next_msg;
+        self.pending_loss = Some(self.pending_loss.unwrap_or((start, from_msg)));
+        stats.lost_datagrams += end - start;
         self.next_deliver = end;
         self.cursor = 0;
-        self.next_msg = Some(resume);
+        self.marked = self.marked.max(end);
         self.extend_marks(cfg, rng, None);
+    }
+
+    /// The datagram after a skipped run has arrived: report the loss with its exact message range and start
+    /// delivering from the first whole message in it.
+    fn report_loss(&mut self, slot: usize, (start, from_msg): (u64, Option<u64>), stats: &mut Stats) -> Step {
+        let b = &self.slots[slot].bytes;
+        let msg_seq = crate::wire::be_u64(b, 24);
+        let continuation = b[DATA_HEADER_LEN + 2] & crate::wire::FRAME_FIRST == 0;
+        let resume = msg_seq + continuation as u64;
+        let messages = from_msg.map(|from| from..resume.max(from));
+        self.next_msg = Some(resume);
+        self.start_datagram(slot);
         if continuation {
-            // Frame 0 is the tail of a lost message: start delivery after it.
-            self.start_datagram(i);
-            if let Some((_, next)) = frame_at(&self.slots[i].bytes, DATA_HEADER_LEN) {
+            // Frame 0 is the tail of a lost message: start after it.
+            if let Some((_, next)) = frame_at(&self.slots[slot].bytes, DATA_HEADER_LEN) {
                 self.cursor = next;
                 self.frame_index = 1;
             }
         }
         stats.loss_events += 1;
-        stats.lost_datagrams += end - start;
         self.status_at = self.now;
-        Some(Step::Loss { datagrams: start..end, messages })
+        Step::Loss { datagrams: start..self.next_deliver, messages }
     }
 
     pub(crate) fn slot_bytes(&self, slot: usize) -> &[u8] {

@@ -1,0 +1,271 @@
+//! Protocol acceptance tests on the deterministic network simulator (`blip::sim`).
+
+use std::time::Duration;
+
+use blip::proto::{Config, LateJoin, SlowReceiverPolicy};
+use blip::sim::{self, Blackout, LinkConfig, SimConfig, SimReport, Stall};
+
+fn lossy(loss: f64) -> LinkConfig {
+    LinkConfig { loss, ..LinkConfig::default() }
+}
+
+fn run(cfg: &SimConfig) -> SimReport {
+    match sim::run(cfg) {
+        Ok(r) => r,
+        Err(e) => panic!("simulation failed: {e}"),
+    }
+}
+
+fn assert_perfect(r: &SimReport, what: &str) {
+    assert!(r.in_order, "{what}: out of order: {r:?}");
+    assert_eq!(r.duplicates, 0, "{what}: duplicates: {r:?}");
+    assert_eq!(r.unreported_gaps, 0, "{what}: unreported gaps: {r:?}");
+    assert_eq!(r.corrupt, 0, "{what}: corrupt payloads: {r:?}");
+    assert_eq!(r.loss_events, 0, "{what}: loss events: {r:?}");
+    assert_eq!(r.delivered, r.expected, "{what}: not everything delivered: {r:?}");
+}
+
+/// Loss on every receiver's links (data in, NAKs and STATUS out) over the grid the spec asks for.
+#[test]
+fn loss_grid_delivers_everything_in_order_exactly_once() {
+    for loss in [0.0, 0.01, 0.05, 0.20, 0.30] {
+        for receivers in [1, 4, 16] {
+            let cfg = SimConfig {
+                seed: 7 + receivers as u64,
+                receivers,
+                messages: 3000,
+                message_size: 300,
+                receiver_downlink: lossy(loss),
+                receiver_uplink: lossy(loss),
+                ..SimConfig::default()
+            };
+            let r = run(&cfg);
+            assert_perfect(&r, &format!("loss {loss} receivers {receivers}"));
+            if loss > 0.0 {
+                assert!(r.lost_datagrams > 0, "the network must have dropped something at loss {loss}: {r:?}");
+                assert!(r.retransmissions > 0);
+            }
+        }
+    }
+}
+
+#[test]
+fn reordering_and_duplication_are_harmless() {
+    let link = LinkConfig { loss: 0.02, duplicate: 0.05, jitter: Duration::from_micros(300), ..LinkConfig::default() };
+    let cfg = SimConfig {
+        seed: 3,
+        receivers: 4,
+        receiver_downlink: link.clone(),
+        receiver_uplink: link,
+        ..SimConfig::default()
+    };
+    assert_perfect(&run(&cfg), "reorder+dup");
+}
+
+#[test]
+fn burst_loss_is_repaired() {
+    let cfg = SimConfig {
+        seed: 11,
+        receivers: 4,
+        messages: 5000,
+        receiver_downlink: LinkConfig { burst: Some((0.01, 0.1)), ..LinkConfig::default() },
+        ..SimConfig::default()
+    };
+    let r = run(&cfg);
+    assert_perfect(&r, "burst");
+    assert!(r.lost_datagrams > 10, "{r:?}");
+}
+
+#[test]
+fn several_senders_to_several_receivers() {
+    let cfg = SimConfig {
+        seed: 5,
+        senders: 3,
+        receivers: 4,
+        receiver_downlink: lossy(0.05),
+        receiver_uplink: lossy(0.05),
+        ..SimConfig::default()
+    };
+    assert_perfect(&run(&cfg), "3 senders");
+}
+
+#[test]
+fn large_messages_are_fragmented_and_reassembled_under_loss() {
+    let cfg = SimConfig {
+        seed: 9,
+        receivers: 3,
+        messages: 40,
+        message_size: 200_000,
+        batch: 1,
+        send_interval: Duration::from_micros(200),
+        receiver_downlink: lossy(0.05),
+        ..SimConfig::default()
+    };
+    let r = run(&cfg);
+    assert_perfect(&r, "large messages");
+}
+
+/// The sender's own link drops 10 %: every receiver misses the same datagrams. NAK suppression and the
+/// retransmission linger must keep the repair cost near one retransmission per lost datagram.
+#[test]
+fn correlated_loss_costs_about_one_retransmission_per_lost_datagram() {
+    let cfg = SimConfig {
+        seed: 21,
+        receivers: 16,
+        messages: 4000,
+        message_size: 300,
+        sender_uplink: lossy(0.10),
+        ..SimConfig::default()
+    };
+    let r = run(&cfg);
+    assert_perfect(&r, "correlated");
+    let lost = r.lost_datagrams as f64;
+    assert!(lost > 50.0, "{r:?}");
+    let retx_per_loss = r.retransmissions as f64 / lost;
+    let naks_per_loss = r.naks as f64 / lost;
+    println!(
+        "correlated 10%, 16 receivers: {retx_per_loss:.2} retransmissions and {naks_per_loss:.2} NAKs per lost datagram"
+    );
+    assert!(retx_per_loss <= 1.5, "retransmissions per lost datagram {retx_per_loss:.2}: {r:?}");
+    assert!(naks_per_loss <= 4.0, "NAKs per lost datagram {naks_per_loss:.2}: {r:?}");
+}
+
+/// 0.1 ms one-way delay (the default links: 50 µs up + 50 µs down), default timing, 1 % loss.
+#[test]
+fn repair_latency_with_default_timing() {
+    for receivers in [1, 4] {
+        let cfg = SimConfig {
+            seed: 33,
+            receivers,
+            messages: 20_000,
+            message_size: 500,
+            receiver_downlink: lossy(0.01),
+            receiver_uplink: lossy(0.01),
+            ..SimConfig::default()
+        };
+        let r = run(&cfg);
+        assert_perfect(&r, "repair latency");
+        assert!(r.repairs > 20, "{r:?}");
+        println!("{receivers} receivers: repair p50 {:.3} ms, max {:.3} ms", r.repair_ms_p50, r.repair_ms_max);
+        assert!(r.repair_ms_p50 <= 2.0, "p50 {}: {r:?}", r.repair_ms_p50);
+        assert!(r.repair_ms_max <= 10.0, "max {}: {r:?}", r.repair_ms_max);
+    }
+}
+
+/// The last datagram before the sender goes idle is lost: the idle heartbeat reveals it.
+#[test]
+fn tail_loss_before_idle_is_repaired_within_5ms() {
+    for receivers in [1, 4] {
+        let cfg = SimConfig {
+            seed: 4,
+            receivers,
+            messages: 10,
+            batch: 1,
+            send_interval: Duration::from_millis(1),
+            drop_datagrams: vec![9],
+            ..SimConfig::default()
+        };
+        let r = run(&cfg);
+        assert_perfect(&r, "tail loss");
+        assert_eq!(r.repairs, receivers as u64, "{r:?}");
+        assert!(r.repair_ms_max <= 5.0, "tail repaired after {} ms: {r:?}", r.repair_ms_max);
+    }
+}
+
+/// A receiver cut off for longer than the window holds gets an exact loss event, then delivery resumes.
+#[test]
+fn outage_longer_than_window_yields_exact_loss_then_resumes() {
+    let cfg = SimConfig {
+        seed: 8,
+        receivers: 2,
+        messages: 6000,
+        message_size: 1000,
+        protocol: Config {
+            window: 256,
+            slow_receiver: SlowReceiverPolicy::DropAfter(Duration::from_millis(5)),
+            ..Config::default()
+        },
+        blackouts: vec![Blackout { receiver: 0, from: Duration::from_millis(10), until: Duration::from_millis(60) }],
+        ..SimConfig::default()
+    };
+    let r = run(&cfg);
+    assert!(r.in_order && r.duplicates == 0 && r.unreported_gaps == 0 && r.corrupt == 0, "{r:?}");
+    assert!(r.loss_events >= 1, "expected a loss event: {r:?}");
+    assert!(r.lost_messages > 256, "the outage spans more than the window: {r:?}");
+    // Exactness: every message is either delivered or inside a reported range, never both.
+    assert_eq!(r.delivered + r.lost_messages, r.expected, "{r:?}");
+}
+
+fn stalled_burst(policy: SlowReceiverPolicy) -> SimReport {
+    let cfg = SimConfig {
+        seed: 12,
+        receivers: 2,
+        messages: 10_000,
+        message_size: 1000,
+        batch: 50,
+        protocol: Config { slow_receiver: policy, ..Config::default() },
+        stalls: vec![Stall { receiver: 0, from: Duration::ZERO, until: Duration::from_millis(300) }],
+        ..SimConfig::default()
+    };
+    run(&cfg)
+}
+
+/// A burst of 10,000 messages to a receiver that stops reading: "hold back" blocks the sender and loses
+/// nothing once the receiver resumes.
+#[test]
+fn stalled_receiver_hold_back_loses_nothing() {
+    let r = stalled_burst(SlowReceiverPolicy::HoldBack);
+    assert_perfect(&r, "hold back");
+    assert!(r.sender_blocked > 0, "the sender must have been held back: {r:?}");
+    assert_eq!(r.slow_receivers_dropped, 0);
+    assert!(r.virtual_ms >= 300.0, "delivery cannot finish before the receiver resumes: {r:?}");
+}
+
+/// The same burst under "drop after 20 ms": the sender stops waiting, the stalled receiver gets an exact loss
+/// event, the other receiver gets everything.
+#[test]
+fn stalled_receiver_drop_policy_reports_loss_and_frees_sender() {
+    let r = stalled_burst(SlowReceiverPolicy::DropAfter(Duration::from_millis(20)));
+    assert!(r.in_order && r.duplicates == 0 && r.unreported_gaps == 0 && r.corrupt == 0, "{r:?}");
+    assert_eq!(r.slow_receivers_dropped, 1, "{r:?}");
+    assert!(r.loss_events >= 1, "{r:?}");
+    assert_eq!(r.delivered + r.lost_messages, r.expected, "{r:?}");
+}
+
+/// Late join: a receiver that hears the sender only after 5 ms.
+#[test]
+fn late_join_policies() {
+    let base = SimConfig {
+        seed: 14,
+        receivers: 2,
+        messages: 2000,
+        blackouts: vec![Blackout { receiver: 1, from: Duration::ZERO, until: Duration::from_millis(5) }],
+        ..SimConfig::default()
+    };
+    // Oldest: the late receiver repairs everything the sender still retains (here: all of it).
+    let r = run(&SimConfig { protocol: Config { late_join: LateJoin::Oldest, ..Config::default() }, ..base.clone() });
+    assert_perfect(&r, "late join oldest");
+    // Next: the late receiver starts with the first datagram it hears and has no gap after it.
+    let r = run(&SimConfig { protocol: Config { late_join: LateJoin::Next, ..Config::default() }, ..base });
+    assert!(r.in_order && r.unreported_gaps == 0 && r.duplicates == 0 && r.loss_events == 0, "{r:?}");
+    assert!(r.skipped_at_join > 0, "the late receiver should have started mid-stream: {r:?}");
+    assert_eq!(r.delivered + r.skipped_at_join, r.expected, "{r:?}");
+}
+
+#[test]
+fn runs_are_deterministic_per_seed() {
+    let cfg = SimConfig { seed: 99, receivers: 4, receiver_downlink: lossy(0.1), ..SimConfig::default() };
+    assert_eq!(run(&cfg), run(&cfg));
+}
+
+#[test]
+fn a_livelock_is_reported_not_hung() {
+    // Every packet dropped: nothing can ever be delivered, and the run must end with an error.
+    let cfg = SimConfig {
+        receivers: 1,
+        receiver_downlink: lossy(1.0),
+        max_virtual: Duration::from_secs(2),
+        ..SimConfig::default()
+    };
+    assert!(matches!(sim::run(&cfg), Err(sim::SimError::Unfinished { .. })));
+}
