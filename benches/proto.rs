@@ -142,13 +142,16 @@ impl Pipe {
         while let Some(t) = sender.poll_transmit(now, buf) {
             receiver.handle_datagram(now, SENDER_ADDR, &buf[..t.len]);
             moved += 1;
-            while let Some(d) = receiver.recv() {
-                match d {
-                    Delivery::Message(m) => {
-                        black_box(m.payload);
+            loop {
+                match receiver.recv() {
+                    Some(Delivery::Message(m)) => {
+                        black_box(m.payload.len());
                         delivered += 1;
                     }
-                    Delivery::Loss { .. } => panic!("loss on a lossless pipe: {d:?}"),
+                    Some(Delivery::Loss { datagrams, .. }) => {
+                        panic!("loss on a lossless pipe: datagrams {datagrams:?}")
+                    }
+                    None => break,
                 }
             }
         }

@@ -5,6 +5,8 @@
 //! come out), and [`sim`] a deterministic network simulator that drives it under any loss pattern.
 #![warn(missing_docs)]
 
+pub mod engine;
+pub mod net;
 pub mod proto;
 pub mod sim;
 pub mod wire;

@@ -1,0 +1,59 @@
+//! The I/O operations the engine needs, behind one trait with two implementations: io_uring
+//! ([`super::uring`], Linux) and a readiness poller ([`super::poll`], everywhere).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Which backend drives a node's sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// Linux io_uring: batched SendMsg, multishot RecvMsg over a provided-buffer ring.
+    Uring,
+    /// Readiness polling (`polling` crate) with recvmmsg/sendmmsg on Linux.
+    Poll,
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendKind::Uring => "io_uring",
+            BackendKind::Poll => "poll",
+        })
+    }
+}
+
+/// Interrupts a backend's wait from another thread.
+pub trait Wake: Send + Sync {
+    /// Makes the backend's current or next `receive` wait return promptly. Cheap to call when nobody waits.
+    fn wake(&self);
+}
+
+/// The sockets a node uses: one bound to the group port that receives the group's traffic, and one bound to
+/// an ephemeral port on the interface that sends everything (multicast and unicast) and receives unicast
+/// replies (STATUS) addressed to it.
+pub trait Backend: Send {
+    /// Which implementation this is.
+    fn kind(&self) -> BackendKind;
+
+    /// Queues one datagram to `dest` from the node's sending socket. The bytes are copied; nothing need stay
+    /// alive after the call. May buffer until [`flush`](Self::flush) or until the batch is full (then it
+    /// submits by itself). A datagram the kernel refuses (e.g. no route) is counted and dropped, not returned
+    /// as an error: multicast is best effort and the protocol repairs. Errors are for a broken backend.
+    fn queue_send(&mut self, dest: SocketAddr, bytes: &[u8]) -> io::Result<()>;
+
+    /// Submits every queued datagram to the kernel.
+    fn flush(&mut self) -> io::Result<()>;
+
+    /// Calls `sink(from, bytes)` for each datagram received on either socket. If none is ready, waits up to
+    /// `timeout` (`None`: until one arrives or [`Wake::wake`]; `Some(ZERO)`: do not wait). Returns the number
+    /// of datagrams delivered. Queued sends are flushed first.
+    fn receive(&mut self, timeout: Option<Duration>, sink: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize>;
+
+    /// A handle other threads use to interrupt `receive`.
+    fn waker(&self) -> Arc<dyn Wake>;
+
+    /// Datagrams dropped because the kernel refused to send them (counted, see `queue_send`).
+    fn send_errors(&self) -> u64;
+}

@@ -1,0 +1,7 @@
+//! The engine: drives an [`Endpoint`](crate::proto::Endpoint) over real sockets through a [`Backend`].
+
+mod backend;
+#[cfg(target_os = "linux")]
+pub mod uring;
+
+pub use backend::{Backend, BackendKind, Wake};
