@@ -8,5 +8,6 @@
 pub mod engine;
 pub mod net;
 pub mod proto;
+pub mod ring;
 pub mod sim;
 pub mod wire;

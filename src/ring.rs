@@ -1,0 +1,331 @@
+//! A bounded lock-free single-producer/single-consumer ring of variable-length records, claim/commit style:
+//! the producer claims space, writes a record in place, and commits it; the consumer reads records in place
+//! and releases them. It carries messages from application threads to the engine and deliveries back.
+//!
+//! Layout: a power-of-two byte buffer; positions are ever-increasing `usize` counters (masked to index), so
+//! full and empty are told apart without a spare slot. Each record is an 8-byte header (`len: u32`,
+//! `tag: u32`) followed by the payload, padded to 8 bytes. A record never wraps: when it does not fit before
+//! the end of the buffer, the producer writes a padding record to the end and starts at index 0.
+//!
+//! Synchronisation: the producer publishes a record with a Release store of `tail` after writing it; the
+//! consumer Acquire-loads `tail` before reading. Symmetrically the consumer frees space with a Release store
+//! of `head`. Each side caches the other's counter and reloads it only when the cache says "full"/"empty".
+//! The counters sit on their own cache lines (crossbeam's `CachePadded`) so the two threads do not
+//! false-share.
+
+use std::cell::UnsafeCell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crossbeam_utils::CachePadded;
+
+const HEADER: usize = 8;
+const ALIGN: usize = 8;
+/// Tag of the padding record written before a wrap; never seen by users.
+const PAD: u32 = u32::MAX;
+
+struct Shared {
+    buf: Box<[UnsafeCell<u8>]>,
+    mask: usize,
+    head: CachePadded<AtomicUsize>,
+    tail: CachePadded<AtomicUsize>,
+}
+
+// SAFETY: the buffer is only accessed through `Producer` (bytes in [tail, head + capacity)) and `Consumer`
+// (bytes in [head, tail)); these ranges are disjoint and handed over with Release/Acquire on `tail`/`head`.
+unsafe impl Sync for Shared {}
+// SAFETY: same argument; the cells hold plain bytes.
+unsafe impl Send for Shared {}
+
+impl Shared {
+    fn capacity(&self) -> usize {
+        self.mask + 1
+    }
+
+    fn ptr(&self, pos: usize) -> *mut u8 {
+        self.buf[pos & self.mask].get()
+    }
+}
+
+/// Creates a ring of at least `capacity` bytes (rounded up to a power of two, at least 64).
+pub fn ring(capacity: usize) -> (Producer, Consumer) {
+    let cap = capacity.max(64).next_power_of_two();
+    let shared = Arc::new(Shared {
+        buf: (0..cap).map(|_| UnsafeCell::new(0)).collect(),
+        mask: cap - 1,
+        head: CachePadded::new(AtomicUsize::new(0)),
+        tail: CachePadded::new(AtomicUsize::new(0)),
+    });
+    (
+        Producer { shared: shared.clone(), tail: 0, cached_head: 0 },
+        Consumer { shared, head: 0, cached_tail: 0 },
+    )
+}
+
+fn padded(len: usize) -> usize {
+    (HEADER + len + ALIGN - 1) & !(ALIGN - 1)
+}
+
+/// The writing end.
+pub struct Producer {
+    shared: Arc<Shared>,
+    tail: usize,
+    cached_head: usize,
+}
+
+/// Space claimed in the ring; write the record, then [`commit`](Claim::commit) it. Dropping it without
+/// committing abandons the space (nothing is published).
+pub struct Claim<'a> {
+    producer: &'a mut Producer,
+    start: usize,
+    len: usize,
+}
+
+impl Producer {
+    /// Largest payload a record can carry: half the ring, so a record always fits after a wrap.
+    pub fn max_record(&self) -> usize {
+        self.shared.capacity() / 2 - HEADER
+    }
+
+    /// Whether the consumer has released everything (the ring is empty).
+    pub fn is_empty(&self) -> bool {
+        self.shared.head.load(Ordering::Acquire) == self.tail
+    }
+
+    fn free(&mut self, need: usize) -> bool {
+        let cap = self.shared.capacity();
+        if self.tail + need - self.cached_head <= cap {
+            return true;
+        }
+        self.cached_head = self.shared.head.load(Ordering::Acquire);
+        self.tail + need - self.cached_head <= cap
+    }
+
+    /// Claims space for a `len`-byte payload, or `None` when the ring is too full now. Panics if `len`
+    /// exceeds [`max_record`](Self::max_record) (a caller bug, not a runtime condition).
+    pub fn claim(&mut self, len: usize) -> Option<Claim<'_>> {
+        assert!(len <= self.max_record(), "record of {len} bytes exceeds the ring's maximum");
+        let size = padded(len);
+        let cap = self.shared.capacity();
+        let to_end = cap - (self.tail & self.shared.mask);
+        if size > to_end {
+            // Pad to the end and wrap, if the padding and the record both fit.
+            if !self.free(to_end + size) {
+                return None;
+            }
+            self.write_header(self.tail, (to_end - HEADER) as u32, PAD);
+            self.tail += to_end;
+            self.shared.tail.store(self.tail, Ordering::Release);
+        } else if !self.free(size) {
+            return None;
+        }
+        let start = self.tail;
+        Some(Claim { producer: self, start, len })
+    }
+
+    fn write_header(&self, pos: usize, len: u32, tag: u32) {
+        let mut h = [0u8; HEADER];
+        h[..4].copy_from_slice(&len.to_ne_bytes());
+        h[4..].copy_from_slice(&tag.to_ne_bytes());
+        // SAFETY: `pos` is 8-aligned and within [tail, head + capacity), space no consumer reads until the
+        // next Release store of `tail`; the 8 header bytes do not cross the end (records never wrap).
+        unsafe { std::ptr::copy_nonoverlapping(h.as_ptr(), self.shared.ptr(pos), HEADER) }
+    }
+
+    /// Convenience: claims, copies `payload`, and commits with `tag`. Returns false when full.
+    pub fn push(&mut self, tag: u32, payload: &[u8]) -> bool {
+        match self.claim(payload.len()) {
+            Some(mut c) => {
+                c.copy_from_slice(payload);
+                c.commit(tag);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Claim<'_> {
+    /// Publishes the record with `tag` (any value but `u32::MAX`, which is reserved).
+    pub fn commit(self, tag: u32) {
+        assert_ne!(tag, PAD, "tag u32::MAX is reserved");
+        let p = self.producer;
+        p.write_header(self.start, self.len as u32, tag);
+        p.tail = self.start + padded(self.len);
+        p.shared.tail.store(p.tail, Ordering::Release);
+    }
+}
+
+impl std::ops::Deref for Claim<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: [start + HEADER, start + HEADER + len) lies inside the claimed, unpublished region, which only
+        // this producer touches; it does not cross the end of the buffer (checked in `claim`).
+        unsafe { std::slice::from_raw_parts(self.producer.shared.ptr(self.start + HEADER), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Claim<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`; `&mut self` makes this the only view of the region.
+        unsafe { std::slice::from_raw_parts_mut(self.producer.shared.ptr(self.start + HEADER), self.len) }
+    }
+}
+
+/// The reading end.
+pub struct Consumer {
+    shared: Arc<Shared>,
+    head: usize,
+    cached_tail: usize,
+}
+
+/// A record read in place; [`release`](Record::release) frees its space. Dropping without releasing leaves
+/// it at the front of the ring.
+pub struct Record<'a> {
+    consumer: &'a mut Consumer,
+    tag: u32,
+    len: usize,
+}
+
+impl Consumer {
+    fn read_header(&self, pos: usize) -> (usize, u32) {
+        let mut h = [0u8; HEADER];
+        // SAFETY: `pos` is below the Acquire-loaded `tail`, so the producer finished writing this header and
+        // will not touch it until `head` moves past it.
+        unsafe { std::ptr::copy_nonoverlapping(self.shared.ptr(pos), h.as_mut_ptr(), HEADER) }
+        (u32::from_ne_bytes(h[..4].try_into().unwrap()) as usize, u32::from_ne_bytes(h[4..].try_into().unwrap()))
+    }
+
+    /// Whether a record is ready.
+    pub fn is_empty(&mut self) -> bool {
+        self.peek().is_none()
+    }
+
+    /// The oldest record, if any.
+    pub fn peek(&mut self) -> Option<Record<'_>> {
+        loop {
+            if self.head == self.cached_tail {
+                self.cached_tail = self.shared.tail.load(Ordering::Acquire);
+                if self.head == self.cached_tail {
+                    return None;
+                }
+            }
+            let (len, tag) = self.read_header(self.head);
+            if tag == PAD {
+                self.head += HEADER + len;
+                self.shared.head.store(self.head, Ordering::Release);
+                continue;
+            }
+            return Some(Record { consumer: self, tag, len });
+        }
+    }
+}
+
+impl Record<'_> {
+    /// The tag given at commit.
+    pub fn tag(&self) -> u32 {
+        self.tag
+    }
+
+    /// Frees the record's space for the producer.
+    pub fn release(self) {
+        let c = self.consumer;
+        c.head += padded(self.len);
+        c.shared.head.store(c.head, Ordering::Release);
+    }
+}
+
+impl std::ops::Deref for Record<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        let c = &self.consumer;
+        // SAFETY: the record lies in [head, tail) as published by the producer's Release store (Acquire-loaded
+        // in `peek`); the producer does not reuse it until `release` stores a new `head`.
+        unsafe { std::slice::from_raw_parts(c.shared.ptr(c.head + HEADER), self.len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn fills_wraps_and_empties() {
+        let (mut p, mut c) = ring(64);
+        assert_eq!(p.max_record(), 24);
+        assert!(p.push(1, &[1; 20]));
+        assert!(p.push(2, &[2; 20]));
+        assert!(!p.push(3, &[3; 20]), "64 bytes hold two 32-byte records");
+        let r = c.peek().unwrap();
+        assert_eq!((r.tag(), &r[..]), (1, &[1u8; 20][..]));
+        r.release();
+        assert!(p.push(3, &[3; 20]), "wraps into the freed space");
+        for want in [2u32, 3] {
+            let r = c.peek().unwrap();
+            assert_eq!(r.tag(), want);
+            assert!(r.iter().all(|&b| b == want as u8));
+            r.release();
+        }
+        assert!(c.peek().is_none());
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn wrap_with_padding_keeps_records_whole() {
+        let (mut p, mut c) = ring(128);
+        for round in 0..1000u32 {
+            let len = (round as usize * 7) % 50;
+            let payload: Vec<u8> = (0..len).map(|i| (i as u32 + round) as u8).collect();
+            assert!(p.push(round, &payload));
+            let r = c.peek().unwrap();
+            assert_eq!(r.tag(), round);
+            assert_eq!(&r[..], &payload[..]);
+            r.release();
+        }
+    }
+
+    /// Two threads, a million records of varying size: every record arrives once, in order, intact.
+    #[test]
+    fn concurrent_producer_and_consumer() {
+        const N: u32 = 1_000_000;
+        let (mut p, mut c) = ring(4096);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let t = std::thread::spawn(move || {
+            let mut i = 0u32;
+            while i < N {
+                let len = 4 + (i as usize % 61);
+                if let Some(mut claim) = p.claim(len) {
+                    claim[..4].copy_from_slice(&i.to_le_bytes());
+                    for b in claim[4..].iter_mut() {
+                        *b = i as u8;
+                    }
+                    claim.commit(i % 7);
+                    i += 1;
+                } else {
+                    assert!(Instant::now() < deadline, "producer starved");
+                    std::hint::spin_loop();
+                }
+            }
+        });
+        let mut next = 0u32;
+        while next < N {
+            match c.peek() {
+                Some(r) => {
+                    let i = u32::from_le_bytes(r[..4].try_into().unwrap());
+                    assert_eq!(i, next);
+                    assert_eq!(r.tag(), i % 7);
+                    assert_eq!(r.len(), 4 + (i as usize % 61));
+                    assert!(r[4..].iter().all(|&b| b == i as u8));
+                    r.release();
+                    next += 1;
+                }
+                None => {
+                    assert!(Instant::now() < deadline, "consumer starved at {next}");
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        t.join().unwrap();
+    }
+}
