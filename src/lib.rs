@@ -7,7 +7,14 @@
 
 pub mod engine;
 pub mod net;
+mod node;
 pub mod proto;
 pub mod ring;
 pub mod sim;
 pub mod wire;
+
+pub use engine::{BackendKind, IdleStrategy, NodeStats};
+pub use node::{
+    BackendChoice, Claim, Error, Message, Node, NodeBuilder, NodeInfo, Owned, Publisher, Received, SendError,
+    Subscriber,
+};

@@ -56,10 +56,7 @@ pub fn ring(capacity: usize) -> (Producer, Consumer) {
         head: CachePadded::new(AtomicUsize::new(0)),
         tail: CachePadded::new(AtomicUsize::new(0)),
     });
-    (
-        Producer { shared: shared.clone(), tail: 0, cached_head: 0 },
-        Consumer { shared, head: 0, cached_tail: 0 },
-    )
+    (Producer { shared: shared.clone(), tail: 0, cached_head: 0 }, Consumer { shared, head: 0, cached_tail: 0 })
 }
 
 fn padded(len: usize) -> usize {
@@ -99,6 +96,13 @@ impl Producer {
         }
         self.cached_head = self.shared.head.load(Ordering::Acquire);
         self.tail + need - self.cached_head <= cap
+    }
+
+    /// Whether a `len`-byte record could be claimed now (including a wrap).
+    pub fn has_room(&mut self, len: usize) -> bool {
+        let size = padded(len);
+        let to_end = self.shared.capacity() - (self.tail & self.shared.mask);
+        self.free(if size > to_end { to_end + size } else { size })
     }
 
     /// Claims space for a `len`-byte payload, or `None` when the ring is too full now. Panics if `len`

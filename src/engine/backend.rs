@@ -33,7 +33,10 @@ pub trait Wake: Send + Sync {
 /// The sockets a node uses: one bound to the group port that receives the group's traffic, and one bound to
 /// an ephemeral port on the interface that sends everything (multicast and unicast) and receives unicast
 /// replies (STATUS) addressed to it.
-pub trait Backend: Send {
+///
+/// A backend is created on, and used from, one thread (io_uring's SINGLE_ISSUER requires it), so the trait
+/// does not require `Send`.
+pub trait Backend {
     /// Which implementation this is.
     fn kind(&self) -> BackendKind;
 

@@ -5,3 +5,8 @@ mod backend;
 pub mod uring;
 
 pub use backend::{Backend, BackendKind, Wake};
+mod driver;
+pub mod poll;
+
+pub(crate) use driver::*;
+pub use driver::{IdleStrategy, NodeStats};

@@ -1,0 +1,792 @@
+//! The user API: build a [`Node`] on a group, publish with a [`Publisher`], receive with a [`Subscriber`].
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use blip::{Node, Received};
+//!
+//! let mut node = Node::builder().build()?; // loopback, TTL 0, group 239.255.77.1:47001
+//! let mut publisher = node.publisher().unwrap();
+//! let mut subscriber = node.subscriber().unwrap();
+//! publisher.send(b"hello")?;
+//! subscriber.poll(16, |r| {
+//!     if let Received::Message(m) = r {
+//!         println!("{} bytes from session {:x}", m.payload.len(), m.session);
+//!     }
+//! });
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! A node starts one engine thread (unless built with [`NodeBuilder::build_driven`], which runs the engine
+//! in the caller's thread through [`Node::duty_cycle`]). Messages and deliveries cross between the
+//! application and the engine through bounded lock-free rings; a full ring is back-pressure, never growth.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::engine::poll::PollBackend;
+use crate::engine::{
+    Backend, BackendKind, Engine, EngineParts, IN_LARGE, IN_MESSAGE, IdleStrategy, LossInjector, NodeStats, OUT_HEADER,
+    OUT_LOSS, OUT_MESSAGE, Shared, Side,
+};
+use crate::net::{self, Interface, NetError, SocketConfig, SocketReport};
+use crate::proto::{Config, ConfigError, Endpoint, Event, LateJoin, SlowReceiverPolicy};
+use crate::ring;
+
+/// Which backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    /// io_uring when the kernel has everything used, else poll. `BLIP_BACKEND=uring|poll` overrides this.
+    #[default]
+    Auto,
+    /// io_uring, or an error if it is unavailable.
+    Uring,
+    /// The portable poll backend.
+    Poll,
+}
+
+/// Why a node could not be built or could not go on. Each message says what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A protocol setting is out of range.
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// Socket setup failed.
+    #[error("network: {0}")]
+    Net(#[from] NetError),
+    /// The requested backend cannot run here.
+    #[error("backend {kind} unavailable: {reason}")]
+    BackendUnavailable {
+        /// The backend asked for.
+        kind: BackendKind,
+        /// Why (e.g. seccomp blocks io_uring, `ulimit -l` too low).
+        reason: String,
+    },
+    /// `BLIP_BACKEND` holds something other than `uring`, `poll` or `auto`.
+    #[error("BLIP_BACKEND={0} is not one of uring, poll, auto")]
+    BadBackendEnv(String),
+    /// A core named for pinning does not exist or cannot be used.
+    #[error("cannot pin the engine to core {core}: {reason}")]
+    Pinning {
+        /// The core.
+        core: usize,
+        /// The OS's answer.
+        reason: String,
+    },
+    /// The engine thread could not be started, or failed.
+    #[error("engine: {0}")]
+    Engine(String),
+    /// A loss-injection probability outside 0..=1.
+    #[error("injected loss {0} is not a probability between 0 and 1")]
+    BadLoss(f64),
+}
+
+/// What a node set up, for the record.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    /// The backend in use.
+    pub backend: BackendKind,
+    /// Why it was chosen (probe result, override, or request).
+    pub backend_reason: String,
+    /// This incarnation's session id.
+    pub session: u64,
+    /// This node's id.
+    pub node_id: u64,
+    /// The group joined.
+    pub group: SocketAddr,
+    /// The core the engine thread is pinned to, if pinning was asked for.
+    pub pinned_core: Option<usize>,
+    /// Sockets as set up (sending address, buffer sizes, warnings).
+    pub sockets: SocketReport,
+}
+
+/// Builds a [`Node`]. Every default keeps traffic on this host.
+#[derive(Debug, Clone)]
+pub struct NodeBuilder {
+    sockets: SocketConfig,
+    protocol: Config,
+    mtu: Option<usize>,
+    backend: BackendChoice,
+    idle: IdleStrategy,
+    cores: Vec<usize>,
+    loss: Option<(f64, u64)>,
+    ring_bytes: usize,
+    session: Option<u64>,
+}
+
+impl Default for NodeBuilder {
+    fn default() -> NodeBuilder {
+        NodeBuilder {
+            sockets: SocketConfig::default(),
+            protocol: Config::default(),
+            mtu: None,
+            backend: BackendChoice::Auto,
+            idle: IdleStrategy::default(),
+            cores: Vec::new(),
+            loss: None,
+            ring_bytes: 4 << 20,
+            session: None,
+        }
+    }
+}
+
+impl NodeBuilder {
+    /// Multicast group address (default 239.255.77.1).
+    pub fn group(mut self, group: IpAddr) -> Self {
+        self.sockets.group.set_ip(group);
+        self
+    }
+    /// UDP port (default 47001).
+    pub fn port(mut self, port: u16) -> Self {
+        self.sockets.group.set_port(port);
+        self
+    }
+    /// Interface to join and send on (default loopback).
+    pub fn interface(mut self, interface: Interface) -> Self {
+        self.sockets.interface = interface;
+        self
+    }
+    /// Multicast TTL / hop limit (default 0: the packets stay on this host).
+    pub fn ttl(mut self, ttl: u32) -> Self {
+        self.sockets.ttl = ttl;
+        self
+    }
+    /// Allow other sockets on this host to share the group and port (default on).
+    pub fn reuse(mut self, reuse: bool) -> Self {
+        self.sockets.reuse = reuse;
+        self
+    }
+    /// Receive buffer to ask the kernel for, in bytes (default 8 MiB; clamped by `net.core.rmem_max`).
+    pub fn recv_buffer(mut self, bytes: usize) -> Self {
+        self.sockets.recv_buffer = bytes;
+        self
+    }
+    /// Stream id inside the group (default 0).
+    pub fn stream(mut self, stream: u32) -> Self {
+        self.protocol.stream = stream;
+        self
+    }
+    /// This node's stable id (default: random).
+    pub fn node_id(mut self, id: u64) -> Self {
+        self.protocol.node_id = id;
+        self
+    }
+    /// This node's name, announced to the group (at most 64 bytes).
+    pub fn name(mut self, name: &str) -> Self {
+        self.protocol.node_name = name.to_owned();
+        self
+    }
+    /// Path MTU in bytes (default 1500); datagrams are sized to fit it after IP and UDP headers.
+    pub fn mtu(mut self, mtu: usize) -> Self {
+        self.mtu = Some(mtu);
+        self
+    }
+    /// Retransmission window and receive buffer, in datagrams (default 4096).
+    pub fn window(mut self, datagrams: usize) -> Self {
+        self.protocol.window = datagrams;
+        self.protocol.receive_buffer = datagrams;
+        self
+    }
+    /// Largest message (default 64 MiB).
+    pub fn max_message(mut self, bytes: usize) -> Self {
+        self.protocol.max_message = bytes;
+        self
+    }
+    /// Slow-receiver policy (default: hold the sender back).
+    pub fn slow_receiver(mut self, policy: SlowReceiverPolicy) -> Self {
+        self.protocol.slow_receiver = policy;
+        self
+    }
+    /// Late-join policy (default: from the oldest retained datagram).
+    pub fn late_join(mut self, policy: LateJoin) -> Self {
+        self.protocol.late_join = policy;
+        self
+    }
+    /// Replaces the whole protocol configuration (sizes, timers, policies).
+    pub fn protocol(mut self, config: Config) -> Self {
+        self.protocol = config;
+        self
+    }
+    /// Backend choice (default: probe).
+    pub fn backend(mut self, choice: BackendChoice) -> Self {
+        self.backend = choice;
+        self
+    }
+    /// How the engine waits when idle (default: spin 50 µs, then park).
+    pub fn idle(mut self, idle: IdleStrategy) -> Self {
+        self.idle = idle;
+        self
+    }
+    /// Pin the engine thread to the first of these cores.
+    pub fn cores(mut self, cores: &[usize]) -> Self {
+        self.cores = cores.to_vec();
+        self
+    }
+    /// Drop this fraction of received datagrams on purpose (seeded), to exercise repair on real sockets.
+    pub fn inject_loss(mut self, probability: f64, seed: u64) -> Self {
+        self.loss = Some((probability, seed));
+        self
+    }
+    /// Size of each of the two rings between the application and the engine (default 4 MiB).
+    pub fn ring_bytes(mut self, bytes: usize) -> Self {
+        self.ring_bytes = bytes;
+        self
+    }
+    /// Fixes the session id (default: random). Tests use it for reproducibility.
+    pub fn session(mut self, session: u64) -> Self {
+        self.session = Some(session);
+        self
+    }
+
+    fn prepare(&self) -> Result<(Config, BackendKind, String, u64), Error> {
+        let mut protocol = self.protocol.clone();
+        let ip_overhead = if self.sockets.group.is_ipv4() { 28 } else { 48 };
+        if let Some(mtu) = self.mtu {
+            protocol.max_datagram = mtu.saturating_sub(ip_overhead);
+        } else if !self.sockets.group.is_ipv4() {
+            protocol.max_datagram = 1500 - ip_overhead;
+        }
+        if protocol.node_id == 0 {
+            protocol.node_id = random_u64();
+        }
+        protocol.validate()?;
+        if let Some((p, _)) = self.loss
+            && !(0.0..=1.0).contains(&p)
+        {
+            return Err(Error::BadLoss(p));
+        }
+        let (kind, reason) = choose_backend(self.backend)?;
+        let session = self.session.unwrap_or_else(random_u64);
+        Ok((protocol, kind, reason, session))
+    }
+
+    /// Opens the sockets, chooses the backend and starts the engine thread.
+    pub fn build(self) -> Result<Node, Error> {
+        let (protocol, kind, reason, session) = self.prepare()?;
+        let sockets = net::open(&self.sockets)?;
+        let report = sockets.report.clone();
+        let (parts, handles) = self.channels(protocol.clone(), session)?;
+        let shared = parts.shared.clone();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), Error>>();
+        let idle = self.idle;
+        let core = self.cores.first().copied();
+        let max_datagram = protocol.max_datagram;
+        let thread = std::thread::Builder::new()
+            .name("blip-engine".into())
+            .spawn(move || {
+                if let Some(core) = core
+                    && let Err(e) = pin_current_thread(core)
+                {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+                // The backend is created on the thread that uses it (io_uring SINGLE_ISSUER).
+                match open_backend(kind, sockets.group, sockets.unicast, max_datagram) {
+                    Ok(backend) => {
+                        let engine = Engine::new(backend, parts);
+                        let _ = ready_tx.send(Ok(()));
+                        engine.run(idle);
+                    }
+                    Err(e) => {
+                        shared.closed.store(true, Ordering::SeqCst);
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|e| Error::Engine(format!("cannot spawn the engine thread: {e}")))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(Error::Engine("engine thread exited during setup".into()));
+            }
+        }
+        log::info!("blip: node {session:016x} on {} with backend {kind} ({reason})", self.sockets.group);
+        let info = NodeInfo {
+            backend: kind,
+            backend_reason: reason,
+            session,
+            node_id: protocol.node_id,
+            group: self.sockets.group,
+            pinned_core: core,
+            sockets: report,
+        };
+        Ok(Node::assemble(info, handles, Some(thread), None))
+    }
+
+    /// Like [`build`](Self::build), but spawns no thread: the caller drives the engine with
+    /// [`Node::duty_cycle`] from the thread that called this. Pinning is the caller's business.
+    pub fn build_driven(self) -> Result<Node, Error> {
+        let (protocol, kind, reason, session) = self.prepare()?;
+        let sockets = net::open(&self.sockets)?;
+        let report = sockets.report.clone();
+        let (parts, handles) = self.channels(protocol.clone(), session)?;
+        let backend = open_backend(kind, sockets.group, sockets.unicast, protocol.max_datagram)?;
+        let engine = Engine::new(backend, parts);
+        let info = NodeInfo {
+            backend: kind,
+            backend_reason: reason,
+            session,
+            node_id: protocol.node_id,
+            group: self.sockets.group,
+            pinned_core: None,
+            sockets: report,
+        };
+        Ok(Node::assemble(info, handles, None, Some(engine)))
+    }
+
+    fn channels(&self, protocol: Config, session: u64) -> Result<(EngineParts, Handles), Error> {
+        let endpoint = Endpoint::new(protocol.clone(), session, random_u64(), Instant::now())?;
+        let (in_tx, in_rx) = ring::ring(self.ring_bytes);
+        let (out_tx, out_rx) = ring::ring(self.ring_bytes);
+        let (large_tx, large_rx) = mpsc::channel();
+        let (side_tx, side_rx) = mpsc::channel();
+        let shared = Arc::new(Shared::new());
+        let parts = EngineParts {
+            endpoint,
+            inbox: in_rx,
+            inbox_side: large_rx,
+            outbox: out_tx,
+            outbox_side: side_tx,
+            shared: shared.clone(),
+            group: self.sockets.group,
+            loss: self.loss.map(|(p, seed)| LossInjector::new(p, seed)),
+        };
+        let publisher =
+            Publisher { ring: in_tx, large: large_tx, shared: shared.clone(), max_message: protocol.max_message };
+        let subscriber = Subscriber { ring: out_rx, side: side_rx, shared: shared.clone() };
+        Ok((parts, Handles { publisher, subscriber, shared }))
+    }
+}
+
+struct Handles {
+    publisher: Publisher,
+    subscriber: Subscriber,
+    shared: Arc<Shared>,
+}
+
+fn random_u64() -> u64 {
+    // RandomState is seeded from the OS's randomness once per process and varied per instance.
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+fn choose_backend(choice: BackendChoice) -> Result<(BackendKind, String), Error> {
+    let env = std::env::var("BLIP_BACKEND").ok();
+    let choice = match (choice, env.as_deref()) {
+        (BackendChoice::Auto, Some("uring")) => (BackendChoice::Uring, "BLIP_BACKEND=uring"),
+        (BackendChoice::Auto, Some("poll")) => (BackendChoice::Poll, "BLIP_BACKEND=poll"),
+        (BackendChoice::Auto, Some("auto") | Some("") | None) => (BackendChoice::Auto, ""),
+        (BackendChoice::Auto, Some(other)) => return Err(Error::BadBackendEnv(other.to_owned())),
+        (c, _) => (c, "requested by the application"),
+    };
+    match choice {
+        (BackendChoice::Poll, why) => Ok((BackendKind::Poll, why.to_owned())),
+        (BackendChoice::Uring, why) => match uring_probe() {
+            Ok(flags) => Ok((BackendKind::Uring, format!("{why}; {flags}"))),
+            Err(reason) => Err(Error::BackendUnavailable { kind: BackendKind::Uring, reason }),
+        },
+        (BackendChoice::Auto, _) => match uring_probe() {
+            Ok(flags) => Ok((BackendKind::Uring, format!("probe: io_uring available ({flags})"))),
+            Err(reason) => Ok((BackendKind::Poll, format!("probe: io_uring unavailable ({reason}); using poll"))),
+        },
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn uring_probe() -> Result<String, String> {
+    crate::engine::uring::probe().map(|p| p.to_string())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn uring_probe() -> Result<String, String> {
+    Err("io_uring is Linux-only".into())
+}
+
+fn open_backend(
+    kind: BackendKind,
+    group: std::net::UdpSocket,
+    unicast: std::net::UdpSocket,
+    max_datagram: usize,
+) -> Result<Box<dyn Backend>, Error> {
+    match kind {
+        BackendKind::Poll => PollBackend::new(group, unicast, max_datagram)
+            .map(|b| Box::new(b) as Box<dyn Backend>)
+            .map_err(|e| Error::Engine(format!("poll backend: {e}"))),
+        #[cfg(target_os = "linux")]
+        BackendKind::Uring => {
+            let opts = crate::engine::uring::UringOptions::default();
+            crate::engine::uring::UringBackend::new(group, unicast, opts)
+                .map(|b| Box::new(b) as Box<dyn Backend>)
+                .map_err(|e| Error::BackendUnavailable { kind, reason: e.to_string() })
+        }
+        #[cfg(not(target_os = "linux"))]
+        BackendKind::Uring => Err(Error::BackendUnavailable { kind, reason: "io_uring is Linux-only".into() }),
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn pin_current_thread(core: usize) -> Result<(), Error> {
+    use nix::sched::{CpuSet, sched_setaffinity};
+    use nix::unistd::Pid;
+    let mut set = CpuSet::new();
+    set.set(core).map_err(|e| Error::Pinning { core, reason: e.to_string() })?;
+    sched_setaffinity(Pid::from_raw(0), &set).map_err(|e| Error::Pinning { core, reason: e.to_string() })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn pin_current_thread(core: usize) -> Result<(), Error> {
+    Err(Error::Pinning { core, reason: "pinning is only implemented on Linux".into() })
+}
+
+/// A member of a multicast group: one engine, one publisher, one subscriber.
+pub struct Node {
+    info: NodeInfo,
+    publisher: Option<Publisher>,
+    subscriber: Option<Subscriber>,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    engine: Option<Engine>,
+}
+
+impl Node {
+    /// A builder with defaults that keep traffic on this host.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+
+    fn assemble(info: NodeInfo, h: Handles, thread: Option<JoinHandle<()>>, engine: Option<Engine>) -> Node {
+        Node { info, publisher: Some(h.publisher), subscriber: Some(h.subscriber), shared: h.shared, thread, engine }
+    }
+
+    /// What was set up: backend and why, session, sockets, pinning.
+    pub fn info(&self) -> &NodeInfo {
+        &self.info
+    }
+
+    /// Takes the node's publisher (once). It may move to another thread.
+    pub fn publisher(&mut self) -> Option<Publisher> {
+        self.publisher.take()
+    }
+
+    /// Takes the node's subscriber (once). It may move to another thread.
+    pub fn subscriber(&mut self) -> Option<Subscriber> {
+        self.subscriber.take()
+    }
+
+    /// A snapshot of the counters (refreshed by the engine every 50 ms and whenever it goes idle).
+    pub fn stats(&self) -> NodeStats {
+        self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// For a node built with [`NodeBuilder::build_driven`]: does one pass of engine work and, if there was
+    /// none, waits at most `wait` for some. Returns the amount of work done. A threaded node returns 0.
+    pub fn duty_cycle(&mut self, wait: Option<Duration>) -> Result<usize, Error> {
+        match self.engine.as_mut() {
+            Some(e) => e.duty_cycle(wait).map_err(|e| Error::Engine(e.to_string())),
+            None => Ok(0),
+        }
+    }
+
+    /// Whether the engine has stopped (shut down or failed; see [`error`](Self::error)).
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::SeqCst)
+    }
+
+    /// The error that stopped the engine, if one did.
+    pub fn error(&self) -> Option<String> {
+        self.shared.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Announces departure, stops the engine, joins its thread and closes the sockets.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            // Wake it until it has seen the flag; the wait is bounded by its own timers otherwise.
+            self.shared.wake_engine();
+            let _ = t.join();
+        }
+        if let Some(mut e) = self.engine.take() {
+            e.close();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Why a message was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The ring to the engine is full: the engine or the network is behind (back-pressure).
+    #[error("publisher ring full")]
+    Full,
+    /// The message exceeds the configured maximum message size.
+    #[error("message of {size} bytes exceeds the maximum of {max} bytes (NodeBuilder::max_message)")]
+    TooLarge {
+        /// Size of the message.
+        size: usize,
+        /// The maximum.
+        max: usize,
+    },
+    /// The node is shut down or its engine failed.
+    #[error("node closed")]
+    Closed,
+    /// `send_timeout` gave up.
+    #[error("timed out waiting for room")]
+    Timeout,
+}
+
+/// Hands messages to the engine. One per node; it may move to another thread.
+pub struct Publisher {
+    ring: ring::Producer,
+    large: mpsc::Sender<Vec<u8>>,
+    shared: Arc<Shared>,
+    max_message: usize,
+}
+
+impl Publisher {
+    /// Queues a message without blocking.
+    pub fn try_send(&mut self, msg: &[u8]) -> Result<(), SendError> {
+        if self.shared.closed.load(Ordering::Relaxed) {
+            return Err(SendError::Closed);
+        }
+        if msg.len() > self.max_message {
+            return Err(SendError::TooLarge { size: msg.len(), max: self.max_message });
+        }
+        let ok = if msg.len() <= self.ring.max_record() {
+            self.ring.push(IN_MESSAGE, msg)
+        } else if self.ring.has_room(0) {
+            // Large messages go by channel; the marker keeps their place in the order.
+            let _ = self.large.send(msg.to_vec());
+            self.ring.push(IN_LARGE, &[])
+        } else {
+            false
+        };
+        if ok {
+            self.shared.wake_engine();
+            Ok(())
+        } else {
+            Err(SendError::Full)
+        }
+    }
+
+    /// Queues a message, waiting while the ring is full (back-pressure).
+    pub fn send(&mut self, msg: &[u8]) -> Result<(), SendError> {
+        loop {
+            match self.send_timeout(msg, Duration::from_secs(3600)) {
+                Err(SendError::Timeout) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Queues a message, waiting at most `timeout` for room.
+    pub fn send_timeout(&mut self, msg: &[u8], timeout: Duration) -> Result<(), SendError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.try_send(msg) {
+                Err(SendError::Full) => {}
+                other => return other,
+            }
+            let shared = self.shared.clone();
+            let need = msg.len().min(self.ring.max_record());
+            let ring = &mut self.ring;
+            if !shared.publisher.wait_until(deadline, || ring.has_room(need) || shared.closed.load(Ordering::Relaxed)) {
+                return Err(SendError::Timeout);
+            }
+        }
+    }
+
+    /// Claims room for a `len`-byte message to be written in place, then [`Claim::commit`]ted. `len` must
+    /// be at most [`max_claim`](Self::max_claim).
+    pub fn claim(&mut self, len: usize) -> Result<Claim<'_>, SendError> {
+        if self.shared.closed.load(Ordering::Relaxed) {
+            return Err(SendError::Closed);
+        }
+        if len > self.max_claim() {
+            return Err(SendError::TooLarge { size: len, max: self.max_claim() });
+        }
+        match self.ring.claim(len) {
+            Some(inner) => Ok(Claim { inner, shared: &self.shared }),
+            None => Err(SendError::Full),
+        }
+    }
+
+    /// Largest message [`claim`](Self::claim) accepts.
+    pub fn max_claim(&self) -> usize {
+        self.ring.max_record().min(self.max_message)
+    }
+}
+
+/// Room for one message in the publisher's ring; write it, then commit.
+pub struct Claim<'a> {
+    inner: ring::Claim<'a>,
+    shared: &'a Shared,
+}
+
+impl Claim<'_> {
+    /// Publishes the message.
+    pub fn commit(self) {
+        self.inner.commit(IN_MESSAGE);
+        self.shared.wake_engine();
+    }
+}
+
+impl std::ops::Deref for Claim<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.inner
+    }
+}
+
+impl std::ops::DerefMut for Claim<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.inner
+    }
+}
+
+/// A message as delivered (payload borrowed until the handler returns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Message<'a> {
+    /// The sender's session.
+    pub session: u64,
+    /// The message's sequence number in that session.
+    pub seq: u64,
+    /// The bytes.
+    pub payload: &'a [u8],
+}
+
+/// What a subscriber receives, in order per sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Received<'a> {
+    /// The next message.
+    Message(Message<'a>),
+    /// Messages that can no longer be repaired.
+    Loss {
+        /// The sender's session.
+        session: u64,
+        /// Lost datagram sequence numbers.
+        datagrams: Range<u64>,
+        /// Lost message sequence numbers (`None` if nothing had been delivered from that sender before).
+        messages: Option<Range<u64>>,
+    },
+    /// Membership, sender and receiver events.
+    Event(Event),
+}
+
+/// Receives deliveries from the engine. One per node; it may move to another thread.
+pub struct Subscriber {
+    ring: ring::Consumer,
+    side: mpsc::Receiver<Side>,
+    shared: Arc<Shared>,
+}
+
+impl Subscriber {
+    /// Calls `handler` for up to `max` ready deliveries without blocking; returns how many.
+    pub fn poll(&mut self, max: usize, mut handler: impl FnMut(Received<'_>)) -> usize {
+        let mut n = 0;
+        while n < max {
+            let Some(rec) = self.ring.peek() else { break };
+            match rec.tag() {
+                OUT_MESSAGE => {
+                    let session = u64::from_ne_bytes(rec[..8].try_into().expect("record header"));
+                    let seq = u64::from_ne_bytes(rec[8..16].try_into().expect("record header"));
+                    handler(Received::Message(Message { session, seq, payload: &rec[OUT_HEADER..] }));
+                }
+                OUT_LOSS => {
+                    let v = |i: usize| u64::from_ne_bytes(rec[i * 8..i * 8 + 8].try_into().expect("loss record"));
+                    let messages = (v(3) == 1).then(|| v(4)..v(5));
+                    handler(Received::Loss { session: v(0), datagrams: v(1)..v(2), messages });
+                }
+                _ => match self.side.try_recv() {
+                    Ok(Side::Message { session, seq, payload }) => {
+                        handler(Received::Message(Message { session, seq, payload: &payload }))
+                    }
+                    Ok(Side::Event(e)) => handler(Received::Event(e)),
+                    Err(_) => {}
+                },
+            }
+            rec.release();
+            n += 1;
+        }
+        if n > 0 && self.shared.deliver_blocked.load(Ordering::SeqCst) {
+            self.shared.wake_engine();
+        }
+        n
+    }
+
+    /// Waits until a delivery is ready or `timeout` passes; returns whether one is ready.
+    pub fn wait(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let shared = self.shared.clone();
+        let ring = &mut self.ring;
+        shared.subscriber.wait_until(deadline, || !ring.is_empty() || shared.closed.load(Ordering::Relaxed))
+            && !self.ring.is_empty()
+    }
+
+    /// Waits up to `timeout` for the next delivery and returns an owned copy (allocates; use
+    /// [`poll`](Self::poll) on hot paths).
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Option<Owned> {
+        if !self.wait(timeout) {
+            return None;
+        }
+        let mut out = None;
+        self.poll(1, |r| {
+            out = Some(match r {
+                Received::Message(m) => Owned::Message { session: m.session, seq: m.seq, payload: m.payload.to_vec() },
+                Received::Loss { session, datagrams, messages } => Owned::Loss { session, datagrams, messages },
+                Received::Event(e) => Owned::Event(e),
+            })
+        });
+        out
+    }
+
+    /// Whether the node has stopped.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Relaxed)
+    }
+}
+
+/// An owned delivery, from [`Subscriber::recv_timeout`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owned {
+    /// A message.
+    Message {
+        /// The sender's session.
+        session: u64,
+        /// Its sequence number.
+        seq: u64,
+        /// The bytes.
+        payload: Vec<u8>,
+    },
+    /// A loss.
+    Loss {
+        /// The sender's session.
+        session: u64,
+        /// Lost datagrams.
+        datagrams: Range<u64>,
+        /// Lost messages.
+        messages: Option<Range<u64>>,
+    },
+    /// An event.
+    Event(Event),
+}
