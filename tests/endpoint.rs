@@ -126,6 +126,42 @@ fn sender_restart_is_a_new_session_not_a_gap() {
     assert_eq!(net.nodes[rx].1.senders().collect::<Vec<_>>(), vec![201]);
 }
 
+/// A sender vanishes with its last datagram lost: once it is given up, the receiver delivers what it has
+/// and then an exact loss for the tail (the heartbeat told it the next message number); nothing is skipped
+/// silently.
+#[test]
+fn vanished_sender_tail_is_reported_lost() {
+    let mut net = Net::new();
+    let rx = net.add(1, 10);
+    let tx = net.add(2, 20);
+    for i in 0..5u8 {
+        net.send(tx, &[i; 10]);
+        net.pump();
+    }
+    // Message 5 is sent, but its datagram never reaches anyone; then one heartbeat does.
+    net.send(tx, &[5; 10]);
+    let mut buf = vec![0u8; 2048];
+    let now = net.now;
+    while net.nodes[tx].1.poll_transmit(now, &mut buf).is_some() {}
+    let later = now + Config::default().heartbeat_min;
+    net.nodes[tx].1.handle_timeout(later);
+    let t = net.nodes[tx].1.poll_transmit(later, &mut buf).expect("heartbeat");
+    let from = net.nodes[tx].0;
+    net.nodes[rx].1.handle_datagram(later, from, &buf[..t.len]);
+    net.nodes.truncate(1); // the sender is gone for good
+    net.advance(Config::default().sender_timeout + Duration::from_secs(1));
+    let mut got = Vec::new();
+    while let Some(d) = net.nodes[rx].1.recv() {
+        got.push(match d {
+            Delivery::Message(m) => format!("msg {}", m.seq),
+            Delivery::Loss { messages, .. } => format!("loss {messages:?}"),
+        });
+    }
+    assert_eq!(got, ["msg 0", "msg 1", "msg 2", "msg 3", "msg 4", "loss Some(5..6)"]);
+    net.advance(Duration::from_secs(1));
+    assert!(net.events(rx).contains(&Event::SenderGone { session: 20 }));
+}
+
 #[test]
 fn membership_join_and_leave() {
     let mut net = Net::new();

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::wire::{DATA_HEADER_LEN, FRAME_HEADER_LEN, MAX_NAME_LEN};
+use crate::wire::{DATA_HEADER_LEN, FRAME_HEADER_LEN, MAX_NAME_LEN, MEMBER_HEADER_LEN};
 
 /// Largest UDP payload over IPv4 (65,535 − 20 − 8).
 pub const MAX_UDP_PAYLOAD: usize = 65_507;
@@ -78,7 +78,8 @@ pub struct Config {
     pub receive_buffer: usize,
     /// Largest message accepted by `send` and reassembled by receivers.
     pub max_message: usize,
-    /// Upper bound of the random delay before a receiver's first NAK for a gap when other receivers exist.
+    /// Upper bound of the random delay before a receiver's NAK for a gap (first NAKs, retries and held-back
+    /// NAKs alike); no delay when the sender's heartbeat reports exactly one receiver.
     pub nak_backoff: Duration,
     /// Time a receiver waits for a repair before asking again.
     pub nak_retry: Duration,
@@ -167,8 +168,11 @@ pub enum ConfigError {
     ZeroBound(&'static str),
 }
 
-/// Smallest usable `max_datagram`: the DATA header, one frame header and one byte.
-pub const MIN_DATAGRAM: usize = DATA_HEADER_LEN + FRAME_HEADER_LEN + 1;
+/// Smallest usable `max_datagram`: room for the largest MEMBER packet (header and a 64-byte name), which is
+/// also larger than a HEARTBEAT, a STATUS, a NAK with one range, and a DATA header with a frame and a byte.
+pub const MIN_DATAGRAM: usize = MEMBER_HEADER_LEN + MAX_NAME_LEN;
+
+const _: () = assert!(MIN_DATAGRAM > DATA_HEADER_LEN + FRAME_HEADER_LEN);
 
 impl Config {
     /// Checks every value; [`Endpoint::new`](super::Endpoint::new) calls this.

@@ -398,12 +398,17 @@ impl Endpoint {
             self.housekeeping_at = now + HOUSEKEEPING_INTERVAL;
             let timeout = self.config.sender_timeout;
             let events = &mut self.events;
-            self.streams.retain(|s| {
-                let alive = now.saturating_duration_since(s.last_heard) < timeout;
-                if !alive {
-                    events.push_back(Event::SenderGone { session: s.session });
+            self.streams.retain_mut(|s| {
+                if now.saturating_duration_since(s.last_heard) < timeout {
+                    return true;
                 }
-                alive
+                if !s.is_drained() {
+                    // Keep it until the application has taken what arrived and the losses are reported.
+                    s.mark_gone();
+                    return true;
+                }
+                events.push_back(Event::SenderGone { session: s.session });
+                false
             });
             self.current = 0;
             self.sender.expire_receivers(now, &mut self.events);
@@ -412,7 +417,7 @@ impl Endpoint {
     }
 
     /// Writes the next datagram to send into `buf` (at least `max_datagram` bytes), or returns `None` when
-    /// nothing is due. Priority: NAKs, retransmissions, new data, STATUS, heartbeats, announcements.
+    /// nothing is due. Priority: NAKs, retransmissions, new data, heartbeats, STATUS, announcements.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
         for i in 0..self.streams.len() {
             let count = self.streams[i].collect_naks(now, &self.config, &mut self.rng, &mut self.nak_ranges);

@@ -55,8 +55,15 @@ pub(crate) struct Stream {
     /// Datagrams skipped as unrecoverable, reported when the next datagram arrives (its message sequence
     /// closes the lost message range): first lost datagram and first lost message.
     pending_loss: Option<(u64, Option<u64>)>,
-    /// The message being reassembled exceeds `max_message`: its remaining fragments are discarded.
+    /// The message being reassembled exceeds `max_message`: its remaining fragments are discarded and it is
+    /// reported as lost.
     oversized: bool,
+    /// First datagram of the message being reassembled.
+    reassembly_start: u64,
+    /// The sender's next message sequence, from its heartbeats (closes a loss at the tail of a gone sender).
+    sender_next_msg: Option<u64>,
+    /// The sender went silent for `sender_timeout` with data still undelivered: everything missing is lost.
+    gone: bool,
     /// Earliest `nak_at` among missing slots (a lower bound: may be early, never late).
     nak_due: Option<Instant>,
     pub(crate) last_heard: Instant,
@@ -84,6 +91,9 @@ impl Stream {
             reassembling: false,
             pending_loss: None,
             oversized: false,
+            reassembly_start: start,
+            sender_next_msg: None,
+            gone: false,
             nak_due: None,
             last_heard: now,
             now,
@@ -149,6 +159,7 @@ impl Stream {
     ) {
         self.now = now;
         self.last_heard = now;
+        self.gone = false;
         self.note_sender_low(pkt.low);
         let seq = pkt.seq;
         if seq < self.next_deliver {
@@ -182,8 +193,10 @@ impl Stream {
     pub(crate) fn handle_heartbeat(&mut self, now: Instant, cfg: &Config, rng: &mut Rng, hb: &HeartbeatRepr) {
         self.now = now;
         self.last_heard = now;
+        self.gone = false;
         self.note_sender_low(hb.low);
         self.sender_receivers = hb.receivers;
+        self.sender_next_msg = Some(hb.next_msg);
         if hb.next_seq > self.high {
             self.high = hb.next_seq;
             self.extend_marks(cfg, rng, None);
@@ -233,6 +246,9 @@ impl Stream {
             _ => return 0,
         }
         let mut count = 0usize;
+        // As many ranges as fit one datagram (at most MAX_NAK_RANGES).
+        let max_ranges =
+            ((cfg.max_datagram - crate::wire::NAK_HEADER_LEN) / crate::wire::NAK_RANGE_LEN).min(MAX_NAK_RANGES);
         let mut next_due: Option<Instant> = None;
         let retry_at = now + cfg.nak_retry + self.nak_delay(cfg, rng);
         let first = self.next_deliver.max(self.sender_low);
@@ -248,7 +264,7 @@ impl Stream {
             }
             if count > 0 && out[count - 1].end() == seq && out[count - 1].len < u32::MAX {
                 out[count - 1].len += 1;
-            } else if count < MAX_NAK_RANGES {
+            } else if count < max_ranges {
                 out[count] = SeqRange { start: seq, len: 1 };
                 count += 1;
             } else {
@@ -267,6 +283,14 @@ impl Stream {
         loop {
             let nd = self.next_deliver;
             if nd >= self.marked {
+                if self.gone
+                    && let Some((start, from_msg)) = self.pending_loss.take()
+                {
+                    // Nothing will ever follow the lost tail of a sender that is gone.
+                    stats.loss_events += 1;
+                    let messages = from_msg.zip(self.sender_next_msg).map(|(a, b)| a..b.max(a));
+                    return Some(Step::Loss { datagrams: start..nd, messages });
+                }
                 return None;
             }
             let i = self.index(nd);
@@ -301,20 +325,28 @@ impl Stream {
             self.frame_index += 1;
             let first = flags & crate::wire::FRAME_FIRST != 0;
             let last = flags & crate::wire::FRAME_LAST != 0;
+            if first && self.reassembling {
+                // A new message starts before the previous one ended (a broken sender): report the unfinished
+                // one as lost, then take this frame again.
+                self.cursor = range.start - crate::wire::FRAME_HEADER_LEN;
+                self.frame_index -= 1;
+                let lost = self.next_msg.unwrap_or(msg);
+                self.reassembling = false;
+                self.reassembly.clear();
+                self.next_msg = Some(lost + 1);
+                stats.malformed += 1;
+                stats.loss_events += 1;
+                return Some(Step::Loss { datagrams: self.reassembly_start..nd + 1, messages: Some(lost..lost + 1) });
+            }
             match (first, last) {
                 (true, true) => {
-                    if self.reassembling {
-                        self.abandon_reassembly(stats);
-                    }
                     self.next_msg = Some(msg + 1);
                     stats.messages_delivered += 1;
                     return Some(Step::Message { slot: i, range, seq: msg });
                 }
                 (true, false) => {
-                    if self.reassembling {
-                        self.abandon_reassembly(stats);
-                    }
                     self.reassembling = true;
+                    self.reassembly_start = nd;
                     self.oversized = false;
                     self.reassembly.clear();
                     self.append_fragment(i, range, cfg, stats);
@@ -329,7 +361,11 @@ impl Stream {
                         self.next_msg = Some(msg + 1);
                         if self.oversized {
                             self.oversized = false;
-                            continue;
+                            stats.loss_events += 1;
+                            return Some(Step::Loss {
+                                datagrams: self.reassembly_start..nd + 1,
+                                messages: Some(msg..msg + 1),
+                            });
                         }
                         stats.messages_delivered += 1;
                         return Some(Step::Reassembled { seq: msg });
@@ -368,12 +404,6 @@ impl Stream {
             return;
         }
         self.reassembly.extend_from_slice(&self.slots[slot].bytes[range]);
-    }
-
-    fn abandon_reassembly(&mut self, stats: &mut Stats) {
-        self.reassembling = false;
-        self.reassembly.clear();
-        stats.malformed += 1;
     }
 
     fn finish_datagram(&mut self, slot: usize, cfg: &Config, rng: &mut Rng) {
@@ -459,6 +489,17 @@ impl Stream {
 
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         earliest(self.nak_due, Some(self.status_at))
+    }
+
+    /// Everything received has been delivered and nothing is pending.
+    pub(crate) fn is_drained(&self) -> bool {
+        self.next_deliver >= self.high && self.pending_loss.is_none() && !self.reassembling
+    }
+
+    /// The sender is silent for good: what is still missing can never be repaired.
+    pub(crate) fn mark_gone(&mut self) {
+        self.gone = true;
+        self.sender_low = self.high;
     }
 
     pub(crate) fn buffer_capacity(&self) -> u32 {

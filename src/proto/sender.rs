@@ -216,7 +216,7 @@ impl Sender {
             self.low = seq - cap + 1;
         }
         // The message that frame 0 belongs to: the staged one if fragmenting, else the next new message.
-        self.open_msg_seq = if self.staged_active && self.staged_offset > 0 { self.staged_msg } else { self.next_msg };
+        self.open_msg_seq = if self.staged_active { self.staged_msg } else { self.next_msg };
         let (header, low) = (self.header, self.low);
         let buf = self.window.slot_mut(seq);
         self.open_len = DataWriter::begin(buf, &header, seq, self.open_msg_seq, low).expect("slot fits header");

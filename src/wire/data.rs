@@ -54,13 +54,17 @@ impl<'a> DataPacket<'a> {
         }
         let frames = &bytes[DATA_HEADER_LEN..];
         validate_frames(frames)?;
-        Ok(DataPacket {
+        let p = DataPacket {
             header,
             seq: be_u64(bytes, HEADER_LEN),
             msg_seq: be_u64(bytes, 24),
             low: be_u64(bytes, 32),
             frames,
-        })
+        };
+        if p.seq >= super::MAX_SEQ || p.msg_seq >= super::MAX_SEQ || p.low > p.seq {
+            return Err(WireError::Malformed("DATA sequence out of range (seq, msg_seq < 2^63, low <= seq)"));
+        }
+        Ok(p)
     }
 
     /// Whether the sender marked this datagram as a retransmission.
@@ -194,6 +198,16 @@ mod tests {
     }
 
     #[test]
+    fn rejects_sequences_out_of_range() {
+        let mut buf = [0u8; 64];
+        for (seq, msg_seq, low) in [(1 << 63, 0, 0), (5, 1 << 63, 0), (5, 0, 6)] {
+            let n = DataWriter::begin(&mut buf, &header(), seq, msg_seq, low).unwrap();
+            let n = DataWriter::push_frame(&mut buf, n, FRAME_FIRST | FRAME_LAST, b"x").unwrap();
+            assert!(matches!(DataPacket::parse(&buf[..n]), Err(WireError::Malformed(_))), "{seq} {msg_seq} {low}");
+        }
+    }
+
+    #[test]
     fn rejects_bad_frame_sequences() {
         let mut buf = [0u8; 128];
         let mut n = DataWriter::begin(&mut buf, &header(), 1, 2, 0).unwrap();
@@ -220,8 +234,9 @@ mod tests {
 
     proptest! {
         #[test]
-        fn emit_then_parse_is_identity(seq: u64, msg_seq: u64, low: u64, retx: bool,
+        fn emit_then_parse_is_identity(seq in 0u64..1 << 63, msg_seq in 0u64..1 << 63, low_back: u64, retx: bool,
                                        (cont, frames, open) in frames_strategy()) {
+            let low = seq - low_back % (seq + 1);
             let mut buf = vec![0u8; 4096];
             let mut h = header();
             if retx { h.flags = crate::wire::FLAG_RETRANSMIT; }

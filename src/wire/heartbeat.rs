@@ -21,7 +21,7 @@ pub struct HeartbeatRepr {
     pub low: u64,
     /// The message sequence its next new message will carry.
     pub next_msg: u64,
-    /// How many live receivers the sender is tracking (receivers scale their NAK backoff by it).
+    /// How many live receivers the sender is tracking (with exactly one, that receiver NAKs without delay).
     pub receivers: u32,
 }
 
@@ -38,6 +38,9 @@ impl HeartbeatRepr {
         };
         if r.low > r.next_seq {
             return Err(WireError::Malformed("heartbeat low above next_seq"));
+        }
+        if r.next_seq >= super::MAX_SEQ || r.next_msg >= super::MAX_SEQ {
+            return Err(WireError::Malformed("heartbeat sequence at or above 2^63"));
         }
         Ok(r)
     }
@@ -66,7 +69,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn emit_then_parse_is_identity(low: u64, extra in 0u64..u64::MAX / 2, next_msg: u64, receivers: u32, session: u64, stream: u32) {
+        fn emit_then_parse_is_identity(low in 0u64..1 << 62, extra in 0u64..1 << 62, next_msg in 0u64..1 << 63, receivers: u32, session: u64, stream: u32) {
             let next_seq = low.saturating_add(extra);
             let h = Header { kind: Kind::Heartbeat, flags: 0, stream, session };
             let r = HeartbeatRepr { next_seq, low, next_msg, receivers };

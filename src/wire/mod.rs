@@ -24,6 +24,9 @@ pub use status::{STATUS_LEN, StatusRepr};
 pub const VERSION: u8 = 1;
 /// Length of the common header.
 pub const HEADER_LEN: usize = 16;
+/// Every sequence number on the wire (datagram and message) is below this: 2^63 cannot be reached in
+/// practice, and the bound keeps all arithmetic on received values free of overflow.
+pub const MAX_SEQ: u64 = 1 << 63;
 /// Header flag on DATA: this datagram is a retransmission answering a NAK.
 pub const FLAG_RETRANSMIT: u16 = 0x0001;
 

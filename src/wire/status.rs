@@ -28,11 +28,15 @@ impl StatusRepr {
         if bytes.len() < STATUS_LEN {
             return Err(WireError::Truncated);
         }
-        Ok(StatusRepr {
+        let r = StatusRepr {
             target_session: be_u64(bytes, HEADER_LEN),
             next_expected: be_u64(bytes, 24),
             buffer_capacity: be_u32(bytes, 32),
-        })
+        };
+        if r.next_expected > super::MAX_SEQ {
+            return Err(WireError::Malformed("STATUS position above 2^63"));
+        }
+        Ok(r)
     }
 
     /// Emits header and body; returns the length.
@@ -58,7 +62,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn emit_then_parse_is_identity(target_session: u64, next_expected: u64, buffer_capacity: u32, session: u64) {
+        fn emit_then_parse_is_identity(target_session: u64, next_expected in 0u64..=1 << 63, buffer_capacity: u32, session: u64) {
             let h = Header { kind: Kind::Status, flags: 0, stream: 1, session };
             let r = StatusRepr { target_session, next_expected, buffer_capacity };
             let mut buf = [0u8; 40];

@@ -1,0 +1,750 @@
+//! Blip's benchmark: throughput and latency over real multicast (loopback by default), the raw-UDP ceiling
+//! of the same machine, and both side by side (`compare`).
+//!
+//! By default each node's engine runs in its application thread (`NodeBuilder::build_driven`), so a
+//! publisher and a subscriber need two threads, which fits a 2-core machine; `--threads` gives every node its
+//! own engine thread instead.
+
+use std::io::{IsTerminal, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use blip::engine::Backend;
+use blip::engine::poll::PollBackend;
+use blip::net::{Interface, SocketConfig};
+use blip::proto::Event;
+use blip::{BackendChoice, IdleStrategy, Node, NodeBuilder, Received};
+use clap::{Args, Parser, Subcommand};
+use hdrhistogram::Histogram;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Throughput and latency of Blip over multicast, beside the raw-UDP ceiling")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Common {
+    /// Backend: auto, uring or poll.
+    #[arg(long, default_value = "auto", global = true)]
+    backend: String,
+    /// Cores to pin to: the publisher's thread first, then subscribers' (comma-separated).
+    #[arg(long, value_delimiter = ',', global = true)]
+    cores: Vec<usize>,
+    /// Interface to use (default: loopback; traffic stays on this host).
+    #[arg(long, global = true)]
+    interface: Option<String>,
+    /// Multicast group.
+    #[arg(long, default_value = "239.255.77.77", global = true)]
+    group: IpAddr,
+    /// UDP port.
+    #[arg(long, default_value_t = 47_077, global = true)]
+    port: u16,
+    /// Message size in bytes.
+    #[arg(long, default_value_t = 64, global = true)]
+    size: usize,
+    /// Injected receive loss probability (0..1), repaired by the protocol.
+    #[arg(long, default_value_t = 0.0, global = true)]
+    loss: f64,
+    /// Retransmission window in datagrams.
+    #[arg(long, default_value_t = 4096, global = true)]
+    window: usize,
+    /// Path MTU.
+    #[arg(long, default_value_t = 1500, global = true)]
+    mtu: usize,
+    /// Give every node its own engine thread instead of driving it from the application thread.
+    #[arg(long, global = true)]
+    threads: bool,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// One publisher to N subscribers, as fast as flow control allows.
+    Throughput(ThroughputArgs),
+    /// Ping-pong round trips between two nodes (or a fixed rate with --rate).
+    Latency(LatencyArgs),
+    /// The same traffic on plain UDP multicast without reliability: the machine's ceiling.
+    Raw(ThroughputArgs),
+    /// Raw and Blip back to back, with their ratio.
+    Compare(CompareArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct ThroughputArgs {
+    /// Messages to send.
+    #[arg(long, default_value_t = 2_000_000)]
+    messages: u64,
+    /// Subscribers.
+    #[arg(long, default_value_t = 1)]
+    subscribers: usize,
+    /// Raw only: one message per datagram instead of packing.
+    #[arg(long)]
+    unpacked: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+struct LatencyArgs {
+    /// Round trips measured.
+    #[arg(long, default_value_t = 100_000)]
+    count: u64,
+    /// Round trips before measuring.
+    #[arg(long, default_value_t = 10_000)]
+    warmup: u64,
+    /// Fixed sending rate in messages per second (latency corrected for coordinated omission); 0 = ping-pong.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+struct CompareArgs {
+    #[command(flatten)]
+    throughput: ThroughputArgs,
+    /// Round trips for the latency comparison (0 skips it).
+    #[arg(long, default_value_t = 50_000)]
+    count: u64,
+    /// Runs of each measurement; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let c = cli.common;
+    if !(0.0..=1.0).contains(&c.loss) {
+        eprintln!("blip-bench: --loss must be between 0 and 1");
+        return ExitCode::from(2);
+    }
+    if c.size < 16 {
+        eprintln!("blip-bench: --size must be at least 16 (sequence and timestamp live in the message)");
+        return ExitCode::from(2);
+    }
+    let cmd = cli.command.unwrap_or(Cmd::Compare(CompareArgs {
+        throughput: ThroughputArgs { messages: 2_000_000, subscribers: 1, unpacked: false },
+        count: 50_000,
+        runs: 3,
+    }));
+    let result = match cmd {
+        Cmd::Throughput(a) => throughput(&c, &a).map(|r| report(&c, &[r])),
+        Cmd::Raw(a) => raw_throughput(&c, &a).map(|r| report(&c, &[r])),
+        Cmd::Latency(a) => latency(&c, &a, false).map(|r| report(&c, &[r])),
+        Cmd::Compare(a) => compare(&c, &a).map(|rows| report(&c, &rows)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("blip-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, String>;
+
+/// One line of the report.
+#[derive(Debug, Clone, Default)]
+struct Row {
+    name: String,
+    backend: String,
+    messages: u64,
+    expected: u64,
+    seconds: f64,
+    msgs_per_sec: f64,
+    mb_per_sec: f64,
+    losses: u64,
+    naks: u64,
+    retransmits: u64,
+    cpu_s_per_m: f64,
+    latency: Option<[f64; 6]>,
+    ratio: Option<f64>,
+}
+
+fn backend_choice(s: &str) -> Result<BackendChoice> {
+    match s {
+        "auto" => Ok(BackendChoice::Auto),
+        "uring" => Ok(BackendChoice::Uring),
+        "poll" => Ok(BackendChoice::Poll),
+        o => Err(format!("--backend must be auto, uring or poll, not {o}")),
+    }
+}
+
+fn builder(c: &Common, port_offset: u16) -> Result<NodeBuilder> {
+    let mut b = Node::builder()
+        .backend(backend_choice(&c.backend)?)
+        .group(c.group)
+        .port(c.port + port_offset)
+        .window(c.window)
+        .mtu(c.mtu)
+        .idle(IdleStrategy::BusySpin);
+    if let Some(i) = &c.interface {
+        b = b.interface(Interface::Name(i.clone()));
+    }
+    Ok(b)
+}
+
+fn build(b: NodeBuilder, threads: bool) -> Result<Node> {
+    if threads { b.build() } else { b.build_driven() }.map_err(|e| e.to_string())
+}
+
+fn pin(cores: &[usize], index: usize) {
+    #[cfg(target_os = "linux")]
+    if let Some(&core) = cores.get(index) {
+        let mut set = nix::sched::CpuSet::new();
+        if set.set(core).is_ok() {
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+        }
+    }
+}
+
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    let Some(close) = stat.rfind(')') else { return 0.0 };
+    let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+    let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
+struct Progress {
+    on: bool,
+    last: Instant,
+}
+
+impl Progress {
+    fn new(json: bool) -> Progress {
+        Progress { on: std::io::stderr().is_terminal() && !json, last: Instant::now() }
+    }
+    fn show(&mut self, what: &str, done: u64, total: u64) {
+        if self.on && self.last.elapsed() > Duration::from_millis(250) {
+            self.last = Instant::now();
+            eprint!("\r{what}: {done}/{total} ({:.0} %)   ", done as f64 * 100.0 / total.max(1) as f64);
+            let _ = std::io::stderr().flush();
+        }
+    }
+    fn done(&self) {
+        if self.on {
+            eprint!("\r{:60}\r", "");
+        }
+    }
+}
+
+fn fill(buf: &mut [u8], seq: u64) {
+    buf[..8].copy_from_slice(&seq.to_le_bytes());
+}
+
+/// Drives a driven node (no-op for a threaded one) without waiting.
+fn drive(node: &mut Node) -> Result<usize> {
+    node.duty_cycle(Some(Duration::ZERO)).map_err(|e| e.to_string())
+}
+
+fn throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
+    let n = a.messages.max(2);
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel::<Result<(u64, f64, u64)>>();
+    let mut handles = Vec::new();
+    for s in 0..a.subscribers {
+        let (c2, tx, done, stop) = (c.clone(), tx.clone(), done.clone(), stop.clone());
+        handles.push(std::thread::spawn(move || {
+            pin(&c2.cores, s + 1);
+            let run = || -> Result<(u64, f64, u64)> {
+                let mut b = builder(&c2, 0)?;
+                if c2.loss > 0.0 {
+                    b = b.inject_loss(c2.loss, 1000 + s as u64);
+                }
+                let mut node = build(b, c2.threads)?;
+                let mut sub = node.subscriber().ok_or("subscriber taken")?;
+                let (mut got, mut losses, mut first) = (0u64, 0u64, None::<Instant>);
+                let deadline = Instant::now() + Duration::from_secs(300);
+                while got + losses < n && !stop.load(Ordering::Relaxed) {
+                    if Instant::now() > deadline {
+                        return Err(format!("subscriber {s} timed out at {got} of {n}"));
+                    }
+                    drive(&mut node)?;
+                    sub.poll(usize::MAX, |r| match r {
+                        Received::Message(_) => {
+                            got += 1;
+                            if got == 2 {
+                                first = Some(Instant::now());
+                            }
+                        }
+                        Received::Loss { messages: Some(m), .. } => losses += m.end - m.start,
+                        _ => {}
+                    });
+                    if c2.threads {
+                        sub.wait(Duration::from_millis(1));
+                    }
+                }
+                let secs = first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(0.0);
+                done.fetch_add(1, Ordering::SeqCst);
+                // Keep the node (and its STATUS) alive until the publisher is finished.
+                while !stop.load(Ordering::Relaxed) {
+                    drive(&mut node)?;
+                    std::thread::park_timeout(Duration::from_micros(200));
+                }
+                Ok((got, secs, losses))
+            };
+            let _ = tx.send(run());
+        }));
+    }
+    drop(tx);
+    pin(&c.cores, 0);
+    let mut node = build(builder(c, 0)?, c.threads)?;
+    let backend = node.info().backend.to_string();
+    let mut publisher = node.publisher().ok_or("publisher taken")?;
+    let mut own = node.subscriber().ok_or("subscriber taken")?;
+    let mut msg = vec![0u8; c.size];
+    // Message 0 introduces the publisher; wait for every subscriber to report before timing.
+    fill(&mut msg, 0);
+    publisher.try_send(&msg).map_err(|e| e.to_string())?;
+    let mut joined = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while joined < a.subscribers {
+        if Instant::now() > deadline {
+            stop.store(true, Ordering::SeqCst);
+            return Err(format!("only {joined} of {} subscribers reported", a.subscribers));
+        }
+        drive(&mut node)?;
+        own.poll(64, |r| {
+            if let Received::Event(Event::ReceiverJoined { .. }) = r {
+                joined += 1
+            }
+        });
+        if c.threads {
+            own.wait(Duration::from_millis(1));
+        }
+    }
+    let cpu0 = cpu_seconds();
+    let mut progress = Progress::new(c.json);
+    let mut seq = 1;
+    while seq < n {
+        fill(&mut msg, seq);
+        match publisher.try_send(&msg) {
+            Ok(()) => seq += 1,
+            Err(blip::SendError::Full) => {
+                drive(&mut node)?;
+                if c.threads {
+                    let _ = publisher.send(&msg).map(|_| seq += 1);
+                }
+                progress.show("sending", seq, n);
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while done.load(Ordering::SeqCst) < a.subscribers as u64 && Instant::now() < deadline {
+        drive(&mut node)?;
+        own.poll(usize::MAX, |_| {});
+        if c.threads {
+            std::thread::park_timeout(Duration::from_millis(1));
+        }
+    }
+    progress.done();
+    let cpu = cpu_seconds() - cpu0;
+    stop.store(true, Ordering::SeqCst);
+    let stats = node.stats();
+    let mut row = Row {
+        name: format!("blip {}B 1->{}", c.size, a.subscribers),
+        backend,
+        expected: n * a.subscribers as u64,
+        naks: stats.protocol.naks_received,
+        retransmits: stats.protocol.retransmits,
+        ..Row::default()
+    };
+    let mut rates = Vec::new();
+    for r in rx.iter() {
+        let (got, secs, losses) = r?;
+        row.messages += got;
+        row.losses += losses;
+        rates.push((got.saturating_sub(1)) as f64 / secs.max(1e-9));
+        row.seconds = row.seconds.max(secs);
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    // Per-subscriber rate (the slowest), and the aggregate in the name's fan-out.
+    row.msgs_per_sec = rates.iter().cloned().fold(f64::INFINITY, f64::min);
+    row.mb_per_sec = row.msgs_per_sec * c.size as f64 / 1e6;
+    row.cpu_s_per_m = cpu / (n as f64 / 1e6);
+    if a.subscribers > 1 {
+        row.name += &format!(" (aggregate {:.0} msgs/s)", rates.iter().sum::<f64>());
+    }
+    Ok(row)
+}
+
+fn raw_sockets(c: &Common, port_offset: u16) -> Result<(PollBackend, SocketAddr)> {
+    let mut cfg = SocketConfig { group: SocketAddr::new(c.group, c.port + port_offset), ..SocketConfig::default() };
+    if let Some(i) = &c.interface {
+        cfg.interface = Interface::Name(i.clone());
+    }
+    let s = blip::net::open(&cfg).map_err(|e| e.to_string())?;
+    let b = PollBackend::new(s.group, s.unicast, 65_507).map_err(|e| e.to_string())?;
+    Ok((b, cfg.group))
+}
+
+/// Plain UDP multicast: sendmmsg → recvmmsg with a busy-polling receiver, messages packed into MTU-sized
+/// datagrams (or one per datagram with --unpacked). No reliability: what the kernel drops is reported.
+fn raw_throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
+    let n = a.messages;
+    let per_datagram = if a.unpacked { 1 } else { ((c.mtu - 28) / (c.size + 2)).max(1) };
+    let datagrams = n.div_ceil(per_datagram as u64);
+    let ready = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (c2, r2, s2) = (c.clone(), ready.clone(), stop.clone());
+    let rx = std::thread::spawn(move || -> Result<(u64, f64)> {
+        pin(&c2.cores, 1);
+        let (mut b, _) = raw_sockets(&c2, 1)?;
+        r2.store(true, Ordering::SeqCst);
+        let (mut got, mut first, mut last) = (0u64, None::<Instant>, Instant::now());
+        let mut idle_since = Instant::now();
+        while got < n && !s2.load(Ordering::Relaxed) {
+            let k = b
+                .receive(Some(Duration::ZERO), &mut |_, bytes| {
+                    let mut off = 0;
+                    while off + 2 <= bytes.len() {
+                        let len = u16::from_le_bytes([bytes[off], bytes[off + 1]]) as usize;
+                        off += 2 + len;
+                        got += 1;
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+            if k > 0 {
+                first.get_or_insert_with(Instant::now);
+                last = Instant::now();
+                idle_since = last;
+            } else if first.is_some() && idle_since.elapsed() > Duration::from_millis(500) {
+                break; // the sender is done and the rest was dropped by the kernel
+            }
+        }
+        Ok((got, first.map(|f| (last - f).as_secs_f64()).unwrap_or(0.0)))
+    });
+    pin(&c.cores, 0);
+    let (mut b, group) = raw_sockets(c, 1)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready.load(Ordering::SeqCst) {
+        if Instant::now() > deadline {
+            return Err("raw receiver did not start".into());
+        }
+        std::thread::yield_now();
+    }
+    let cpu0 = cpu_seconds();
+    let mut dgram = vec![0u8; per_datagram * (c.size + 2)];
+    let mut sent = 0u64;
+    let mut progress = Progress::new(c.json);
+    for d in 0..datagrams {
+        let k = per_datagram.min((n - sent) as usize);
+        let mut off = 0;
+        for _ in 0..k {
+            dgram[off..off + 2].copy_from_slice(&(c.size as u16).to_le_bytes());
+            fill(&mut dgram[off + 2..off + 2 + c.size], sent);
+            off += 2 + c.size;
+            sent += 1;
+        }
+        b.queue_send(group, &dgram[..off]).map_err(|e| e.to_string())?;
+        if d % 4096 == 0 {
+            progress.show("raw", sent, n);
+        }
+    }
+    b.flush().map_err(|e| e.to_string())?;
+    let (got, secs) = rx.join().map_err(|_| "raw receiver panicked")??;
+    stop.store(true, Ordering::SeqCst);
+    progress.done();
+    let cpu = cpu_seconds() - cpu0;
+    let rate = got as f64 / secs.max(1e-9);
+    Ok(Row {
+        name: format!("raw {}B {}", c.size, if a.unpacked { "unpacked" } else { "packed" }),
+        backend: "sendmmsg/recvmmsg".into(),
+        messages: got,
+        expected: n,
+        seconds: secs,
+        msgs_per_sec: rate,
+        mb_per_sec: rate * c.size as f64 / 1e6,
+        losses: n - got,
+        cpu_s_per_m: cpu / (n as f64 / 1e6),
+        ..Row::default()
+    })
+}
+
+fn percentiles(h: &Histogram<u64>) -> [f64; 6] {
+    let q = |p: f64| h.value_at_quantile(p) as f64 / 1000.0;
+    [q(0.5), q(0.9), q(0.99), q(0.999), q(0.9999), h.max() as f64 / 1000.0]
+}
+
+/// Ping-pong between two nodes (the ponger in a second thread); raw = plain sockets instead of Blip.
+fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (c2, s2) = (c.clone(), stop.clone());
+    let ponger = std::thread::spawn(move || -> Result<()> {
+        pin(&c2.cores, 1);
+        if raw {
+            let (mut b, group) = raw_sockets(&c2, 3)?;
+            let mut reply = Vec::with_capacity(2048);
+            while !s2.load(Ordering::Relaxed) {
+                reply.clear();
+                b.receive(Some(Duration::ZERO), &mut |_, bytes| {
+                    if bytes.first() == Some(&b'P') {
+                        reply.clear();
+                        reply.extend_from_slice(bytes);
+                        reply[0] = b'R';
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+                if !reply.is_empty() {
+                    b.queue_send(group, &reply).map_err(|e| e.to_string())?;
+                    b.flush().map_err(|e| e.to_string())?;
+                }
+            }
+            return Ok(());
+        }
+        let mut node = build(builder(&c2, 2)?.stream(0), c2.threads)?;
+        let mut p = node.publisher().ok_or("publisher taken")?;
+        let mut s = node.subscriber().ok_or("subscriber taken")?;
+        let mut reply = vec![0u8; c2.size];
+        while !s2.load(Ordering::Relaxed) {
+            drive(&mut node)?;
+            let mut pending = false;
+            s.poll(64, |r| {
+                if let Received::Message(m) = r
+                    && m.payload.first() == Some(&b'P')
+                {
+                    reply.copy_from_slice(m.payload);
+                    reply[0] = b'R';
+                    pending = true;
+                }
+            });
+            if pending {
+                while p.try_send(&reply).is_err() {
+                    drive(&mut node)?;
+                }
+                drive(&mut node)?;
+            }
+        }
+        Ok(())
+    });
+    pin(&c.cores, 0);
+    let total = a.warmup + a.count;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
+    let mut msg = vec![0u8; c.size];
+    msg[0] = b'P';
+    let mut progress = Progress::new(c.json);
+    let result = (|| -> Result<String> {
+        let mut node_opt = None;
+        let mut raw_b = None;
+        let mut pubsub = None;
+        if raw {
+            raw_b = Some(raw_sockets(c, 3)?);
+        } else {
+            let mut b = builder(c, 2)?;
+            if c.loss > 0.0 {
+                b = b.inject_loss(c.loss, 77);
+            }
+            let mut node = build(b, c.threads)?;
+            let p = node.publisher().ok_or("publisher taken")?;
+            let s = node.subscriber().ok_or("subscriber taken")?;
+            pubsub = Some((p, s));
+            node_opt = Some(node);
+        }
+        let backend = node_opt.as_ref().map(|n| n.info().backend.to_string()).unwrap_or("sendmmsg/recvmmsg".into());
+        let interval = if a.rate > 0 { Some(Duration::from_secs_f64(1.0 / a.rate as f64)) } else { None };
+        let start = Instant::now();
+        let mut i = 0u64;
+        while i < total {
+            let intended = match interval {
+                Some(iv) => start + iv * i as u32,
+                None => Instant::now(),
+            };
+            while Instant::now() < intended {
+                std::hint::spin_loop();
+            }
+            msg[1..9].copy_from_slice(&i.to_le_bytes());
+            let sent_at = Instant::now();
+            let deadline = sent_at + Duration::from_secs(5);
+            let mut got = false;
+            if let Some((b, group)) = raw_b.as_mut() {
+                b.queue_send(*group, &msg).map_err(|e| e.to_string())?;
+                b.flush().map_err(|e| e.to_string())?;
+                while !got {
+                    if Instant::now() > deadline {
+                        // Raw UDP has no repair: a lost ping is resent.
+                        return Err(format!("raw ping {i} lost (no reply in 5 s)"));
+                    }
+                    b.receive(Some(Duration::ZERO), &mut |_, bytes| {
+                        got |= bytes.first() == Some(&b'R') && bytes[1..9] == i.to_le_bytes();
+                    })
+                    .map_err(|e| e.to_string())?;
+                }
+            } else {
+                let node = node_opt.as_mut().unwrap();
+                let (p, s) = pubsub.as_mut().unwrap();
+                while p.try_send(&msg).is_err() {
+                    drive(node)?;
+                }
+                while !got {
+                    if Instant::now() > deadline {
+                        return Err(format!("no pong for ping {i} in 5 s"));
+                    }
+                    drive(node)?;
+                    s.poll(64, |r| {
+                        if let Received::Message(m) = r {
+                            got |= m.payload.first() == Some(&b'R') && m.payload[1..9] == i.to_le_bytes();
+                        }
+                    });
+                }
+            }
+            let end = Instant::now();
+            if i >= a.warmup {
+                let from = if interval.is_some() { intended } else { sent_at };
+                hist.record((end - from).as_nanos().max(1) as u64).map_err(|e| e.to_string())?;
+            }
+            i += 1;
+            if i % 1024 == 0 {
+                progress.show("round trips", i, total);
+            }
+        }
+        Ok(backend)
+    })();
+    stop.store(true, Ordering::SeqCst);
+    let ponged = ponger.join().map_err(|_| "ponger panicked".to_string())?;
+    progress.done();
+    let backend = result?;
+    ponged?;
+    Ok(Row {
+        name: format!(
+            "{} latency {}B{}",
+            if raw { "raw" } else { "blip" },
+            c.size,
+            if a.rate > 0 { format!(" @{}/s", a.rate) } else { String::new() }
+        ),
+        backend,
+        messages: a.count,
+        expected: a.count,
+        latency: Some(percentiles(&hist)),
+        ..Row::default()
+    })
+}
+
+fn median_by<T: Clone>(mut v: Vec<T>, key: impl Fn(&T) -> f64) -> T {
+    v.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    v[v.len() / 2].clone()
+}
+
+fn compare(c: &Common, a: &CompareArgs) -> Result<Vec<Row>> {
+    let runs = a.runs.max(1);
+    let mut raw = Vec::new();
+    let mut blip = Vec::new();
+    for _ in 0..runs {
+        raw.push(raw_throughput(c, &a.throughput)?);
+        blip.push(throughput(c, &a.throughput)?);
+    }
+    let raw = median_by(raw, |r| r.msgs_per_sec);
+    let mut blip = median_by(blip, |r| r.msgs_per_sec);
+    blip.ratio = Some(blip.msgs_per_sec / raw.msgs_per_sec.max(1e-9));
+    let mut rows = vec![raw, blip];
+    if a.count > 0 {
+        let la = LatencyArgs { count: a.count, warmup: a.count / 10, rate: 0 };
+        let raw_l =
+            median_by((0..runs).map(|_| latency(c, &la, true)).collect::<Result<Vec<_>>>()?, |r| r.latency.unwrap()[0]);
+        let mut blip_l = median_by((0..runs).map(|_| latency(c, &la, false)).collect::<Result<Vec<_>>>()?, |r| {
+            r.latency.unwrap()[0]
+        });
+        blip_l.ratio = Some(blip_l.latency.unwrap()[0] / raw_l.latency.unwrap()[0].max(1e-9));
+        rows.push(raw_l);
+        rows.push(blip_l);
+    }
+    Ok(rows)
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn report(c: &Common, rows: &[Row]) {
+    let cores = if c.cores.is_empty() { "none".to_owned() } else { format!("{:?}", c.cores) };
+    let where_ = c.interface.clone().unwrap_or_else(|| "loopback".into());
+    if c.json {
+        let mut out = format!(
+            "{{\n  \"kernel\": \"{}\",\n  \"cpus\": {},\n  \"pinning\": \"{cores}\",\n  \"interface\": \"{where_}\",\n  \"loss\": {},\n  \"results\": [\n",
+            kernel(),
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            c.loss
+        );
+        for (i, r) in rows.iter().enumerate() {
+            let lat = r.latency.map(|l| {
+                format!(
+                    ", \"p50_us\": {:.2}, \"p90_us\": {:.2}, \"p99_us\": {:.2}, \"p999_us\": {:.2}, \"p9999_us\": {:.2}, \"max_us\": {:.2}",
+                    l[0], l[1], l[2], l[3], l[4], l[5]
+                )
+            });
+            out += &format!(
+                "    {{\"name\": \"{}\", \"backend\": \"{}\", \"messages\": {}, \"expected\": {}, \"seconds\": {:.4}, \"msgs_per_sec\": {:.0}, \"mb_per_sec\": {:.2}, \"losses\": {}, \"naks\": {}, \"retransmits\": {}, \"cpu_s_per_million\": {:.3}{}{}}}{}\n",
+                r.name,
+                r.backend,
+                r.messages,
+                r.expected,
+                r.seconds,
+                r.msgs_per_sec,
+                r.mb_per_sec,
+                r.losses,
+                r.naks,
+                r.retransmits,
+                r.cpu_s_per_m,
+                lat.unwrap_or_default(),
+                r.ratio.map(|x| format!(", \"ratio_to_raw\": {x:.3}")).unwrap_or_default(),
+                if i + 1 < rows.len() { "," } else { "" }
+            );
+        }
+        out += "  ]\n}";
+        println!("{out}");
+        return;
+    }
+    println!(
+        "blip-bench: kernel {}, {} cpus, pinning {cores}, interface {where_}, injected loss {}",
+        kernel(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        c.loss
+    );
+    println!(
+        "{:<30} {:<18} {:>12} {:>9} {:>11} {:>9} {:>7} {:>8} {:>9} {:>7}",
+        "run", "backend", "msgs/s", "MB/s", "delivered", "lost", "NAKs", "retrans", "cpu s/M", "ratio"
+    );
+    for r in rows {
+        if let Some(l) = r.latency {
+            println!(
+                "{:<30} {:<18} p50 {:.1} µs  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  p99.99 {:.1}  max {:.1}{}",
+                r.name,
+                r.backend,
+                l[0],
+                l[1],
+                l[2],
+                l[3],
+                l[4],
+                l[5],
+                r.ratio.map(|x| format!("   ratio p50 {x:.2}")).unwrap_or_default()
+            );
+        } else {
+            println!(
+                "{:<30} {:<18} {:>12.0} {:>9.1} {:>11} {:>9} {:>7} {:>8} {:>9.3} {:>7}",
+                r.name,
+                r.backend,
+                r.msgs_per_sec,
+                r.mb_per_sec,
+                format!("{}/{}", r.messages, r.expected),
+                r.losses,
+                r.naks,
+                r.retransmits,
+                r.cpu_s_per_m,
+                r.ratio.map(|x| format!("{x:.2}")).unwrap_or_default()
+            );
+        }
+    }
+}
