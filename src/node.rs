@@ -426,7 +426,10 @@ fn open_backend(
             .map_err(|e| Error::Engine(format!("poll backend: {e}"))),
         #[cfg(target_os = "linux")]
         BackendKind::Uring => {
-            let opts = crate::engine::uring::UringOptions::default();
+            use crate::engine::uring::{RECV_OVERHEAD, UringOptions};
+            // Each receive buffer holds one datagram after the kernel's header and source address.
+            let buffer_size = (max_datagram + RECV_OVERHEAD).next_multiple_of(64).max(2048);
+            let opts = UringOptions { buffer_size, ..UringOptions::default() };
             crate::engine::uring::UringBackend::new(group, unicast, opts)
                 .map(|b| Box::new(b) as Box<dyn Backend>)
                 .map_err(|e| Error::BackendUnavailable { kind, reason: e.to_string() })

@@ -1,61 +1,1024 @@
-//! io_uring backend: placeholder until the implementation lands; the probe reports it unavailable, so
-//! `Auto` chooses poll.
+//! io_uring backend (Linux).
+//!
+//! # Design
+//!
+//! - **One ring per backend**, created on the thread that drives it. Setup walks a downgrade ladder of flags:
+//!   `SINGLE_ISSUER|DEFER_TASKRUN`, then `SINGLE_ISSUER|COOP_TASKRUN|TASKRUN_FLAG`, then `COOP_TASKRUN`, then
+//!   none; [`UringBackend::setup_flags`] tells which one the kernel took. Every non-blocking reap enters the
+//!   kernel with `GETEVENTS`, so deferred task work runs whatever the flags.
+//! - **Receive**: one multishot `RecvMsgMulti` per socket (group and unicast), both drawing from one
+//!   registered provided-buffer ring of [`UringOptions::buffers`] buffers. Each completion names a buffer that
+//!   holds an `io_uring_recvmsg_out` header, the source address (room for a `sockaddr_storage`) and the
+//!   payload; it is parsed with `RecvMsgOut::parse` against the msghdr template used to arm the receive,
+//!   handed to the sink, and the buffer goes straight back to the ring. When a multishot ends (ENOBUFS
+//!   because the ring ran dry, a CQ overflow, an error) it is re-armed after the buffers are back: the
+//!   datagrams wait in the socket meanwhile, nothing is lost.
+//! - **Send**: [`UringOptions::send_batch`] slots, each with its own buffer, address, iovec and msghdr at
+//!   stable addresses. `queue_send` copies into a free slot and queues a `SendMsg`; `flush` (or `receive`)
+//!   submits; a completion frees its slot. When every slot is busy, `queue_send` submits and reaps (bounded).
+//!   Receive completions reaped there are stashed and delivered by the next `receive`.
+//! - **Wake**: an eventfd with a `Read` armed in the ring; [`Wake::wake`] writes to it from any thread.
+//! - **No allocation per datagram**: all memory (buffers, slots, the stash) is allocated in `new`.
+//! - **Teardown**: dropping the ring fd does not stop in-flight operations synchronously (the kernel cancels
+//!   them later, from a work queue), so `Drop` cancels every operation it has in flight and reaps until each
+//!   has completed before any buffer is freed. Fields are declared so that the ring drops before the memory.
+//!   If the drain cannot finish (e.g. the backend is dropped on a thread other than its creator's, which a
+//!   `SINGLE_ISSUER` ring refuses), the memory the kernel might still write is leaked rather than freed.
 
-use std::net::UdpSocket;
+mod addr;
+mod mem;
+#[cfg(test)]
+mod tests;
 
-use super::backend::Backend;
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-/// Options of the io_uring backend.
-#[derive(Debug, Clone, Default)]
-pub struct UringOptions {
-    /// Submission queue size.
-    pub entries: u32,
+use io_uring::{EnterFlags, IoUring, Probe, cqueue, opcode, squeue, types};
+
+use super::backend::{Backend, BackendKind, Wake};
+use mem::{BufRing, Region};
+
+/// Bytes at the start of every receive buffer before the payload: the kernel's `io_uring_recvmsg_out`
+/// header (16 bytes) and room for the source address (a `sockaddr_storage`, 128 bytes). A receive buffer of
+/// `buffer_size` bytes holds datagrams of up to `buffer_size - RECV_OVERHEAD` bytes.
+pub const RECV_OVERHEAD: usize = RECVMSG_OUT_HEADER + size_of::<libc::sockaddr_storage>();
+
+/// Where received datagrams go: `(source, payload)`.
+type Sink<'a> = dyn FnMut(SocketAddr, &[u8]) + 'a;
+
+/// Size of the kernel's `struct io_uring_recvmsg_out` (namelen, controllen, payloadlen, flags: four u32).
+const RECVMSG_OUT_HEADER: usize = 16;
+
+/// The buffer group id of the provided-buffer ring.
+const BGID: u16 = 0;
+
+/// user_data of the group socket's multishot receive (socket index 0).
+const UD_RECV_GROUP: u64 = 0;
+/// user_data of the unicast socket's multishot receive (socket index 1).
+const UD_RECV_UNICAST: u64 = 1;
+/// user_data of the eventfd read.
+const UD_WAKE: u64 = 2;
+/// user_data of cancellation requests (their completions are ignored).
+const UD_CANCEL: u64 = 3;
+/// user_data of send slot `i` is `UD_SEND + i`.
+const UD_SEND: u64 = 1 << 32;
+
+/// How long `queue_send` waits for a send slot before reporting the backend broken.
+const SLOT_WAIT: Duration = Duration::from_secs(5);
+/// How long `Drop` waits for cancelled operations to complete before leaking their memory instead.
+const DRAIN_WAIT: Duration = Duration::from_secs(2);
+
+/// Backends whose teardown could not drain the ring and leaked their buffers instead (see `Drop`).
+static LEAKED_TEARDOWNS: AtomicU64 = AtomicU64::new(0);
+
+/// How many backends were dropped without being able to drain their ring (for example on a thread other
+/// than the one that created them): each leaked its buffers (a few MiB) rather than free memory the kernel
+/// might still write.
+pub fn leaked_teardowns() -> u64 {
+    LEAKED_TEARDOWNS.load(Ordering::Relaxed)
 }
 
-/// Why the io_uring backend cannot run.
+/// Sizes of the ring and its buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UringOptions {
+    /// Submission queue entries (default 256). The completion queue is sized from the buffers and slots.
+    pub entries: u32,
+    /// Receive buffers in the provided-buffer ring, shared by both sockets: a power of two, at most 32768
+    /// (default 1024).
+    pub buffers: u16,
+    /// Bytes per receive buffer and per send slot (default 2048). A receive buffer holds a datagram of up
+    /// to `buffer_size - RECV_OVERHEAD` bytes (1904 by default: a 1472-byte datagram fits); a longer one
+    /// is dropped and counted as truncated. A send is refused beyond `buffer_size` bytes.
+    pub buffer_size: usize,
+    /// Sends in flight at most (default 64).
+    pub send_batch: usize,
+}
+
+impl Default for UringOptions {
+    fn default() -> UringOptions {
+        UringOptions { entries: 256, buffers: 1024, buffer_size: 2048, send_batch: 64 }
+    }
+}
+
+impl UringOptions {
+    fn validate(&self) -> Result<(), UringError> {
+        let bad = |what: String| Err(UringError::InvalidOptions(what));
+        if self.entries == 0 || self.entries > 32768 {
+            return bad(format!("entries must be 1..=32768, not {}", self.entries));
+        }
+        if !self.buffers.is_power_of_two() || self.buffers > 32768 {
+            return bad(format!("buffers must be a power of two up to 32768, not {}", self.buffers));
+        }
+        if self.buffer_size <= RECV_OVERHEAD || self.buffer_size > u32::MAX as usize {
+            return bad(format!(
+                "buffer_size must exceed the {RECV_OVERHEAD}-byte receive header (and fit in u32), not {}",
+                self.buffer_size
+            ));
+        }
+        if self.send_batch == 0 || self.send_batch > usize::from(u16::MAX) {
+            return bad(format!("send_batch must be 1..=65535, not {}", self.send_batch));
+        }
+        Ok(())
+    }
+
+    /// Completion queue entries: room for a completion per buffer twice over plus every send in flight,
+    /// so that a burst does not overflow the queue (which would end the multishot receives).
+    fn cq_entries(&self) -> u32 {
+        let need = 2 * u32::from(self.buffers) + self.send_batch as u32 + 16;
+        need.max(2 * self.entries).next_power_of_two().min(65536)
+    }
+}
+
+/// Why the io_uring backend could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum UringError {
-    /// Not available in this build.
-    #[error("io_uring backend not built yet")]
-    Unavailable,
+    /// io_uring cannot be used here: absent from the kernel, blocked (seccomp, sysctl), or missing a feature.
+    #[error("io_uring is unavailable: {0}; use the poll backend (BLIP_BACKEND=poll)")]
+    Unavailable(String),
+    /// The kernel refused ring or buffer memory (ENOMEM): the locked-memory limit is too small.
+    #[error(
+        "io_uring setup failed with ENOMEM: the locked-memory limit (`ulimit -l`: {limit}) is too small for the \
+         ring and its buffers; raise it (e.g. `ulimit -l 65536`, or LimitMEMLOCK= for a systemd service), use \
+         fewer buffers, or use the poll backend (BLIP_BACKEND=poll)"
+    )]
+    Memlock {
+        /// The current limit, as read from /proc/self/limits.
+        limit: String,
+    },
+    /// The options are out of range.
+    #[error("invalid io_uring options: {0}")]
+    InvalidOptions(String),
+    /// Creating the ring, the eventfd or the buffers failed for another reason.
+    #[error("io_uring setup failed: {0}")]
+    Setup(#[source] io::Error),
+    /// Registering the provided-buffer ring or arming the first operations failed.
+    #[error("io_uring registration failed: {0}")]
+    Register(#[source] io::Error),
 }
 
-/// The io_uring backend.
-pub struct UringBackend(std::convert::Infallible);
+/// One rung of the setup-flag downgrade ladder.
+#[derive(Clone, Copy)]
+struct Rung {
+    name: &'static str,
+    single_issuer: bool,
+    defer_taskrun: bool,
+    coop_taskrun: bool,
+    taskrun_flag: bool,
+}
 
-impl Backend for UringBackend {
-    fn kind(&self) -> super::BackendKind {
-        match self.0 {}
+const LADDER: [Rung; 4] = [
+    Rung {
+        name: "SINGLE_ISSUER|DEFER_TASKRUN",
+        single_issuer: true,
+        defer_taskrun: true,
+        coop_taskrun: false,
+        taskrun_flag: false,
+    },
+    Rung {
+        name: "SINGLE_ISSUER|COOP_TASKRUN|TASKRUN_FLAG",
+        single_issuer: true,
+        defer_taskrun: false,
+        coop_taskrun: true,
+        taskrun_flag: true,
+    },
+    Rung { name: "COOP_TASKRUN", single_issuer: false, defer_taskrun: false, coop_taskrun: true, taskrun_flag: false },
+    Rung { name: "none", single_issuer: false, defer_taskrun: false, coop_taskrun: false, taskrun_flag: false },
+];
+
+/// A ring, the rung of the ladder it was built with, and the rungs refused before (name, reason).
+struct BuiltRing {
+    ring: IoUring,
+    flags: &'static str,
+    rejected: Vec<(&'static str, String)>,
+}
+
+/// Creates a ring with the best flags the kernel accepts. EINVAL moves down the ladder; anything else
+/// (ENOSYS, EPERM, ENOMEM) means io_uring itself is unusable and stops.
+fn build_ring(entries: u32, cq_entries: u32, first_rung: usize) -> Result<BuiltRing, UringError> {
+    let mut rejected = Vec::new();
+    for rung in &LADDER[first_rung..] {
+        let mut builder: io_uring::Builder = IoUring::builder();
+        builder.setup_cqsize(cq_entries);
+        if rung.single_issuer {
+            builder.setup_single_issuer();
+        }
+        if rung.defer_taskrun {
+            builder.setup_defer_taskrun();
+        }
+        if rung.coop_taskrun {
+            builder.setup_coop_taskrun();
+        }
+        if rung.taskrun_flag {
+            builder.setup_taskrun_flag();
+        }
+        match builder.build(entries) {
+            Ok(ring) => return Ok(BuiltRing { ring, flags: rung.name, rejected }),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => rejected.push((rung.name, e.to_string())),
+            Err(e) => return Err(classify_setup_error(e)),
+        }
     }
-    fn queue_send(&mut self, _: std::net::SocketAddr, _: &[u8]) -> std::io::Result<()> {
-        match self.0 {}
+    Err(UringError::Unavailable(format!("the kernel rejected every setup flag combination: {rejected:?}")))
+}
+
+/// Names the cause of a failed `io_uring_setup`.
+fn classify_setup_error(e: io::Error) -> UringError {
+    match e.raw_os_error() {
+        Some(libc::ENOSYS) => UringError::Unavailable(
+            "io_uring_setup returned ENOSYS: the kernel is built without io_uring (CONFIG_IO_URING) or too old"
+                .to_string(),
+        ),
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            let sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").unwrap_or_default();
+            let cause = match sysctl.trim() {
+                "2" => "the sysctl kernel.io_uring_disabled=2 disables it for everyone",
+                "1" => "the sysctl kernel.io_uring_disabled=1 restricts it to the group kernel.io_uring_group",
+                _ => "a seccomp profile blocks it (e.g. a container runtime's default profile)",
+            };
+            UringError::Unavailable(format!("io_uring_setup was refused ({e}): {cause}"))
+        }
+        Some(libc::ENOMEM) => UringError::Memlock { limit: memlock_limit() },
+        _ => UringError::Setup(e),
     }
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self.0 {}
+}
+
+/// Names the cause of a failed registration (buffer ring, probe).
+fn classify_register_error(e: io::Error) -> UringError {
+    match e.raw_os_error() {
+        Some(libc::ENOMEM) => UringError::Memlock { limit: memlock_limit() },
+        Some(libc::EINVAL) => {
+            UringError::Unavailable(format!("registering a provided-buffer ring failed ({e}): Linux 5.19+ is needed"))
+        }
+        _ => UringError::Register(e),
     }
-    fn receive(
-        &mut self,
-        _: Option<std::time::Duration>,
-        _: &mut dyn FnMut(std::net::SocketAddr, &[u8]),
-    ) -> std::io::Result<usize> {
-        match self.0 {}
+}
+
+/// The locked-memory limit as `ulimit -l` shows it, read from /proc/self/limits.
+fn memlock_limit() -> String {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    for line in limits.lines() {
+        if let Some(rest) = line.strip_prefix("Max locked memory") {
+            let soft = rest.split_whitespace().next().unwrap_or("?");
+            return match soft.parse::<u64>() {
+                Ok(bytes) => format!("{} KiB", bytes / 1024),
+                Err(_) => soft.to_string(),
+            };
+        }
     }
-    fn waker(&self) -> std::sync::Arc<dyn super::Wake> {
-        match self.0 {}
+    "unknown".to_string()
+}
+
+/// What [`probe`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeReport {
+    /// The kernel release (`uname -r`).
+    pub kernel: String,
+    /// The setup flags the kernel accepted (the first rung of the downgrade ladder that worked).
+    pub setup_flags: &'static str,
+    /// Rungs tried before, with the kernel's reason for refusing them.
+    pub rejected: Vec<(&'static str, String)>,
+    /// `IORING_FEAT_NODROP`: completions are never dropped on CQ overflow.
+    pub nodrop: bool,
+}
+
+impl fmt::Display for ProbeReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "io_uring on Linux {}: setup flags {}", self.kernel, self.setup_flags)?;
+        for (rung, why) in &self.rejected {
+            write!(f, "; {rung} refused ({why})")?;
+        }
+        if !self.nodrop {
+            f.write_str("; no IORING_FEAT_NODROP")?;
+        }
+        Ok(())
     }
-    fn send_errors(&self) -> u64 {
-        match self.0 {}
+}
+
+/// Checks that this kernel supports everything the backend uses: creates a small ring (walking the
+/// setup-flag ladder), checks the opcodes (RecvMsg, SendMsg, Read, AsyncCancel), the extended-argument wait
+/// and provided-buffer rings. `Err` names the cause and what to change.
+pub fn probe() -> Result<ProbeReport, String> {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    // Allocated before the ring so that it is dropped after it.
+    let buf_ring = BufRing::new(8).map_err(|e| format!("allocating a buffer ring: {e}"))?;
+    let BuiltRing { ring, flags: setup_flags, rejected } = build_ring(8, 16, 0).map_err(|e| e.to_string())?;
+    let mut probe = Probe::new();
+    ring.submitter().register_probe(&mut probe).map_err(|e| format!("io_uring opcode probe failed: {e}"))?;
+    let needed = [
+        (opcode::RecvMsg::CODE, "RecvMsg"),
+        (opcode::SendMsg::CODE, "SendMsg"),
+        (opcode::Read::CODE, "Read"),
+        (opcode::AsyncCancel::CODE, "AsyncCancel"),
+    ];
+    let missing: Vec<&str> = needed.iter().filter(|(code, _)| !probe.is_supported(*code)).map(|(_, n)| *n).collect();
+    if !missing.is_empty() {
+        return Err(format!("io_uring on Linux {kernel} lacks {}; use the poll backend", missing.join(", ")));
     }
+    if !ring.params().is_feature_ext_arg() {
+        return Err(format!("io_uring on Linux {kernel} cannot wait with a timeout (needs 5.11+)"));
+    }
+    let major_minor: Vec<u32> = kernel.split(['.', '-']).take(2).filter_map(|p| p.parse().ok()).collect();
+    if major_minor.len() == 2 && major_minor[0] < 6 {
+        return Err(format!("multishot RecvMsg needs Linux 6.0+, this is {kernel}; use the poll backend"));
+    }
+    // SAFETY: the ring memory is page aligned and holds 8 entries. It outlives its registration: it was
+    // allocated before `ring`, so it is dropped after it, and it is unregistered just below anyway. No
+    // operation that selects a buffer from it is ever armed.
+    unsafe { ring.submitter().register_buf_ring_with_flags(buf_ring.addr(), 8, BGID, 0) }
+        .map_err(|e| classify_register_error(e).to_string())?;
+    ring.submitter().unregister_buf_ring(BGID).map_err(|e| format!("unregistering a buffer ring: {e}"))?;
+    Ok(ProbeReport { kernel, setup_flags, rejected, nodrop: ring.params().is_feature_nodrop() })
+}
+
+/// Counters kept by the backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UringStats {
+    /// Datagrams handed to a sink.
+    pub received: u64,
+    /// Sends the kernel completed.
+    pub sent: u64,
+    /// Sends the kernel refused (e.g. ENETUNREACH, EPERM).
+    pub send_errors: u64,
+    /// Datagrams dropped because they did not fit a receive buffer (MSG_TRUNC).
+    pub truncated: u64,
+    /// Receive completions that could not be parsed or named an unknown address family.
+    pub malformed: u64,
+    /// Receive completions with an error other than ENOBUFS.
+    pub recv_errors: u64,
+    /// Times the buffer ring ran dry (ENOBUFS), ending a multishot receive.
+    pub enobufs: u64,
+    /// Times a multishot receive ended and was re-armed.
+    pub rearms: u64,
+}
+
+/// The eventfd behind [`UringBackend::waker`]; closed when the backend and every waker are gone.
+struct EventFd(OwnedFd);
+
+impl EventFd {
+    fn new() -> io::Result<EventFd> {
+        // SAFETY: eventfd takes no pointers; a non-negative result is a fresh descriptor we own.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a valid descriptor just returned by eventfd, owned by nobody else.
+        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+}
+
+impl Wake for EventFd {
+    fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes the 8 bytes of a live u64 to a descriptor this value owns. EAGAIN (counter
+        // saturated) means a wake is already pending, so the result can be ignored.
+        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&raw const one).cast(), size_of::<u64>()) };
+    }
+}
+
+/// One send slot's metadata; its payload buffer is slice `i` of `State::send_bufs`.
+struct SendSlot {
+    v4: libc::sockaddr_in,
+    v6: libc::sockaddr_in6,
+    iov: libc::iovec,
+    msg: libc::msghdr,
+    busy: bool,
+}
+
+/// A receive completion reaped while no sink was at hand (in `queue_send`), delivered by the next `receive`.
+#[derive(Clone, Copy)]
+struct Stashed {
+    bid: u16,
+    len: u32,
+}
+
+/// A zeroed msghdr: null pointers and zero lengths.
+fn zeroed_msghdr() -> libc::msghdr {
+    // SAFETY: msghdr is plain data (pointers and integers); all-zero bytes are a valid value of it.
+    unsafe { std::mem::zeroed() }
+}
+
+/// The io_uring [`Backend`]. See the [module documentation](self) for the design.
+///
+/// Must be used (and dropped) on the thread that created it: the ring is created `SINGLE_ISSUER` where the
+/// kernel allows, and such a ring refuses other threads (every call then fails with an error saying so).
+pub struct UringBackend {
+    // Declared first so that it drops first: by the time the buffers in `st` are freed, the ring fd is
+    // closed and Drop has already reaped the final completion of every operation that used them.
+    ring: IoUring,
+    setup_flags: &'static str,
+    st: State,
+}
+
+/// Everything but the ring, so that completions can be handled while the completion queue is borrowed.
+struct State {
+    group: UdpSocket,
+    unicast: UdpSocket,
+    eventfd: Arc<EventFd>,
+    buffers: u16,
+    buffer_size: usize,
+    /// The msghdr both multishot receives are armed with (only its name and control lengths matter).
+    /// A boxed slice of one, so that it can be leaked with `mem::take`.
+    recv_msg: Box<[libc::msghdr]>,
+    buf_ring: BufRing,
+    buf_ring_registered: bool,
+    recv_bufs: Region,
+    recv_armed: [bool; 2],
+    rearm: [bool; 2],
+    recv_failed: bool,
+    stash: Vec<Stashed>,
+    slots: Box<[SendSlot]>,
+    send_bufs: Region,
+    free: Vec<u16>,
+    sends_in_flight: usize,
+    wake_buf: Region,
+    wake_armed: bool,
+    woken: bool,
+    stats: UringStats,
+}
+
+// SAFETY: the raw pointers in State (msghdr/iovec fields, regions) point into memory owned by State itself,
+// with no thread affinity. The ring's own thread restriction (SINGLE_ISSUER) is enforced by the kernel with
+// EEXIST, not by memory safety.
+unsafe impl Send for State {}
+
+impl State {
+    /// Ops the kernel may still be working on (and so may still touch our memory).
+    fn in_flight(&self) -> usize {
+        self.recv_armed.iter().filter(|a| **a).count() + usize::from(self.wake_armed) + self.sends_in_flight
+    }
+
+    /// Handles one completion; returns the datagrams delivered (0 or 1).
+    fn complete(&mut self, ud: u64, res: i32, flags: u32, sink: Option<&mut Sink<'_>>) -> usize {
+        if ud >= UD_SEND {
+            let i = (ud - UD_SEND) as usize;
+            if let Some(slot) = self.slots.get_mut(i).filter(|s| s.busy) {
+                slot.busy = false;
+                self.free.push(i as u16);
+                self.sends_in_flight -= 1;
+                if res >= 0 {
+                    self.stats.sent += 1;
+                } else {
+                    self.stats.send_errors += 1;
+                }
+            }
+            return 0;
+        }
+        match ud {
+            UD_WAKE => {
+                self.wake_armed = false;
+                if res != -libc::ECANCELED {
+                    self.woken = true;
+                }
+                0
+            }
+            UD_RECV_GROUP | UD_RECV_UNICAST => {
+                let i = ud as usize;
+                if !cqueue::more(flags) {
+                    self.recv_armed[i] = false;
+                    if res != -libc::ECANCELED {
+                        self.rearm[i] = true;
+                        self.stats.rearms += 1;
+                    }
+                }
+                if res < 0 {
+                    match -res {
+                        libc::ENOBUFS => self.stats.enobufs += 1,
+                        libc::ECANCELED => {}
+                        _ => {
+                            self.stats.recv_errors += 1;
+                            self.recv_failed = true;
+                        }
+                    }
+                    return 0;
+                }
+                let Some(bid) = cqueue::buffer_select(flags) else {
+                    self.stats.recv_errors += 1;
+                    return 0;
+                };
+                match sink {
+                    Some(sink) => self.deliver(bid, res as u32, sink),
+                    None if self.stash.len() < self.stash.capacity() => {
+                        self.stash.push(Stashed { bid, len: res as u32 });
+                        0
+                    }
+                    None => {
+                        // Cannot happen (each stashed entry holds a distinct buffer), but never allocate.
+                        self.stats.malformed += 1;
+                        self.recycle(bid);
+                        0
+                    }
+                }
+            }
+            _ => 0, // UD_CANCEL
+        }
+    }
+
+    /// Hands the datagram in buffer `bid` (`len` bytes written by the kernel) to the sink, then gives the
+    /// buffer back to the ring (published at the end of the reap).
+    fn deliver(&mut self, bid: u16, len: u32, sink: &mut dyn FnMut(SocketAddr, &[u8])) -> usize {
+        if bid >= self.buffers || len as usize > self.buffer_size {
+            self.stats.malformed += 1;
+            return 0;
+        }
+        let mut delivered = 0;
+        {
+            // SAFETY: buffer `bid` lies inside recv_bufs (bid < buffers, buffers * buffer_size bytes) and
+            // `len` <= buffer_size bytes of it were written by the kernel. The completion handed the buffer
+            // to us: the kernel will not write it again until `recycle` below puts it back in the ring, and
+            // the slice does not outlive this block.
+            let buf = unsafe {
+                std::slice::from_raw_parts(
+                    self.recv_bufs.as_ptr().add(usize::from(bid) * self.buffer_size),
+                    len as usize,
+                )
+            };
+            match types::RecvMsgOut::parse(buf, &self.recv_msg[0]) {
+                Ok(out) if out.is_payload_truncated() => self.stats.truncated += 1,
+                Ok(out) => match addr::decode(out.name_data()) {
+                    Some(from) => {
+                        sink(from, out.payload_data());
+                        self.stats.received += 1;
+                        delivered = 1;
+                    }
+                    None => self.stats.malformed += 1,
+                },
+                Err(()) => self.stats.malformed += 1,
+            }
+        }
+        self.recycle(bid);
+        delivered
+    }
+
+    /// Puts buffer `bid` back at the ring's tail (not yet published).
+    fn recycle(&mut self, bid: u16) {
+        let addr = self.recv_bufs.as_ptr() as u64 + (usize::from(bid) * self.buffer_size) as u64;
+        self.buf_ring.push(addr, self.buffer_size as u32, bid);
+    }
+
+    /// Copies `bytes` into free slot `i` and returns the SendMsg for it.
+    fn prepare_send(&mut self, i: usize, dest: SocketAddr, bytes: &[u8]) -> squeue::Entry {
+        let buf = {
+            // SAFETY: slot i is free (not busy): no operation in flight reads its buffer, and no other
+            // reference to it exists. It lies inside send_bufs (i < send_batch, send_batch * buffer_size bytes).
+            let buf = unsafe {
+                std::slice::from_raw_parts_mut(self.send_bufs.as_ptr().add(i * self.buffer_size), self.buffer_size)
+            };
+            buf[..bytes.len()].copy_from_slice(bytes);
+            buf.as_mut_ptr()
+        };
+        let slot = &mut self.slots[i];
+        slot.busy = true;
+        slot.iov = libc::iovec { iov_base: buf.cast(), iov_len: bytes.len() };
+        let mut msg = zeroed_msghdr();
+        match dest {
+            SocketAddr::V4(a) => {
+                slot.v4 = addr::sockaddr_v4(&a);
+                msg.msg_name = (&raw mut slot.v4).cast();
+                msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            }
+            SocketAddr::V6(a) => {
+                slot.v6 = addr::sockaddr_v6(&a);
+                msg.msg_name = (&raw mut slot.v6).cast();
+                msg.msg_namelen = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+            }
+        }
+        msg.msg_iov = &raw mut slot.iov;
+        msg.msg_iovlen = 1;
+        slot.msg = msg;
+        opcode::SendMsg::new(types::Fd(self.unicast.as_raw_fd()), &raw const slot.msg)
+            .build()
+            .user_data(UD_SEND + i as u64)
+    }
+
+    fn take_woken(&mut self) -> bool {
+        std::mem::take(&mut self.woken)
+    }
+
+    fn take_recv_failed(&mut self) -> bool {
+        std::mem::take(&mut self.recv_failed)
+    }
+}
+
+/// Turns a failed `io_uring_enter` into the error `Backend` calls return.
+fn enter_error(e: io::Error) -> io::Error {
+    if e.raw_os_error() == Some(libc::EEXIST) {
+        io::Error::other(
+            "io_uring backend used from a thread other than the one that created it (the ring is SINGLE_ISSUER): \
+             create the backend on the engine thread",
+        )
+    } else {
+        e
+    }
+}
+
+/// Errors of `io_uring_enter` that only mean "try again later": a timeout, a signal, a full CQ backlog.
+fn transient(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN))
 }
 
 impl UringBackend {
-    /// Always fails in this placeholder.
-    pub fn new(_group: UdpSocket, _unicast: UdpSocket, _opts: UringOptions) -> Result<UringBackend, UringError> {
-        Err(UringError::Unavailable)
+    /// Takes ownership of the group socket (bound to the group's port, joined) and the unicast socket (bound
+    /// to an ephemeral port on the interface; it sends everything), both non-blocking, and sets up the ring,
+    /// the buffers, and a multishot receive on each socket. Call it on the thread that will use the backend.
+    pub fn new(group: UdpSocket, unicast: UdpSocket, opts: UringOptions) -> Result<UringBackend, UringError> {
+        UringBackend::with_ladder(group, unicast, opts, 0)
+    }
+
+    /// `new`, starting the setup-flag ladder at rung `first_rung` (tests use it to exercise every rung).
+    fn with_ladder(
+        group: UdpSocket,
+        unicast: UdpSocket,
+        opts: UringOptions,
+        first_rung: usize,
+    ) -> Result<UringBackend, UringError> {
+        opts.validate()?;
+        let BuiltRing { ring, flags: setup_flags, .. } = build_ring(opts.entries, opts.cq_entries(), first_rung)?;
+        let eventfd = Arc::new(EventFd::new().map_err(UringError::Setup)?);
+        let buffers = usize::from(opts.buffers);
+        let buf_ring = BufRing::new(opts.buffers).map_err(UringError::Setup)?;
+        let recv_bufs = Region::new(buffers * opts.buffer_size, mem::page_size()).map_err(UringError::Setup)?;
+        let send_bufs = Region::new(opts.send_batch * opts.buffer_size, 64).map_err(UringError::Setup)?;
+        let wake_buf = Region::new(size_of::<u64>(), align_of::<u64>()).map_err(UringError::Setup)?;
+        let slots = (0..opts.send_batch)
+            .map(|_| SendSlot {
+                v4: addr::sockaddr_v4(&std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0)),
+                v6: addr::sockaddr_v6(&std::net::SocketAddrV6::new(std::net::Ipv6Addr::UNSPECIFIED, 0, 0, 0)),
+                iov: libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 },
+                msg: zeroed_msghdr(),
+                busy: false,
+            })
+            .collect();
+        let mut recv_msg = zeroed_msghdr();
+        recv_msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let mut free = Vec::with_capacity(opts.send_batch);
+        free.extend((0..opts.send_batch as u16).rev());
+        let st = State {
+            group,
+            unicast,
+            eventfd,
+            buffers: opts.buffers,
+            buffer_size: opts.buffer_size,
+            recv_msg: Box::new([recv_msg]),
+            buf_ring,
+            buf_ring_registered: false,
+            recv_bufs,
+            recv_armed: [false; 2],
+            rearm: [false; 2],
+            recv_failed: false,
+            stash: Vec::with_capacity(buffers),
+            slots,
+            send_bufs,
+            free,
+            sends_in_flight: 0,
+            wake_buf,
+            wake_armed: false,
+            woken: false,
+            stats: UringStats::default(),
+        };
+        // From here on, Drop cleans up whatever was set up.
+        let mut backend = UringBackend { ring, setup_flags, st };
+        for bid in 0..opts.buffers {
+            backend.st.recycle(bid);
+        }
+        backend.st.buf_ring.publish();
+        // SAFETY: the ring memory is page aligned and holds `buffers` entries (a power of two); it lives in
+        // `st.buf_ring` until Drop unregisters it (or leaks it when the drain fails). Every buffer address
+        // published in it points into `st.recv_bufs`, which lives just as long.
+        unsafe {
+            backend.ring.submitter().register_buf_ring_with_flags(backend.st.buf_ring.addr(), opts.buffers, BGID, 0)
+        }
+        .map_err(classify_register_error)?;
+        backend.st.buf_ring_registered = true;
+        backend.arm_recv(0).map_err(UringError::Register)?;
+        backend.arm_recv(1).map_err(UringError::Register)?;
+        backend.arm_waker().map_err(UringError::Register)?;
+        backend.ring.submit().map_err(UringError::Register)?;
+        Ok(backend)
+    }
+
+    /// The setup flags the kernel accepted, e.g. `"SINGLE_ISSUER|DEFER_TASKRUN"`.
+    pub fn setup_flags(&self) -> &'static str {
+        self.setup_flags
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> UringStats {
+        self.st.stats
+    }
+
+    /// The group socket's local address.
+    pub fn group_addr(&self) -> io::Result<SocketAddr> {
+        self.st.group.local_addr()
+    }
+
+    /// The unicast (sending) socket's local address: the source of everything this backend sends.
+    pub fn unicast_addr(&self) -> io::Result<SocketAddr> {
+        self.st.unicast.local_addr()
+    }
+
+    /// Largest datagram a receive buffer holds whole.
+    pub fn max_datagram(&self) -> usize {
+        self.st.buffer_size - RECV_OVERHEAD
+    }
+
+    /// Queues an SQE, submitting first if the submission queue is full.
+    ///
+    /// # Safety
+    ///
+    /// Every pointer in `entry` must stay valid until the operation's final completion is reaped.
+    unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        for _ in 0..64 {
+            // SAFETY: forwarded from this function's contract.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                return Ok(());
+            }
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if transient(&e) => {
+                    // The kernel wants its completion backlog drained first.
+                    self.enter_nowait()?;
+                    self.reap(None);
+                }
+                Err(e) => return Err(enter_error(e)),
+            }
+        }
+        Err(io::Error::other("io_uring submission queue stays full"))
+    }
+
+    /// Arms the multishot receive of socket `i` (0: group, 1: unicast).
+    fn arm_recv(&mut self, i: usize) -> io::Result<()> {
+        let fd = if i == 0 { self.st.group.as_raw_fd() } else { self.st.unicast.as_raw_fd() };
+        let msg = self.st.recv_msg.as_ptr();
+        let entry = opcode::RecvMsgMulti::new(types::Fd(fd), msg, BGID).build().user_data(UD_RECV_GROUP + i as u64);
+        // SAFETY: the msghdr template lives in st.recv_msg for the backend's life (leaked, not freed, if
+        // Drop cannot reap this operation's final completion); the buffers the receive selects belong to
+        // the registered ring, whose memory has the same lifetime. The socket fd is owned by st.
+        unsafe { self.push(&entry)? };
+        self.st.recv_armed[i] = true;
+        self.st.rearm[i] = false;
+        Ok(())
+    }
+
+    /// Arms the eventfd read.
+    fn arm_waker(&mut self) -> io::Result<()> {
+        let fd = self.st.eventfd.0.as_raw_fd();
+        let entry = opcode::Read::new(types::Fd(fd), self.st.wake_buf.as_ptr(), size_of::<u64>() as u32)
+            .build()
+            .user_data(UD_WAKE);
+        // SAFETY: wake_buf is an 8-byte region owned by st, never read or written by us, freed only after
+        // this read's completion was reaped (or leaked). The eventfd is kept open by st.eventfd.
+        unsafe { self.push(&entry)? };
+        self.st.wake_armed = true;
+        Ok(())
+    }
+
+    /// Re-arms whatever ended: the waker, and the receives once their buffers are back.
+    fn rearm(&mut self) -> io::Result<()> {
+        if !self.st.wake_armed {
+            self.arm_waker()?;
+        }
+        for i in 0..2 {
+            if self.st.rearm[i] {
+                self.arm_recv(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Submits what is queued and runs pending completion work without waiting.
+    fn enter_nowait(&mut self) -> io::Result<()> {
+        let to_submit = self.ring.submission().len() as u32;
+        // SAFETY: no argument pointer is passed (None); every queued SQE points to memory that outlives its
+        // operation (see the `push` call sites).
+        let r =
+            unsafe { self.ring.submitter().enter::<libc::sigset_t>(to_submit, 0, EnterFlags::GETEVENTS.bits(), None) };
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if transient(&e) => Ok(()),
+            Err(e) => Err(enter_error(e)),
+        }
+    }
+
+    /// Submits what is queued and waits for one completion, up to `timeout` (`None`: no limit).
+    fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let r = match timeout {
+            None => self.ring.submit_and_wait(1),
+            Some(t) => {
+                let ts = types::Timespec::from(t);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+        };
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if transient(&e) => Ok(()),
+            Err(e) => Err(enter_error(e)),
+        }
+    }
+
+    /// Handles every completion in the queue; returns the datagrams delivered. Without a sink, receive
+    /// completions are stashed for the next `receive`.
+    fn reap(&mut self, mut sink: Option<&mut Sink<'_>>) -> usize {
+        let st = &mut self.st;
+        let mut delivered = 0;
+        for cqe in self.ring.completion() {
+            delivered += st.complete(cqe.user_data(), cqe.result(), cqe.flags(), sink.as_deref_mut());
+        }
+        st.buf_ring.publish();
+        delivered
+    }
+
+    /// Delivers the receive completions stashed by `queue_send`.
+    fn deliver_stash(&mut self, sink: &mut dyn FnMut(SocketAddr, &[u8])) -> usize {
+        if self.st.stash.is_empty() {
+            return 0;
+        }
+        let mut delivered = 0;
+        for k in 0..self.st.stash.len() {
+            let s = self.st.stash[k];
+            delivered += self.st.deliver(s.bid, s.len, sink);
+        }
+        self.st.stash.clear();
+        self.st.buf_ring.publish();
+        delivered
+    }
+
+    /// Submits and reaps until a send slot is free (bounded by [`SLOT_WAIT`]).
+    fn wait_for_slot(&mut self) -> io::Result<u16> {
+        let deadline = Instant::now() + SLOT_WAIT;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "io_uring backend: no send completed within 5 s (every send slot is busy)",
+                ));
+            }
+            self.wait(Some((deadline - now).min(Duration::from_millis(100))))?;
+            self.reap(None);
+            if !self.st.wake_armed {
+                self.arm_waker()?;
+            }
+            if let Some(i) = self.st.free.pop() {
+                return Ok(i);
+            }
+        }
+    }
+
+    /// Cancels every operation in flight and reaps until all have completed (bounded by [`DRAIN_WAIT`]).
+    /// Returns whether nothing is left in flight.
+    fn drain(&mut self) -> bool {
+        if self.st.in_flight() == 0 {
+            return true;
+        }
+        // Everything counted as in flight must have reached the kernel to be cancellable.
+        if let Err(e) = self.ring.submit() {
+            if !transient(&e) {
+                return false;
+            }
+        }
+        for ud in [UD_RECV_GROUP, UD_RECV_UNICAST, UD_WAKE] {
+            let armed = if ud == UD_WAKE { self.st.wake_armed } else { self.st.recv_armed[ud as usize] };
+            let cancel = opcode::AsyncCancel::new(ud).build().user_data(UD_CANCEL);
+            // SAFETY: a cancel request carries no pointer into our memory.
+            if armed && unsafe { self.push(&cancel) }.is_err() {
+                return false;
+            }
+        }
+        for i in 0..self.st.slots.len() {
+            if self.st.slots[i].busy {
+                let cancel = opcode::AsyncCancel::new(UD_SEND + i as u64).build().user_data(UD_CANCEL);
+                // SAFETY: a cancel request carries no pointer into our memory.
+                if unsafe { self.push(&cancel) }.is_err() {
+                    return false;
+                }
+            }
+        }
+        let deadline = Instant::now() + DRAIN_WAIT;
+        while self.st.in_flight() > 0 {
+            let now = Instant::now();
+            if now >= deadline || self.wait(Some((deadline - now).min(Duration::from_millis(50)))).is_err() {
+                return false;
+            }
+            self.reap(None);
+        }
+        true
     }
 }
 
-/// Always unavailable in this placeholder.
-pub fn probe() -> Result<String, String> {
-    Err("io_uring backend not built yet".into())
+impl Drop for UringBackend {
+    fn drop(&mut self) {
+        if self.drain() {
+            if self.st.buf_ring_registered && self.ring.submitter().unregister_buf_ring(BGID).is_err() {
+                // The kernel keeps the ring memory pinned and may read it until the ring is torn down.
+                self.st.buf_ring.leak();
+            }
+        } else {
+            // Some operation may still write into our buffers after the ring fd is closed (the kernel
+            // cancels it asynchronously): leak everything it could touch rather than free it.
+            LEAKED_TEARDOWNS.fetch_add(1, Ordering::Relaxed);
+            self.st.buf_ring.leak();
+            self.st.recv_bufs.leak();
+            self.st.send_bufs.leak();
+            self.st.wake_buf.leak();
+            std::mem::forget(std::mem::take(&mut self.st.slots));
+            std::mem::forget(std::mem::take(&mut self.st.recv_msg));
+        }
+        // Fields drop next, in declaration order: the ring (fd closed), then the sockets and the memory.
+    }
+}
+
+impl Backend for UringBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Uring
+    }
+
+    fn queue_send(&mut self, dest: SocketAddr, bytes: &[u8]) -> io::Result<()> {
+        if bytes.len() > self.st.buffer_size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("datagram of {} bytes exceeds the io_uring buffer_size ({})", bytes.len(), self.st.buffer_size),
+            ));
+        }
+        let i = match self.st.free.pop() {
+            Some(i) => i,
+            None => self.wait_for_slot()?,
+        };
+        let entry = self.st.prepare_send(usize::from(i), dest, bytes);
+        // SAFETY: the entry points to slot i's msghdr, which points to the slot's iovec and address and to
+        // the slot's buffer: all inside st.slots / st.send_bufs, allocated once in `new`, never moved or
+        // reallocated, and freed only after Drop reaped every send (leaked otherwise). The slot stays busy,
+        // so nothing rewrites it, until its completion is reaped.
+        if let Err(e) = unsafe { self.push(&entry) } {
+            self.st.slots[usize::from(i)].busy = false;
+            self.st.free.push(i);
+            return Err(e);
+        }
+        self.st.sends_in_flight += 1;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e) if transient(&e) => Ok(()),
+            Err(e) => Err(enter_error(e)),
+        }
+    }
+
+    fn receive(&mut self, timeout: Option<Duration>, sink: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+        let mut delivered = self.deliver_stash(sink);
+        self.enter_nowait()?;
+        delivered += self.reap(Some(sink));
+        self.rearm()?;
+        let woken = self.st.take_woken();
+        let failed = self.st.take_recv_failed();
+        if delivered > 0 || woken || failed || timeout == Some(Duration::ZERO) {
+            return Ok(delivered);
+        }
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        loop {
+            let wait = match (timeout, deadline) {
+                (None, _) => None,
+                (Some(_), None) => None, // too far in the future to represent: as good as forever
+                (Some(_), Some(d)) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        break;
+                    }
+                    Some(d - now)
+                }
+            };
+            self.wait(wait)?;
+            delivered += self.reap(Some(sink));
+            self.rearm()?;
+            if delivered > 0 || self.st.take_woken() || self.st.take_recv_failed() {
+                break;
+            }
+        }
+        Ok(delivered)
+    }
+
+    fn waker(&self) -> Arc<dyn Wake> {
+        self.st.eventfd.clone()
+    }
+
+    fn send_errors(&self) -> u64 {
+        self.st.stats.send_errors
+    }
+}
+
+impl fmt::Debug for UringBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UringBackend")
+            .field("setup_flags", &self.setup_flags)
+            .field("group", &self.st.group)
+            .field("unicast", &self.st.unicast)
+            .field("stats", &self.st.stats)
+            .finish_non_exhaustive()
+    }
 }

@@ -11,7 +11,7 @@ pub const DEFAULT_GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 77, 1);
 /// The default port.
 pub const DEFAULT_PORT: u16 = 47_001;
 /// Default receive buffer requested (the kernel may clamp it to `net.core.rmem_max`).
-pub const DEFAULT_RECV_BUFFER: usize = 8 << 20;
+pub const DEFAULT_RECV_BUFFER: usize = 4 << 20;
 /// Default send buffer requested (clamped to `net.core.wmem_max`).
 pub const DEFAULT_SEND_BUFFER: usize = 4 << 20;
 
@@ -70,7 +70,8 @@ pub struct SocketReport {
     pub local: SocketAddr,
     /// Interface index joined on.
     pub interface_index: u32,
-    /// Receive buffer the kernel granted (as read back; Linux reports double the usable size).
+    /// Receive buffer the kernel granted (Linux reads back twice the granted size for bookkeeping; this is
+    /// the granted size).
     pub recv_buffer: usize,
     /// Send buffer the kernel granted.
     pub send_buffer: usize,
@@ -127,6 +128,25 @@ pub enum NetError {
 
 /// Opens and configures a node's sockets.
 pub fn open(cfg: &SocketConfig) -> Result<NodeSockets, NetError> {
-    let _ = cfg;
-    unimplemented!("net::open is being written")
+    let group = cfg.group.ip();
+    if !group.is_multicast() {
+        return Err(NetError::NotMulticast(group));
+    }
+    let iface = iface::resolve(&cfg.interface, group)?;
+    let mut warnings = Vec::new();
+    let group_sock = setup::group_socket(cfg, &iface, &mut warnings)?;
+    let (unicast, local) = setup::unicast_socket(cfg, &iface, &mut warnings)?;
+    let recv_buffer = setup::granted(&group_sock, true)?;
+    let send_buffer = setup::granted(&unicast, false)?;
+    Ok(NodeSockets {
+        group: group_sock.into(),
+        unicast: unicast.into(),
+        report: SocketReport { local, interface_index: iface.index, recv_buffer, send_buffer, warnings },
+    })
 }
+
+mod iface;
+mod setup;
+
+#[cfg(test)]
+mod tests;

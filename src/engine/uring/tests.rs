@@ -1,0 +1,411 @@
+//! Loopback tests of the io_uring backend. They keep every packet on this host: 127.0.0.1, groups in
+//! 239.255.0.0/16 joined on 127.0.0.1, IP_MULTICAST_IF 127.0.0.1, TTL 0. Each test uses its own group and
+//! port, and they run one at a time (the fd-count test needs a quiet process). A test that finds io_uring
+//! unavailable prints why and passes.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::*;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Whether io_uring works here; prints the reason to skip otherwise.
+fn available() -> bool {
+    match probe() {
+        Ok(report) => {
+            eprintln!("{report}");
+            true
+        }
+        Err(reason) => {
+            eprintln!("skipping io_uring test: {reason}");
+            false
+        }
+    }
+}
+
+const LO: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+fn group_socket(group: Ipv4Addr, port: u16) -> UdpSocket {
+    assert_eq!(group.octets()[..2], [239, 255], "tests use 239.255.0.0/16 only");
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.bind(&SocketAddrV4::new(group, port).into()).unwrap();
+    s.join_multicast_v4(&group, &LO).unwrap();
+    s.set_multicast_if_v4(&LO).unwrap();
+    s.set_multicast_ttl_v4(0).unwrap();
+    s.set_recv_buffer_size(4 << 20).unwrap();
+    s.set_nonblocking(true).unwrap();
+    s.into()
+}
+
+fn unicast_socket() -> UdpSocket {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+    s.bind(&SocketAddrV4::new(LO, 0).into()).unwrap();
+    s.set_multicast_if_v4(&LO).unwrap();
+    s.set_multicast_ttl_v4(0).unwrap();
+    s.set_recv_buffer_size(4 << 20).unwrap();
+    s.set_nonblocking(true).unwrap();
+    s.into()
+}
+
+fn backend(group: Ipv4Addr, port: u16, opts: UringOptions) -> UringBackend {
+    UringBackend::new(group_socket(group, port), unicast_socket(), opts).expect("UringBackend::new")
+}
+
+/// Datagram `i`: 64..=1400 bytes, its index in the first 8, then a pattern that depends on the index.
+fn fill(i: usize, buf: &mut [u8]) -> usize {
+    let len = 64 + (i * 7919) % (1400 - 64 + 1);
+    buf[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    for (k, b) in buf[8..len].iter_mut().enumerate() {
+        *b = (i.wrapping_mul(31) + k) as u8;
+    }
+    len
+}
+
+fn check(i: usize, bytes: &[u8]) {
+    let mut want = [0u8; 1400];
+    let len = fill(i, &mut want);
+    assert_eq!(bytes.len(), len, "datagram {i}: length");
+    let got = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    assert_eq!(got, i as u64, "datagram out of order");
+    assert!(bytes == &want[..len], "datagram {i}: contents differ");
+}
+
+/// Receives on `rx` until `*next == until`, checking each datagram from `from` against [`fill`]; datagrams
+/// from other sources (another process using the same group) are ignored.
+fn receive_until(rx: &mut UringBackend, from: SocketAddr, next: &mut usize, until: usize, deadline: Instant) {
+    while *next < until {
+        assert!(Instant::now() < deadline, "timed out with {} of {until} datagrams received", *next);
+        rx.receive(Some(Duration::from_millis(100)), &mut |src, bytes| {
+            if src == from {
+                check(*next, bytes);
+                *next += 1;
+            }
+        })
+        .expect("receive");
+    }
+}
+
+#[test]
+fn probe_reports_setup_flags() {
+    let _serial = serial();
+    match probe() {
+        Ok(report) => {
+            eprintln!("{report}");
+            assert!(LADDER.iter().any(|r| r.name == report.setup_flags));
+            let b = backend(Ipv4Addr::new(239, 255, 201, 10), 46_210, UringOptions::default());
+            assert_eq!(b.setup_flags(), report.setup_flags);
+            assert_eq!(b.kind(), BackendKind::Uring);
+        }
+        Err(reason) => eprintln!("skipping io_uring test: {reason}"),
+    }
+}
+
+#[test]
+fn invalid_options_are_refused() {
+    let _serial = serial();
+    let bad = [
+        UringOptions { buffers: 1000, ..UringOptions::default() },
+        UringOptions { buffer_size: RECV_OVERHEAD, ..UringOptions::default() },
+        UringOptions { send_batch: 0, ..UringOptions::default() },
+        UringOptions { entries: 0, ..UringOptions::default() },
+    ];
+    for opts in bad {
+        let r = UringBackend::new(group_socket(Ipv4Addr::new(239, 255, 201, 11), 46_211), unicast_socket(), opts);
+        assert!(matches!(r, Err(UringError::InvalidOptions(_))), "{opts:?} accepted");
+    }
+}
+
+#[test]
+fn group_ten_thousand_in_order() {
+    let _serial = serial();
+    if !available() {
+        return;
+    }
+    const N: usize = 10_000;
+    const BATCH: usize = 100;
+    let group = Ipv4Addr::new(239, 255, 201, 1);
+    let mut rx = backend(group, 46_201, UringOptions::default());
+    // The sender's own group socket is on another port, so that it does not queue its own traffic.
+    let mut tx = backend(group, 46_202, UringOptions::default());
+    let dest = SocketAddr::from((group, 46_201));
+    let from = tx.unicast_addr().unwrap();
+    let mut buf = [0u8; 1400];
+    let mut next = 0;
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(30);
+    for first in (0..N).step_by(BATCH) {
+        let end = (first + BATCH).min(N);
+        for i in first..end {
+            let len = fill(i, &mut buf);
+            tx.queue_send(dest, &buf[..len]).expect("queue_send");
+        }
+        tx.flush().expect("flush");
+        receive_until(&mut rx, from, &mut next, end, deadline);
+    }
+    let elapsed = start.elapsed();
+    eprintln!(
+        "{N} datagrams in {elapsed:?}: {:.0} datagrams/s (send and receive on one thread); rx {:?}; tx {:?}",
+        N as f64 / elapsed.as_secs_f64(),
+        rx.stats(),
+        tx.stats()
+    );
+    assert_eq!(rx.stats().truncated + rx.stats().malformed + rx.stats().recv_errors, 0);
+    assert_eq!(tx.send_errors(), 0);
+}
+
+#[test]
+fn buffer_exhaustion_rearms_and_loses_nothing() {
+    let _serial = serial();
+    if !available() {
+        return;
+    }
+    const N: usize = 1_000;
+    let group = Ipv4Addr::new(239, 255, 201, 2);
+    let mut rx = backend(group, 46_203, UringOptions { buffers: 8, ..UringOptions::default() });
+    let mut tx = backend(group, 46_204, UringOptions::default());
+    let dest = SocketAddr::from((group, 46_203));
+    let from = tx.unicast_addr().unwrap();
+    let mut buf = [0u8; 1400];
+    for i in 0..N {
+        let len = fill(i, &mut buf);
+        tx.queue_send(dest, &buf[..len]).expect("queue_send");
+    }
+    tx.flush().expect("flush");
+    let mut next = 0;
+    receive_until(&mut rx, from, &mut next, N, Instant::now() + Duration::from_secs(10));
+    let stats = rx.stats();
+    eprintln!("rx {stats:?}");
+    assert!(stats.enobufs > 0, "the 8-buffer ring never ran dry: the test did not exercise re-arming");
+    assert!(stats.rearms >= stats.enobufs);
+}
+
+#[test]
+fn unicast_and_send_errors() {
+    let _serial = serial();
+    if !available() {
+        return;
+    }
+    let mut a = backend(Ipv4Addr::new(239, 255, 201, 3), 46_205, UringOptions::default());
+    let mut b = backend(Ipv4Addr::new(239, 255, 201, 3), 46_206, UringOptions::default());
+    let to = b.unicast_addr().unwrap();
+    let from = a.unicast_addr().unwrap();
+    a.queue_send(to, b"unicast hello").unwrap();
+    a.flush().unwrap();
+    let mut got = None;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while got.is_none() {
+        assert!(Instant::now() < deadline, "unicast datagram not received within 5 s");
+        b.receive(Some(Duration::from_millis(100)), &mut |src, bytes| {
+            if src == from {
+                got = Some(bytes.to_vec());
+            }
+        })
+        .unwrap();
+    }
+    assert_eq!(got.as_deref(), Some(&b"unicast hello"[..]));
+
+    // Longer than a receive buffer holds (but not than a send slot): dropped and counted as truncated; the
+    // datagram after it arrives.
+    assert!(2000 > b.max_datagram());
+    a.queue_send(to, &[7u8; 2000]).unwrap();
+    a.queue_send(to, b"after").unwrap();
+    a.flush().unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while got.is_empty() {
+        assert!(Instant::now() < deadline, "datagram after the oversized one not received within 5 s");
+        b.receive(Some(Duration::from_millis(100)), &mut |src, bytes| {
+            if src == from {
+                got.push(bytes.to_vec());
+            }
+        })
+        .unwrap();
+    }
+    assert_eq!(got, [b"after".to_vec()]);
+    assert_eq!(b.stats().truncated, 1);
+
+    // Too large for a slot: refused up front.
+    let big = vec![0u8; UringOptions::default().buffer_size + 1];
+    assert_eq!(a.queue_send(to, &big).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+
+    // The kernel refuses an IPv6 destination on an IPv4 socket (EAFNOSUPPORT): counted, not returned.
+    // Nothing is sent anywhere.
+    a.queue_send("[::1]:9".parse().unwrap(), b"refused").unwrap();
+    a.flush().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.send_errors() == 0 {
+        assert!(Instant::now() < deadline, "send error not counted within 5 s");
+        a.receive(Some(Duration::from_millis(10)), &mut |_, _| {}).unwrap();
+    }
+    assert_eq!(a.send_errors(), 1);
+}
+
+#[test]
+fn wake_interrupts_receive() {
+    let _serial = serial();
+    if !available() {
+        return;
+    }
+    let (ready_tx, ready_rx) = mpsc::channel::<Arc<dyn Wake>>();
+    let (done_tx, done_rx) = mpsc::channel::<io::Result<usize>>();
+    let worker = thread::spawn(move || {
+        // Created on the thread that uses it (SINGLE_ISSUER).
+        let mut b = backend(Ipv4Addr::new(239, 255, 201, 4), 46_207, UringOptions::default());
+        ready_tx.send(b.waker()).unwrap();
+        // 1: woken while waiting.
+        done_tx.send(b.receive(None, &mut |_, _| {})).unwrap();
+        // 2: a wake that comes before the wait makes the next wait return too.
+        b.waker().wake();
+        done_tx.send(b.receive(None, &mut |_, _| {})).unwrap();
+    });
+    let waker = ready_rx.recv_timeout(Duration::from_secs(5)).expect("backend thread did not start within 5 s");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let first = loop {
+        waker.wake();
+        match done_rx.recv_timeout(Duration::from_millis(1)) {
+            Ok(r) => break r,
+            Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+            Err(e) => panic!("receive(None) did not return within 5 s of repeated wakes: {e:?}"),
+        }
+    };
+    assert_eq!(first.expect("receive"), 0);
+    let second = done_rx.recv_timeout(Duration::from_secs(5)).expect("a wake before receive(None) was lost");
+    assert_eq!(second.expect("receive"), 0);
+    worker.join().unwrap();
+    // Waking after the backend is gone is harmless.
+    waker.wake();
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[test]
+fn drop_closes_every_fd() {
+    let _serial = serial();
+    if !available() {
+        return;
+    }
+    // Other tests of the crate may open descriptors concurrently: retry a few times; a real leak shows
+    // on every attempt.
+    let group = Ipv4Addr::new(239, 255, 201, 5);
+    let mut seen = Vec::new();
+    let leaked = leaked_teardowns();
+    for _ in 0..5 {
+        let before = open_fds();
+        let mut a = backend(group, 46_208, UringOptions::default());
+        let b = backend(group, 46_209, UringOptions::default());
+        let (wa, wb) = (a.waker(), b.waker());
+        // Leave operations in flight: a send, and a datagram for `b` that it never reads.
+        a.queue_send(SocketAddr::from((group, 46_209)), b"in flight").unwrap();
+        a.flush().unwrap();
+        drop(a);
+        drop(b);
+        // The wakers keep their eventfds open.
+        let with_wakers = open_fds();
+        wa.wake();
+        drop(wa);
+        drop(wb);
+        let after = open_fds();
+        assert_eq!(leaked_teardowns(), leaked, "a backend dropped on its own thread failed to drain its ring");
+        if after == before && with_wakers == before + 2 {
+            return;
+        }
+        seen.push((before, with_wakers, after));
+    }
+    panic!("descriptors leaked: (before, with wakers only, after) = {seen:?}");
+}
+
+#[test]
+fn idle_receive_waits_for_its_timeout() {
+    let _serial = serial();
+    if !available() {
+        return;
+    }
+    let mut b = backend(Ipv4Addr::new(239, 255, 201, 6), 46_212, UringOptions::default());
+    // Nothing arrives and nobody wakes: the wait must last its timeout (the eventfd read must not complete
+    // by itself), then return 0.
+    let start = Instant::now();
+    let n = b.receive(Some(Duration::from_millis(200)), &mut |_, _| {}).unwrap();
+    let waited = start.elapsed();
+    assert_eq!(n, 0);
+    assert!(waited >= Duration::from_millis(190), "returned after {waited:?}, before its 200 ms timeout");
+    assert!(waited < Duration::from_secs(5), "a 200 ms wait took {waited:?}");
+    // A zero timeout never waits.
+    let start = Instant::now();
+    assert_eq!(b.receive(Some(Duration::ZERO), &mut |_, _| {}).unwrap(), 0);
+    assert!(start.elapsed() < Duration::from_millis(100));
+}
+
+#[test]
+fn other_thread_is_refused_and_drop_there_leaks_memory() {
+    let _serial = serial();
+    if !available() {
+        return;
+    }
+    let leaked = leaked_teardowns();
+    let b = backend(Ipv4Addr::new(239, 255, 201, 7), 46_213, UringOptions::default());
+    if !b.setup_flags().contains("SINGLE_ISSUER") {
+        eprintln!("ring is not SINGLE_ISSUER ({}): nothing to test", b.setup_flags());
+        return;
+    }
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut b = b;
+        let r = b.receive(Some(Duration::ZERO), &mut |_, _| {});
+        drop(b);
+        tx.send(r.map_err(|e| e.to_string())).unwrap();
+    });
+    let r = rx.recv_timeout(Duration::from_secs(10)).expect("other thread did not finish within 10 s");
+    let err = r.expect_err("a SINGLE_ISSUER ring accepted another thread");
+    assert!(err.contains("SINGLE_ISSUER"), "unhelpful error: {err}");
+    assert_eq!(leaked_teardowns(), leaked + 1, "dropped on a foreign thread, the backend should leak its buffers");
+}
+
+#[test]
+fn every_rung_of_the_ladder_works() {
+    let _serial = serial();
+    if !available() {
+        return;
+    }
+    const N: usize = 300;
+    let group = Ipv4Addr::new(239, 255, 201, 8);
+    let mut tx = backend(group, 46_214, UringOptions::default());
+    let from = tx.unicast_addr().unwrap();
+    let dest = SocketAddr::from((group, 46_215));
+    for (k, rung) in LADDER.iter().enumerate() {
+        let opts = UringOptions { buffers: 16, ..UringOptions::default() };
+        let mut rx = match UringBackend::with_ladder(group_socket(group, 46_215), unicast_socket(), opts, k) {
+            Ok(rx) => rx,
+            Err(e) => {
+                eprintln!("rung {} unavailable here: {e}", rung.name);
+                continue;
+            }
+        };
+        eprintln!("rung {}: ring built with {}", rung.name, rx.setup_flags());
+        let mut buf = [0u8; 1400];
+        for i in 0..N {
+            let len = fill(i, &mut buf);
+            tx.queue_send(dest, &buf[..len]).unwrap();
+        }
+        tx.flush().unwrap();
+        let mut next = 0;
+        receive_until(&mut rx, from, &mut next, N, Instant::now() + Duration::from_secs(10));
+        // A wake before the wait ends it at once.
+        rx.waker().wake();
+        let start = Instant::now();
+        assert_eq!(rx.receive(Some(Duration::from_secs(5)), &mut |_, _| {}).unwrap(), 0);
+        assert!(start.elapsed() < Duration::from_secs(4), "{}: wake lost", rung.name);
+    }
+}

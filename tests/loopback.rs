@@ -1,0 +1,236 @@
+//! Integration suite over real loopback multicast, run once per backend.
+
+mod common;
+
+use std::time::Duration;
+
+use blip::proto::Event;
+use blip::{BackendChoice, BackendKind, Received};
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn one_to_three_threads(backend: BackendChoice) {
+    let group = unique_group();
+    let mut subs = Vec::new();
+    for _ in 0..3 {
+        subs.push(builder(backend, group).build().expect("subscriber node"));
+    }
+    let mut pub_node = builder(backend, group).build().expect("publisher node");
+    let mut publisher = pub_node.publisher().unwrap();
+    let mut own = pub_node.subscriber().unwrap();
+    const N: u64 = 20_000;
+    let threads: Vec<_> = subs
+        .iter_mut()
+        .map(|n| {
+            let mut s = n.subscriber().unwrap();
+            std::thread::spawn(move || collect(&mut s, 1, N, WAIT))
+        })
+        .collect();
+    handshake(&mut publisher, &mut own, 3, 100);
+    send_rest(&mut publisher, N, 100);
+    for t in threads {
+        assert_perfect(&t.join().expect("subscriber thread"), N);
+    }
+}
+
+fn two_to_two(backend: BackendChoice) {
+    let group = unique_group();
+    let mut subs: Vec<_> = (0..2).map(|_| builder(backend, group).build().expect("subscriber")).collect();
+    let mut pubs: Vec<_> = (0..2).map(|_| builder(backend, group).build().expect("publisher")).collect();
+    const N: u64 = 10_000;
+    let collectors: Vec<_> = subs
+        .iter_mut()
+        .map(|n| {
+            let mut s = n.subscriber().unwrap();
+            std::thread::spawn(move || collect(&mut s, 2, N, WAIT))
+        })
+        .collect();
+    let senders: Vec<_> = pubs
+        .iter_mut()
+        .map(|n| {
+            let mut p = n.publisher().unwrap();
+            let mut own = n.subscriber().unwrap();
+            // The three other nodes (two subscribers and the other publisher) all follow this stream.
+            std::thread::spawn(move || {
+                handshake(&mut p, &mut own, 3, 64);
+                send_rest(&mut p, N, 64);
+                (p, own)
+            })
+        })
+        .collect();
+    for c in collectors {
+        assert_perfect(&c.join().expect("collector"), N);
+    }
+    for s in senders {
+        drop(s.join().expect("sender"));
+    }
+}
+
+fn million_small(backend: BackendChoice) {
+    let group = unique_group();
+    let mut sub_node = builder(backend, group).build().unwrap();
+    let mut pub_node = builder(backend, group).build().unwrap();
+    let mut sub = sub_node.subscriber().unwrap();
+    const N: u64 = 1_000_000;
+    let c = std::thread::spawn(move || collect(&mut sub, 1, N, Duration::from_secs(240)));
+    let mut publisher = pub_node.publisher().unwrap();
+    let mut own = pub_node.subscriber().unwrap();
+    handshake(&mut publisher, &mut own, 1, 64);
+    send_rest(&mut publisher, N, 64);
+    assert_perfect(&c.join().unwrap(), N);
+}
+
+fn large_messages(backend: BackendChoice) {
+    let group = unique_group();
+    let mut sub_node = builder(backend, group).build().unwrap();
+    let mut pub_node = builder(backend, group).build().unwrap();
+    let mut sub = sub_node.subscriber().unwrap();
+    let mut publisher = pub_node.publisher().unwrap();
+    let mut own = pub_node.subscriber().unwrap();
+    handshake(&mut publisher, &mut own, 1, 64);
+    let sizes = [1 << 20, 16 << 20, 1 << 20];
+    let mut buf = Vec::new();
+    for (k, &size) in sizes.iter().enumerate() {
+        payload(k as u64 + 1, size, &mut buf);
+        publisher.send(&buf).unwrap();
+    }
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while got.len() < sizes.len() + 1 {
+        assert!(std::time::Instant::now() < deadline, "large messages: got {} of {}", got.len(), sizes.len() + 1);
+        sub.wait(Duration::from_millis(50));
+        sub.poll(16, |r| {
+            if let Received::Message(m) = r {
+                got.push((m.seq, m.payload.len(), check_payload(m.seq, m.payload)));
+            }
+        });
+    }
+    assert_eq!(got[0], (0, 64, true));
+    for (k, &size) in sizes.iter().enumerate() {
+        assert_eq!(got[k + 1], (k as u64 + 1, size, true), "message {} of {size} bytes", k + 1);
+    }
+}
+
+fn injected_loss(backend: BackendChoice) {
+    let group = unique_group();
+    let mut sub_node = builder(backend, group).inject_loss(0.05, 42).build().unwrap();
+    let mut pub_node = builder(backend, group).build().unwrap();
+    let mut sub = sub_node.subscriber().unwrap();
+    const N: u64 = 100_000;
+    let c = std::thread::spawn(move || collect(&mut sub, 1, N, WAIT));
+    let mut publisher = pub_node.publisher().unwrap();
+    let mut own = pub_node.subscriber().unwrap();
+    handshake(&mut publisher, &mut own, 1, 200);
+    send_rest(&mut publisher, N, 200);
+    assert_perfect(&c.join().unwrap(), N);
+    let rx = sub_node.stats();
+    let tx = pub_node.stats();
+    assert!(rx.injected_drops > 100, "loss injector dropped {}", rx.injected_drops);
+    assert!(tx.protocol.retransmits > 0, "no retransmissions: {tx:?}");
+    assert!(rx.protocol.naks_sent > 0);
+}
+
+fn events_and_info(backend: BackendChoice, kind: BackendKind) {
+    let group = unique_group();
+    let mut a = builder(backend, group).name("alpha").build().unwrap();
+    assert_eq!(a.info().backend, kind);
+    let b = builder(backend, group).name("beta").build().unwrap();
+    let b_id = b.info().node_id;
+    let mut sub = a.subscriber().unwrap();
+    wait_events(
+        &mut sub,
+        1,
+        Duration::from_secs(10),
+        "beta to join",
+        |e| matches!(e, Event::PeerJoined { node_id, name, .. } if *node_id == b_id && name == "beta"),
+    );
+    b.shutdown();
+    wait_events(
+        &mut sub,
+        1,
+        Duration::from_secs(10),
+        "beta to leave",
+        |e| matches!(e, Event::PeerLeft { node_id, .. } if *node_id == b_id),
+    );
+}
+
+fn driven_by_caller(backend: BackendChoice) {
+    let group = unique_group();
+    let mut a = builder(backend, group).build_driven().unwrap();
+    let mut b = builder(backend, group).build_driven().unwrap();
+    let mut pa = a.publisher().unwrap();
+    let mut sb = b.subscriber().unwrap();
+    let mut buf = Vec::new();
+    for i in 0..1000 {
+        payload(i, 64, &mut buf);
+        pa.try_send(&buf).unwrap();
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut next = 0u64;
+    while next < 1000 {
+        assert!(std::time::Instant::now() < deadline, "driven nodes delivered {next} of 1000");
+        a.duty_cycle(Some(Duration::from_millis(1))).unwrap();
+        b.duty_cycle(Some(Duration::from_millis(1))).unwrap();
+        sb.poll(1024, |r| {
+            if let Received::Message(m) = r {
+                assert_eq!(m.seq, next);
+                assert!(check_payload(m.seq, m.payload));
+                next += 1;
+            }
+        });
+    }
+}
+
+macro_rules! suite {
+    ($name:ident, $choice:expr, $kind:expr, $available:expr) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn one_publisher_three_subscriber_threads() {
+                if $available {
+                    one_to_three_threads($choice)
+                }
+            }
+            #[test]
+            fn two_publishers_two_subscribers() {
+                if $available {
+                    two_to_two($choice)
+                }
+            }
+            #[test]
+            fn a_million_small_messages_in_order() {
+                if $available {
+                    million_small($choice)
+                }
+            }
+            #[test]
+            fn one_and_sixteen_mib_messages() {
+                if $available {
+                    large_messages($choice)
+                }
+            }
+            #[test]
+            fn five_percent_injected_loss_is_repaired() {
+                if $available {
+                    injected_loss($choice)
+                }
+            }
+            #[test]
+            fn membership_events_and_backend_info() {
+                if $available {
+                    events_and_info($choice, $kind)
+                }
+            }
+            #[test]
+            fn engine_driven_from_the_callers_thread() {
+                if $available {
+                    driven_by_caller($choice)
+                }
+            }
+        }
+    };
+}
+
+suite!(poll, BackendChoice::Poll, BackendKind::Poll, true);
+suite!(uring, BackendChoice::Uring, BackendKind::Uring, uring_or_skip());
