@@ -267,9 +267,10 @@ impl NodeBuilder {
 
     /// Opens the sockets, chooses the backend and starts the engine thread.
     pub fn build(self) -> Result<Node, Error> {
-        let (protocol, kind, reason, session) = self.prepare()?;
+        let (mut protocol, kind, reason, session) = self.prepare()?;
         let sockets = net::open(&self.sockets)?;
         let report = sockets.report.clone();
+        fit_receive_buffer(&mut protocol, &report);
         let (parts, handles) = self.channels(protocol.clone(), session)?;
         let shared = parts.shared.clone();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), Error>>();
@@ -326,9 +327,10 @@ impl NodeBuilder {
     /// Like [`build`](Self::build), but spawns no thread: the caller drives the engine with
     /// [`Node::duty_cycle`] from the thread that called this. Pinning is the caller's business.
     pub fn build_driven(self) -> Result<Node, Error> {
-        let (protocol, kind, reason, session) = self.prepare()?;
+        let (mut protocol, kind, reason, session) = self.prepare()?;
         let sockets = net::open(&self.sockets)?;
         let report = sockets.report.clone();
+        fit_receive_buffer(&mut protocol, &report);
         let (parts, handles) = self.channels(protocol.clone(), session)?;
         let backend = open_backend(kind, sockets.group, sockets.unicast, protocol.max_datagram)?;
         let engine = Engine::new(backend, parts);
@@ -372,6 +374,24 @@ struct Handles {
     publisher: Publisher,
     subscriber: Subscriber,
     shared: Arc<Shared>,
+}
+
+/// Datagrams the kernel's receive buffer holds. The kernel charges each datagram its buffer's "truesize":
+/// the payload rounded up to an allocation size plus about 768 bytes of bookkeeping (KERNEL-NOTES: 832 B for
+/// a 64-byte datagram, 2,304 B for 1,200 bytes), against twice the granted SO_RCVBUF.
+fn socket_capacity(granted: usize, max_datagram: usize) -> usize {
+    let truesize = (max_datagram + 320).next_power_of_two() + 768;
+    2 * granted / truesize
+}
+
+/// The receive buffer a receiver advertises (its flow-control credit) is at most what its socket holds, so a
+/// sender never overruns the kernel's queue faster than the engine drains it.
+fn fit_receive_buffer(protocol: &mut Config, sockets: &SocketReport) {
+    let fits = socket_capacity(sockets.recv_buffer, protocol.max_datagram).max(2);
+    if fits < protocol.receive_buffer {
+        log::debug!("blip: receive_buffer {} lowered to {fits}, what the socket holds", protocol.receive_buffer);
+        protocol.receive_buffer = fits;
+    }
 }
 
 fn random_u64() -> u64 {

@@ -269,3 +269,23 @@ fn a_livelock_is_reported_not_hung() {
     };
     assert!(matches!(sim::run(&cfg), Err(sim::SimError::Unfinished { .. })));
 }
+
+/// A receiver with a smaller buffer than the sender's window is never sent more than it can hold: its
+/// STATUS carries its capacity and the sender stops there (no overrun, so nothing to retransmit).
+#[test]
+fn sender_respects_the_receivers_buffer_capacity() {
+    let cfg = SimConfig {
+        seed: 17,
+        receivers: 2,
+        messages: 5000,
+        message_size: 1000,
+        batch: 20,
+        protocol: Config { window: 2048, receive_buffer: 64, ..Config::default() },
+        stalls: vec![Stall { receiver: 0, from: Duration::from_millis(2), until: Duration::from_millis(40) }],
+        ..SimConfig::default()
+    };
+    let r = run(&cfg);
+    assert_perfect(&r, "small receive buffer");
+    assert!(r.sender_blocked > 0, "the stalled receiver's credit should have held the sender: {r:?}");
+    assert_eq!(r.retransmissions, 0, "no datagram should have been sent past a receiver's buffer: {r:?}");
+}

@@ -17,6 +17,8 @@ use crate::wire::{
 struct RemoteReceiver {
     session: u64,
     next_expected: u64,
+    /// Datagrams it can buffer beyond `next_expected` (its STATUS says); the sender never sends past that.
+    capacity: u64,
     last_heard: Instant,
     /// Since when this receiver alone has kept the window from advancing (for `DropAfter`).
     blocking_since: Option<Instant>,
@@ -226,16 +228,20 @@ impl Sender {
     /// Flow control: may the slot for `seq` be reused (evicting `seq - window`)?
     fn may_open(&mut self, seq: u64, now: Instant, events: &mut VecDeque<Event>) -> bool {
         let cap = self.window.capacity() as u64;
-        if seq < cap {
-            return true;
-        }
-        let evict = seq - cap;
-        if evict >= self.sent {
-            return false; // never overwrite what has not been transmitted once
+        // Opening `seq` evicts `seq - window` from the ring; never what has not been transmitted once.
+        let evict = seq.checked_sub(cap);
+        if evict.is_some_and(|e| e >= self.sent) {
+            return false;
         }
         let mut ok = true;
         for r in self.receivers.iter_mut() {
-            if r.dropped || r.next_expected > evict {
+            if r.dropped {
+                continue;
+            }
+            // A live receiver still needs the evicted datagram, or has no room for this one.
+            let needs_evicted = evict.is_some_and(|e| r.next_expected <= e);
+            let out_of_room = r.capacity > 0 && seq >= r.next_expected + r.capacity;
+            if !needs_evicted && !out_of_room {
                 continue;
             }
             match self.policy {
@@ -258,6 +264,7 @@ impl Sender {
     pub(crate) fn handle_status(&mut self, now: Instant, from: u64, status: &StatusRepr, events: &mut VecDeque<Event>) {
         if let Some(r) = self.receivers.iter_mut().find(|r| r.session == from) {
             r.last_heard = now;
+            r.capacity = status.buffer_capacity as u64;
             if status.next_expected > r.next_expected {
                 r.next_expected = status.next_expected;
                 r.blocking_since = None;
@@ -273,6 +280,7 @@ impl Sender {
         self.receivers.push(RemoteReceiver {
             session: from,
             next_expected: status.next_expected,
+            capacity: status.buffer_capacity as u64,
             last_heard: now,
             blocking_since: None,
             dropped: false,
