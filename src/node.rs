@@ -271,7 +271,8 @@ impl NodeBuilder {
         let sockets = net::open(&self.sockets)?;
         let report = sockets.report.clone();
         fit_receive_buffer(&mut protocol, &report);
-        let (parts, handles) = self.channels(protocol.clone(), session)?;
+        let (mut parts, handles) = self.channels(protocol.clone(), session)?;
+        parts.backend_reason = reason.clone();
         let shared = parts.shared.clone();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), Error>>();
         let idle = self.idle;
@@ -331,7 +332,8 @@ impl NodeBuilder {
         let sockets = net::open(&self.sockets)?;
         let report = sockets.report.clone();
         fit_receive_buffer(&mut protocol, &report);
-        let (parts, handles) = self.channels(protocol.clone(), session)?;
+        let (mut parts, handles) = self.channels(protocol.clone(), session)?;
+        parts.backend_reason = reason.clone();
         let backend = open_backend(kind, sockets.group, sockets.unicast, protocol.max_datagram)?;
         let engine = Engine::new(backend, parts);
         let info = NodeInfo {
@@ -362,6 +364,7 @@ impl NodeBuilder {
             shared: shared.clone(),
             group: self.sockets.group,
             loss: self.loss.map(|(p, seed)| LossInjector::new(p, seed)),
+            backend_reason: String::new(),
         };
         let publisher =
             Publisher { ring: in_tx, large: large_tx, shared: shared.clone(), max_message: protocol.max_message };
@@ -698,8 +701,9 @@ pub struct Message<'a> {
     pub payload: &'a [u8],
 }
 
-/// What a subscriber receives, in order per sender.
+/// What a subscriber receives, in order per sender. New kinds of delivery may be added.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Received<'a> {
     /// The next message.
     Message(Message<'a>),
@@ -714,6 +718,13 @@ pub enum Received<'a> {
     },
     /// Membership, sender and receiver events.
     Event(Event),
+    /// The node's first delivery: the backend that runs it and why it was chosen.
+    BackendChosen {
+        /// The backend.
+        kind: BackendKind,
+        /// Probe result, override or request.
+        reason: &'a str,
+    },
 }
 
 /// Receives deliveries from the engine. One per node; it may move to another thread.
@@ -745,6 +756,7 @@ impl Subscriber {
                         handler(Received::Message(Message { session, seq, payload: &payload }))
                     }
                     Ok(Side::Event(e)) => handler(Received::Event(e)),
+                    Ok(Side::Backend(kind, reason)) => handler(Received::BackendChosen { kind, reason: &reason }),
                     Err(_) => {}
                 },
             }
@@ -778,6 +790,7 @@ impl Subscriber {
                 Received::Message(m) => Owned::Message { session: m.session, seq: m.seq, payload: m.payload.to_vec() },
                 Received::Loss { session, datagrams, messages } => Owned::Loss { session, datagrams, messages },
                 Received::Event(e) => Owned::Event(e),
+                Received::BackendChosen { kind, reason } => Owned::BackendChosen { kind, reason: reason.to_owned() },
             })
         });
         out
@@ -789,8 +802,9 @@ impl Subscriber {
     }
 }
 
-/// An owned delivery, from [`Subscriber::recv_timeout`].
+/// An owned delivery, from [`Subscriber::recv_timeout`]. New kinds of delivery may be added.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Owned {
     /// A message.
     Message {
@@ -812,4 +826,11 @@ pub enum Owned {
     },
     /// An event.
     Event(Event),
+    /// The backend that runs the node, and why.
+    BackendChosen {
+        /// The backend.
+        kind: BackendKind,
+        /// Why.
+        reason: String,
+    },
 }

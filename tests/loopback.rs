@@ -138,6 +138,13 @@ fn events_and_info(backend: BackendChoice, kind: BackendKind) {
     let b = builder(backend, group).name("beta").build().unwrap();
     let b_id = b.info().node_id;
     let mut sub = a.subscriber().unwrap();
+    match sub.recv_timeout(Duration::from_secs(10)) {
+        Some(blip::Owned::BackendChosen { kind: k, reason }) => {
+            assert_eq!(k, kind);
+            assert!(!reason.is_empty());
+        }
+        other => panic!("the first delivery should name the backend, got {other:?}"),
+    }
     wait_events(
         &mut sub,
         1,
@@ -164,8 +171,16 @@ fn driven_by_caller(backend: BackendChoice) {
     let mut buf = Vec::new();
     for i in 0..1000 {
         payload(i, 64, &mut buf);
-        pa.try_send(&buf).unwrap();
+        if i % 2 == 0 {
+            pa.try_send(&buf).unwrap();
+        } else {
+            // Written in place in the ring.
+            let mut claim = pa.claim(buf.len()).unwrap();
+            claim.copy_from_slice(&buf);
+            claim.commit();
+        }
     }
+    assert!(matches!(pa.claim(pa.max_claim() + 1), Err(blip::SendError::TooLarge { .. })));
     let deadline = std::time::Instant::now() + WAIT;
     let mut next = 0u64;
     while next < 1000 {

@@ -33,6 +33,8 @@ pub(crate) enum Side {
     Message { session: u64, seq: u64, payload: Vec<u8> },
     /// A protocol event.
     Event(Event),
+    /// The first delivery of every node: which backend runs it, and why.
+    Backend(super::BackendKind, String),
 }
 
 /// How the engine waits when it has nothing to do.
@@ -186,10 +188,14 @@ pub(crate) struct EngineParts {
     pub(crate) shared: Arc<Shared>,
     pub(crate) group: SocketAddr,
     pub(crate) loss: Option<LossInjector>,
+    /// Why this backend was chosen, for the first delivery.
+    pub(crate) backend_reason: String,
 }
 
 impl Engine {
-    pub(crate) fn new(backend: Box<dyn Backend>, parts: EngineParts) -> Engine {
+    pub(crate) fn new(backend: Box<dyn Backend>, mut parts: EngineParts) -> Engine {
+        let _ = parts.outbox_side.send(Side::Backend(backend.kind(), std::mem::take(&mut parts.backend_reason)));
+        parts.outbox.push(OUT_SIDE, &[]);
         *parts.shared.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend.waker());
         let max_datagram = parts.endpoint.config().max_datagram;
         let inline_max = parts.outbox.max_record() - OUT_HEADER;

@@ -129,7 +129,7 @@ pub fn collect(sub: &mut Subscriber, senders: usize, count: u64, timeout: Durati
                     t.1.losses += messages.map(|m| m.end - m.start).unwrap_or(0);
                 }
             }
-            Received::Event(_) => {}
+            _ => {}
         });
     }
     tallies
