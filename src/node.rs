@@ -381,10 +381,11 @@ struct Handles {
 
 /// Datagrams the kernel's receive buffer holds. The kernel charges each datagram its buffer's "truesize":
 /// the payload rounded up to an allocation size plus about 768 bytes of bookkeeping (KERNEL-NOTES: 832 B for
-/// a 64-byte datagram, 2,304 B for 1,200 bytes), against twice the granted SO_RCVBUF.
-fn socket_capacity(granted: usize, max_datagram: usize) -> usize {
+/// a 64-byte datagram, 2,304 B for 1,200 bytes), against the buffer size as read back (on Linux twice the
+/// grant).
+fn socket_capacity(charged: usize, max_datagram: usize) -> usize {
     let truesize = (max_datagram + 320).next_power_of_two() + 768;
-    2 * granted / truesize
+    charged / truesize
 }
 
 /// The receive buffer a receiver advertises (its flow-control credit) is at most what its socket holds, so a
