@@ -18,3 +18,8 @@ pub use node::{
     BackendChoice, Claim, Error, Message, Node, NodeBuilder, NodeInfo, Owned, Publisher, Received, SendError,
     Subscriber,
 };
+
+/// The README's examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
