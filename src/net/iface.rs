@@ -3,7 +3,6 @@
 //! Addresses come from `getifaddrs(3)` (freed by a guard, also on early return), names and indices from
 //! `if_nametoindex(3)` / `if_indextoname(3)`.
 
-use std::ffi::{CStr, CString};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::{Interface, NetError};
@@ -121,77 +120,35 @@ fn pick_v6<'a>(addrs: &[&'a IfAddr], group: IpAddr) -> Option<&'a IfAddr> {
 
 /// `if_nametoindex`, `None` if there is no such interface.
 pub(crate) fn name_to_index(name: &str) -> Option<u32> {
-    let c = CString::new(name).ok()?;
-    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
-    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (index != 0).then_some(index)
+    nix::net::if_::if_nametoindex(name).ok().filter(|&i| i != 0)
 }
 
 /// `if_indextoname`, `None` if there is no interface with that index.
 pub(crate) fn index_to_name(index: u32) -> Option<String> {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: `buf` has the IF_NAMESIZE bytes the call may write.
-    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
-    if p.is_null() {
-        return None;
-    }
-    // SAFETY: on success the buffer holds a NUL-terminated name.
-    Some(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+    // nix 0.30 does not turn the NULL of an unknown index into an error: it returns an empty name.
+    let name = nix::net::if_::if_indextoname(index).ok()?.to_string_lossy().into_owned();
+    (!name.is_empty()).then_some(name)
 }
 
-/// Frees the `getifaddrs` list when dropped.
-struct IfAddrsGuard(*mut libc::ifaddrs);
-
-impl Drop for IfAddrsGuard {
-    fn drop(&mut self) {
-        if !self.0.is_null() {
-            // SAFETY: the pointer came from a successful getifaddrs and is freed exactly once.
-            unsafe { libc::freeifaddrs(self.0) };
-        }
-    }
-}
-
-/// Every IPv4 and IPv6 address of every interface.
+/// Every IPv4 and IPv6 address of every interface (nix's safe `getifaddrs`, which frees the list).
 pub(crate) fn list() -> Result<Vec<IfAddr>, NetError> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs writes a list head on success; the guard frees it.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(NetError::Io {
-            op: "list interface addresses (getifaddrs)",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    let guard = IfAddrsGuard(head);
+    use nix::net::if_::InterfaceFlags;
+    let addrs = nix::ifaddrs::getifaddrs()
+        .map_err(|e| NetError::Io { op: "list interface addresses (getifaddrs)", source: e.into() })?;
     let mut out = Vec::new();
-    let mut cur = guard.0;
-    while !cur.is_null() {
-        // SAFETY: `cur` is a node of the list owned by `guard`, alive until the guard drops.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+    for ifa in addrs {
+        let Some(a) = ifa.address else { continue };
+        let (addr, scope_id) = if let Some(v4) = a.as_sockaddr_in() {
+            (IpAddr::V4(v4.ip()), 0)
+        } else if let Some(v6) = a.as_sockaddr_in6() {
+            let (v6, scope) = v6_with_scope(v6.ip().octets(), v6.scope_id());
+            (IpAddr::V6(v6), scope)
+        } else {
             continue;
-        }
-        // SAFETY: ifa_addr points to a sockaddr whose family says which larger struct it is.
-        let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
-        let (addr, scope_id) = match family {
-            libc::AF_INET => {
-                // SAFETY: AF_INET addresses are sockaddr_in.
-                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                (IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))), 0)
-            }
-            libc::AF_INET6 => {
-                // SAFETY: AF_INET6 addresses are sockaddr_in6.
-                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                let (v6, scope) = v6_with_scope(sin6.sin6_addr.s6_addr, sin6.sin6_scope_id);
-                (IpAddr::V6(v6), scope)
-            }
-            _ => continue,
         };
-        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
-        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
-        let index = name_to_index(&name).unwrap_or(0);
-        let loopback = ifa.ifa_flags & (libc::IFF_LOOPBACK as libc::c_uint) != 0;
-        out.push(IfAddr { name, index, addr, scope_id, loopback });
+        let index = name_to_index(&ifa.interface_name).unwrap_or(0);
+        let loopback = ifa.flags.contains(InterfaceFlags::IFF_LOOPBACK);
+        out.push(IfAddr { name: ifa.interface_name, index, addr, scope_id, loopback });
     }
     Ok(out)
 }

@@ -4,7 +4,6 @@
 //! `poll(2)`, never a sleep.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use super::*;
@@ -39,12 +38,12 @@ fn payload(test: &str, what: &str) -> Vec<u8> {
 
 /// Waits until `socket` is readable or `deadline` passes.
 fn readable(socket: &UdpSocket, deadline: Instant) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
     let left = deadline.saturating_duration_since(Instant::now());
-    let mut fds = libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    let ms = left.as_millis().min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: one valid pollfd.
-    let n = unsafe { libc::poll(&mut fds, 1, ms) };
-    n > 0 && fds.revents & libc::POLLIN != 0
+    let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
+    let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, ms), Ok(n) if n > 0) && fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN))
 }
 
 /// Receives datagrams until one equals `want` and returns its source; every datagram seen before it is
