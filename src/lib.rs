@@ -15,9 +15,9 @@ pub mod wire;
 
 pub use engine::{BackendKind, IdleStrategy, NodeStats};
 pub use node::{
-    BackendChoice, Claim, Error, Message, Node, NodeBuilder, NodeInfo, Owned, Publisher, Received, SendError,
-    Subscriber,
+    BackendChoice, Claim, Error, Node, NodeBuilder, NodeInfo, Owned, Publisher, Received, SendError, Subscriber,
 };
+pub use proto::Message;
 
 /// The README's examples, compiled as doctests so they stay true.
 #[cfg(doctest)]

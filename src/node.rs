@@ -35,7 +35,7 @@ use crate::engine::{
     OUT_LOSS, OUT_MESSAGE, Shared, Side,
 };
 use crate::net::{self, Interface, NetError, SocketConfig, SocketReport};
-use crate::proto::{Config, ConfigError, Endpoint, Event, LateJoin, SlowReceiverPolicy};
+use crate::proto::{Config, ConfigError, Endpoint, Event, LateJoin, Message, SlowReceiverPolicy};
 use crate::ring;
 
 /// Which backend to use.
@@ -161,7 +161,7 @@ impl NodeBuilder {
         self.sockets.reuse = reuse;
         self
     }
-    /// Receive buffer to ask the kernel for, in bytes (default 8 MiB; clamped by `net.core.rmem_max`).
+    /// Receive buffer to ask the kernel for, in bytes (default 4 MiB; clamped by `net.core.rmem_max`).
     pub fn recv_buffer(mut self, bytes: usize) -> Self {
         self.sockets.recv_buffer = bytes;
         self
@@ -689,17 +689,6 @@ impl std::ops::DerefMut for Claim<'_> {
     fn deref_mut(&mut self) -> &mut [u8] {
         &mut self.inner
     }
-}
-
-/// A message as delivered (payload borrowed until the handler returns).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Message<'a> {
-    /// The sender's session.
-    pub session: u64,
-    /// The message's sequence number in that session.
-    pub seq: u64,
-    /// The bytes.
-    pub payload: &'a [u8],
 }
 
 /// What a subscriber receives, in order per sender. New kinds of delivery may be added.

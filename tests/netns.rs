@@ -126,23 +126,6 @@ fn netns_child() {
     }
 }
 
-fn wait_ok(mut child: Child, deadline: Instant, what: &str) -> String {
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut out = String::new();
-            std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
-            assert!(status.success(), "{what} failed ({status}): {out}");
-            return out;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish in time");
-        }
-        std::thread::park_timeout(Duration::from_millis(20));
-    }
-}
-
 fn across_veth(tag: u32, group: &str, backend: &str) {
     if std::env::var("BLIP_NETNS_CHILD").is_ok() {
         return;
@@ -160,9 +143,9 @@ fn across_veth(tag: u32, group: &str, backend: &str) {
     let sub = lab.spawn(1, "sub", group, port, backend);
     let publ = lab.spawn(0, "pub", group, port, backend);
     let deadline = Instant::now() + Duration::from_secs(90);
-    let out = wait_ok(sub, deadline, "subscriber");
+    let out = wait_child(sub, deadline, "subscriber");
     assert!(out.contains(&format!("SUB OK {N}")), "{out}");
-    wait_ok(publ, deadline, "publisher");
+    wait_child(publ, deadline, "publisher");
     let _ = std::fs::remove_file(format!("/tmp/blip-netns-done-{port}"));
 }
 

@@ -40,24 +40,6 @@ fn spawn_child(group: (std::net::IpAddr, u16), backend: &str) -> Child {
         .expect("spawn child")
 }
 
-fn wait_child(mut child: Child, deadline: Instant) -> String {
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            let mut out = String::new();
-            std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
-            assert!(status.success(), "child failed ({status}): {out}");
-            return out;
-        }
-        if Instant::now() > deadline {
-            // Only our own child, by its handle.
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("child subscriber did not finish in time");
-        }
-        std::thread::park_timeout(Duration::from_millis(20));
-    }
-}
-
 fn three_processes(backend: BackendChoice, name: &str) {
     let group = unique_group();
     let children: Vec<Child> = (0..3).map(|_| spawn_child(group, name)).collect();
@@ -68,7 +50,7 @@ fn three_processes(backend: BackendChoice, name: &str) {
     send_rest(&mut publisher, N, 100);
     let deadline = Instant::now() + Duration::from_secs(90);
     for c in children {
-        let out = wait_child(c, deadline);
+        let out = wait_child(c, deadline, "child subscriber");
         assert!(out.contains(&format!("CHILD OK {N}")), "child output: {out}");
     }
 }

@@ -72,14 +72,15 @@ pub struct Transmit {
     pub destination: Destination,
 }
 
-/// A message delivered in order.
+/// A message delivered in order, by [`Endpoint::recv`] or a node's subscriber.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Message<'a> {
     /// The sender's session.
     pub session: u64,
     /// The message's sequence number in that session.
     pub seq: u64,
-    /// The message bytes (borrowed until the next call on the endpoint).
+    /// The message bytes, borrowed from the receiver's buffers until the next receiving call (the next
+    /// `recv`, or the return of the subscriber's handler).
     pub payload: &'a [u8],
 }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::process::Child;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
@@ -142,5 +143,26 @@ pub fn assert_perfect(tallies: &[(u64, Tally)], count: u64) {
             (count, 0, 0, 0),
             "session {s:x}: delivered, out of order, corrupt, lost"
         );
+    }
+}
+
+/// Waits for a child process this test started; returns its stdout, fails the test if it failed, and kills
+/// it (by its own handle, nothing else) at the deadline.
+pub fn wait_child(mut child: Child, deadline: Instant, what: &str) -> String {
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            let mut out = String::new();
+            if let Some(stdout) = child.stdout.as_mut() {
+                std::io::Read::read_to_string(stdout, &mut out).expect("read child output");
+            }
+            assert!(status.success(), "{what} failed ({status}): {out}");
+            return out;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish in time");
+        }
+        std::thread::park_timeout(Duration::from_millis(20));
     }
 }
