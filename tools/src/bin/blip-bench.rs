@@ -76,6 +76,19 @@ enum Cmd {
     Raw(ThroughputArgs),
     /// Raw and Blip back to back, with their ratio.
     Compare(CompareArgs),
+    /// Internal: one subscriber of `throughput --processes`, run as a child process.
+    #[command(hide = true)]
+    SubscriberChild(ChildArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct ChildArgs {
+    /// Messages to expect.
+    #[arg(long)]
+    messages: u64,
+    /// Index of this subscriber (seeds its loss injector).
+    #[arg(long)]
+    index: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -92,6 +105,12 @@ struct ThroughputArgs {
     /// Raw only: plain sendmmsg/recvmmsg even where UDP GSO/GRO are available.
     #[arg(long)]
     no_gso: bool,
+    /// Send for this many seconds instead of a number of messages (subscribers in threads only).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Run each subscriber in its own process instead of a thread.
+    #[arg(long)]
+    processes: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -131,7 +150,14 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let cmd = cli.command.unwrap_or(Cmd::Compare(CompareArgs {
-        throughput: ThroughputArgs { messages: 2_000_000, subscribers: 1, unpacked: false, no_gso: false },
+        throughput: ThroughputArgs {
+            messages: 2_000_000,
+            subscribers: 1,
+            unpacked: false,
+            no_gso: false,
+            seconds: None,
+            processes: false,
+        },
         count: 50_000,
         runs: 3,
     }));
@@ -140,6 +166,7 @@ fn main() -> ExitCode {
         Cmd::Raw(a) => raw_throughput(&c, &a).map(|r| report(&c, &[r])),
         Cmd::Latency(a) => latency(&c, &a, false).map(|r| report(&c, &[r])),
         Cmd::Compare(a) => compare(&c, &a).map(|rows| report(&c, &rows)),
+        Cmd::SubscriberChild(a) => subscriber_child(&c, &a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -248,54 +275,96 @@ fn drive(node: &mut Node) -> Result<usize> {
     node.duty_cycle(Some(Duration::ZERO)).map_err(|e| e.to_string())
 }
 
+/// One subscriber: counts messages until `target` (which the publisher may lower when sending for a fixed
+/// time) are delivered or reported lost, then keeps its node alive until `stop`. Returns (delivered,
+/// seconds from the second message to the last, lost).
+fn subscribe(
+    c: &Common,
+    index: usize,
+    target: &AtomicU64,
+    stop: &AtomicBool,
+    done: &AtomicU64,
+) -> Result<(u64, f64, u64)> {
+    let mut b = builder(c, 0)?;
+    if c.loss > 0.0 {
+        b = b.inject_loss(c.loss, 1000 + index as u64);
+    }
+    let mut node = build(b, c.threads)?;
+    let mut sub = node.subscriber().ok_or("subscriber taken")?;
+    let (mut got, mut losses, mut first, mut last) = (0u64, 0u64, None::<Instant>, Instant::now());
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while got + losses < target.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+        if Instant::now() > deadline {
+            return Err(format!("subscriber {index} timed out at {got} of {}", target.load(Ordering::Relaxed)));
+        }
+        drive(&mut node)?;
+        let before = got;
+        sub.poll(usize::MAX, |r| match r {
+            Received::Message(_) => {
+                got += 1;
+                if got == 2 {
+                    first = Some(Instant::now());
+                }
+            }
+            Received::Loss { messages: Some(m), .. } => losses += m.end - m.start,
+            _ => {}
+        });
+        if got > before {
+            last = Instant::now();
+        }
+        if c.threads {
+            sub.wait(Duration::from_millis(1));
+        }
+    }
+    let secs = first.map(|f| (last - f).as_secs_f64()).unwrap_or(0.0);
+    done.fetch_add(1, Ordering::SeqCst);
+    // Keep the node (and its STATUS) alive until the publisher is finished.
+    while !stop.load(Ordering::Relaxed) {
+        drive(&mut node)?;
+        std::thread::park_timeout(Duration::from_micros(200));
+    }
+    Ok((got, secs, losses))
+}
+
+/// `throughput --processes`: a child process running one subscriber; prints `RESULT delivered secs lost`.
+fn subscriber_child(c: &Common, a: &ChildArgs) -> Result<()> {
+    pin(&c.cores, a.index + 1);
+    let target = AtomicU64::new(a.messages.max(2));
+    let stop = AtomicBool::new(false);
+    let done = AtomicU64::new(0);
+    // Stop as soon as everything is in: the parent learns the result from stdout.
+    let r = std::thread::scope(|scope| {
+        let h = scope.spawn(|| subscribe(c, a.index, &target, &stop, &done));
+        while done.load(Ordering::SeqCst) == 0 && !h.is_finished() {
+            std::thread::park_timeout(Duration::from_millis(1));
+        }
+        stop.store(true, Ordering::SeqCst);
+        h.join().map_err(|_| "subscriber panicked".to_string())?
+    })?;
+    println!("RESULT {} {} {}", r.0, r.1, r.2);
+    Ok(())
+}
+
 fn throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
-    let n = a.messages.max(2);
+    if a.processes && a.seconds.is_some() {
+        return Err("--seconds works with subscribers in threads only; use --messages with --processes".into());
+    }
+    let n = if a.seconds.is_some() { u64::MAX } else { a.messages.max(2) };
+    let target = Arc::new(AtomicU64::new(n));
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel::<Result<(u64, f64, u64)>>();
     let mut handles = Vec::new();
+    let mut children = Vec::new();
     for s in 0..a.subscribers {
-        let (c2, tx, done, stop) = (c.clone(), tx.clone(), done.clone(), stop.clone());
+        if a.processes {
+            children.push(spawn_subscriber_process(c, s, n)?);
+            continue;
+        }
+        let (c2, tx, done, stop, target) = (c.clone(), tx.clone(), done.clone(), stop.clone(), target.clone());
         handles.push(std::thread::spawn(move || {
             pin(&c2.cores, s + 1);
-            let run = || -> Result<(u64, f64, u64)> {
-                let mut b = builder(&c2, 0)?;
-                if c2.loss > 0.0 {
-                    b = b.inject_loss(c2.loss, 1000 + s as u64);
-                }
-                let mut node = build(b, c2.threads)?;
-                let mut sub = node.subscriber().ok_or("subscriber taken")?;
-                let (mut got, mut losses, mut first) = (0u64, 0u64, None::<Instant>);
-                let deadline = Instant::now() + Duration::from_secs(300);
-                while got + losses < n && !stop.load(Ordering::Relaxed) {
-                    if Instant::now() > deadline {
-                        return Err(format!("subscriber {s} timed out at {got} of {n}"));
-                    }
-                    drive(&mut node)?;
-                    sub.poll(usize::MAX, |r| match r {
-                        Received::Message(_) => {
-                            got += 1;
-                            if got == 2 {
-                                first = Some(Instant::now());
-                            }
-                        }
-                        Received::Loss { messages: Some(m), .. } => losses += m.end - m.start,
-                        _ => {}
-                    });
-                    if c2.threads {
-                        sub.wait(Duration::from_millis(1));
-                    }
-                }
-                let secs = first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(0.0);
-                done.fetch_add(1, Ordering::SeqCst);
-                // Keep the node (and its STATUS) alive until the publisher is finished.
-                while !stop.load(Ordering::Relaxed) {
-                    drive(&mut node)?;
-                    std::thread::park_timeout(Duration::from_micros(200));
-                }
-                Ok((got, secs, losses))
-            };
-            let _ = tx.send(run());
+            let _ = tx.send(subscribe(&c2, s, &target, &stop, &done));
         }));
     }
     drop(tx);
@@ -328,7 +397,11 @@ fn throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
     let cpu0 = cpu_seconds();
     let mut progress = Progress::new(c.json);
     let mut seq = 1;
+    let send_until = a.seconds.map(|s| Instant::now() + Duration::from_secs_f64(s));
     while seq < n {
+        if seq % 1024 == 0 && send_until.is_some_and(|t| Instant::now() >= t) {
+            break;
+        }
         fill(&mut msg, seq);
         match publisher.try_send(&msg) {
             Ok(()) => seq += 1,
@@ -337,17 +410,41 @@ fn throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
                 if c.threads {
                     let _ = publisher.send(&msg).map(|_| seq += 1);
                 }
-                progress.show("sending", seq, n);
+                progress.show("sending", seq, if send_until.is_some() { seq } else { n });
             }
             Err(e) => return Err(e.to_string()),
         }
     }
+    // Everything sent (a fixed-time run now knows its total).
+    let n = seq;
+    target.store(n, Ordering::SeqCst);
     let deadline = Instant::now() + Duration::from_secs(300);
-    while done.load(Ordering::SeqCst) < a.subscribers as u64 && Instant::now() < deadline {
+    let mut child_results = Vec::new();
+    while (done.load(Ordering::SeqCst) < handles.len() as u64 || child_results.len() < children.len())
+        && Instant::now() < deadline
+    {
         drive(&mut node)?;
         own.poll(usize::MAX, |_| {});
-        if c.threads {
+        for (i, ch) in children.iter_mut().enumerate() {
+            if !child_results.iter().any(|(j, _)| *j == i)
+                && let Some(status) = ch.try_wait().map_err(|e| e.to_string())?
+            {
+                let mut out = String::new();
+                if let Some(o) = ch.stdout.as_mut() {
+                    let _ = std::io::Read::read_to_string(o, &mut out);
+                }
+                child_results.push((i, parse_child(status.success(), &out)));
+            }
+        }
+        if c.threads || !children.is_empty() {
             std::thread::park_timeout(Duration::from_millis(1));
+        }
+    }
+    for ch in children.iter_mut() {
+        // Only our own children, by their handles.
+        if ch.try_wait().ok().flatten().is_none() {
+            let _ = ch.kill();
+            let _ = ch.wait();
         }
     }
     progress.done();
@@ -363,7 +460,10 @@ fn throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
         ..Row::default()
     };
     let mut rates = Vec::new();
-    for r in rx.iter() {
+    if child_results.len() < children.len() {
+        return Err(format!("{} of {} subscriber processes finished", child_results.len(), children.len()));
+    }
+    for r in rx.iter().chain(child_results.into_iter().map(|(_, r)| r)) {
         let (got, secs, losses) = r?;
         row.messages += got;
         row.losses += losses;
@@ -388,6 +488,42 @@ const GSO_SEGMENTS: usize = 64;
 
 /// Plain sockets for the raw path. With `gso` set to a segment size, the sender uses UDP_SEGMENT and the
 /// receiver UDP_GRO; returns whether that worked (else plain sendmmsg/recvmmsg).
+fn spawn_subscriber_process(c: &Common, index: usize, messages: u64) -> Result<std::process::Child> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("subscriber-child")
+        .args(["--messages", &messages.to_string(), "--index", &index.to_string()])
+        .args(["--backend", &c.backend, "--group", &c.group.to_string(), "--port", &c.port.to_string()])
+        .args(["--size", &c.size.to_string(), "--loss", &c.loss.to_string(), "--window", &c.window.to_string()])
+        .args(["--mtu", &c.mtu.to_string()])
+        .stdout(std::process::Stdio::piped());
+    if !c.cores.is_empty() {
+        cmd.arg("--cores").arg(c.cores.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","));
+    }
+    if let Some(i) = &c.interface {
+        cmd.args(["--interface", i]);
+    }
+    if c.threads {
+        cmd.arg("--threads");
+    }
+    cmd.spawn().map_err(|e| format!("cannot start a subscriber process: {e}"))
+}
+
+fn parse_child(ok: bool, out: &str) -> Result<(u64, f64, u64)> {
+    let line =
+        out.lines().find(|l| l.starts_with("RESULT ")).ok_or_else(|| format!("subscriber process failed: {out}"))?;
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let num = |i: usize| f.get(i).ok_or("short RESULT line").map(|s| s.to_string());
+    if !ok {
+        return Err(format!("subscriber process failed: {out}"));
+    }
+    Ok((
+        num(1)?.parse().map_err(|_| "bad RESULT")?,
+        num(2)?.parse().map_err(|_| "bad RESULT")?,
+        num(3)?.parse().map_err(|_| "bad RESULT")?,
+    ))
+}
+
 fn raw_sockets(c: &Common, port_offset: u16, gso: Option<usize>) -> Result<(PollBackend, SocketAddr, bool)> {
     let mut cfg = SocketConfig { group: SocketAddr::new(c.group, c.port + port_offset), ..SocketConfig::default() };
     if let Some(i) = &c.interface {
