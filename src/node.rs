@@ -292,7 +292,14 @@ impl NodeBuilder {
                     Ok(backend) => {
                         let engine = Engine::new(backend, parts);
                         let _ = ready_tx.send(Ok(()));
-                        engine.run(idle);
+                        let run = std::panic::AssertUnwindSafe(|| engine.run(idle));
+                        if std::panic::catch_unwind(run).is_err() {
+                            // Never leave the application waiting on an engine that is gone.
+                            *shared.error.lock().unwrap_or_else(|e| e.into_inner()) = Some("engine panicked".into());
+                            shared.closed.store(true, Ordering::SeqCst);
+                            shared.subscriber.notify();
+                            shared.publisher.notify();
+                        }
                     }
                     Err(e) => {
                         shared.closed.store(true, Ordering::SeqCst);
@@ -507,7 +514,9 @@ impl Node {
         self.publisher.take()
     }
 
-    /// Takes the node's subscriber (once). It may move to another thread.
+    /// Takes the node's subscriber (once). It may move to another thread. Poll it, or drop it to receive
+    /// nothing: a subscriber that is kept but never polled fills its ring, and then this node, like any slow
+    /// receiver, holds senders back (under the default policy).
     pub fn subscriber(&mut self) -> Option<Subscriber> {
         self.subscriber.take()
     }
@@ -789,6 +798,13 @@ impl Subscriber {
     /// Whether the node has stopped.
     pub fn is_closed(&self) -> bool {
         self.shared.closed.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.shared.subscriber_gone.store(true, Ordering::SeqCst);
+        self.shared.wake_engine();
     }
 }
 

@@ -197,6 +197,30 @@ fn driven_by_caller(backend: BackendChoice) {
     }
 }
 
+/// A node that dropped its subscriber consumes and discards: it never holds a sender back, even with a
+/// window far smaller than what is sent.
+fn dropped_subscriber_never_holds_back(backend: BackendChoice) {
+    let group = unique_group();
+    let mut quiet = builder(backend, group).window(64).build().unwrap();
+    drop(quiet.subscriber());
+    let mut pub_node = builder(backend, group).window(64).build().unwrap();
+    let mut publisher = pub_node.publisher().unwrap();
+    let mut own = pub_node.subscriber().unwrap();
+    handshake(&mut publisher, &mut own, 1, 200);
+    const N: u64 = 50_000; // about 7,000 datagrams through a 64-datagram window
+    let mut buf = Vec::new();
+    for i in 1..N {
+        payload(i, 200, &mut buf);
+        publisher.send_timeout(&buf, WAIT).expect("the sender must not be held back");
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    while quiet.stats().protocol.messages_delivered < N {
+        assert!(std::time::Instant::now() < deadline, "consumed {}", quiet.stats().protocol.messages_delivered);
+        own.wait(Duration::from_millis(10));
+        own.poll(usize::MAX, |_| {});
+    }
+}
+
 macro_rules! suite {
     ($name:ident, $choice:expr, $kind:expr, $available:expr) => {
         mod $name {
@@ -235,6 +259,12 @@ macro_rules! suite {
             fn membership_events_and_backend_info() {
                 if $available {
                     events_and_info($choice, $kind)
+                }
+            }
+            #[test]
+            fn dropped_subscriber_never_holds_a_sender_back() {
+                if $available {
+                    dropped_subscriber_never_holds_back($choice)
                 }
             }
             #[test]

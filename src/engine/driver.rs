@@ -75,6 +75,9 @@ pub(crate) struct Shared {
     pub(crate) engine_parked: AtomicBool,
     pub(crate) waker: Mutex<Option<Arc<dyn Wake>>>,
     pub(crate) deliver_blocked: AtomicBool,
+    /// The application dropped its subscriber: deliveries are consumed and discarded, so this node never
+    /// holds senders back.
+    pub(crate) subscriber_gone: AtomicBool,
     pub(crate) subscriber: Waiter,
     pub(crate) publisher: Waiter,
     pub(crate) stats: Mutex<NodeStats>,
@@ -128,6 +131,7 @@ impl Shared {
             engine_parked: AtomicBool::new(false),
             waker: Mutex::new(None),
             deliver_blocked: AtomicBool::new(false),
+            subscriber_gone: AtomicBool::new(false),
             subscriber: Waiter::default(),
             publisher: Waiter::default(),
             stats: Mutex::new(NodeStats::default()),
@@ -296,6 +300,15 @@ impl Engine {
     /// Hands deliveries and events to the application while its ring has room.
     fn deliver(&mut self) -> usize {
         let mut n = 0;
+        if self.shared.subscriber_gone.load(Ordering::Relaxed) {
+            while self.endpoint.recv().is_some() {
+                n += 1;
+            }
+            while self.endpoint.poll_event().is_some() {
+                n += 1;
+            }
+            return n;
+        }
         loop {
             if !self.outbox.has_room(OUT_HEADER + self.inline_max) {
                 self.shared.deliver_blocked.store(true, Ordering::SeqCst);
