@@ -299,3 +299,48 @@ proptest! {
         prop_assert!(found);
     }
 }
+
+/// A NAK flood from a requester that never reported (possibly forged) is bounded by the shared budget, and
+/// a real receiver keeps its own budget: the node is not an amplifier.
+#[test]
+fn nak_flood_is_rate_limited_per_requester() {
+    use blip::wire::{NakRepr, SeqRange};
+    let mut net = Net::new();
+    let rx = net.add(1, 10);
+    let cfg = Config { retransmit_rate: 1_000_000, retransmit_burst: 100_000, ..Config::default() };
+    let tx_ep = Endpoint::new(cfg, 20, 5, net.now).unwrap();
+    net.nodes.push(("127.0.0.2:4000".parse().unwrap(), tx_ep));
+    let tx = 1;
+    for i in 0..1000u32 {
+        net.send(tx, &i.to_le_bytes().repeat(250));
+        net.pump();
+    }
+    assert_eq!(net.messages(rx).len(), 1000);
+    let before = net.nodes[tx].1.stats().retransmits;
+    let mut buf = vec![0u8; 2048];
+    let nak = |session: u64, start: u64, len: u32, buf: &mut [u8]| {
+        let h = Header { kind: Kind::Nak, flags: 0, stream: 0, session };
+        NakRepr { target_session: 20, ranges: &[SeqRange { start, len }] }.emit(&h, buf).unwrap()
+    };
+    let stranger: SocketAddr = "127.0.0.66:4000".parse().unwrap();
+    for _ in 0..100 {
+        net.now += Duration::from_millis(1);
+        let n = nak(777, 0, 1000, &mut buf);
+        net.nodes[tx].1.handle_datagram(net.now, stranger, &buf[..n]);
+        let now = net.now;
+        while net.nodes[tx].1.poll_transmit(now, &mut buf).is_some() {}
+    }
+    let flood = net.nodes[tx].1.stats().retransmits - before;
+    // 100 kB of burst plus 1 MB/s for 0.1 s, in 1,472-byte datagrams: about 135; unlimited it would be 100,000.
+    assert!(flood <= 140, "{flood} retransmissions for a stranger's flood");
+    assert!(net.nodes[tx].1.stats().retransmits_rate_limited > 90_000);
+    // The real receiver (it reported STATUS) still gets its repair.
+    net.now += Duration::from_millis(1);
+    let n = nak(10, 5, 1, &mut buf);
+    let from = net.nodes[rx].0;
+    let before = net.nodes[tx].1.stats().retransmits;
+    net.nodes[tx].1.handle_datagram(net.now, from, &buf[..n]);
+    let now = net.now;
+    while net.nodes[tx].1.poll_transmit(now, &mut buf).is_some() {}
+    assert_eq!(net.nodes[tx].1.stats().retransmits - before, 1);
+}

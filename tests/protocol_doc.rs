@@ -41,6 +41,8 @@ fn code_constants() -> HashMap<&'static str, Value> {
         ("DEFAULT_MAX_RECEIVERS", proto::DEFAULT_MAX_RECEIVERS as u64),
         ("DEFAULT_MAX_MEMBERS", proto::DEFAULT_MAX_MEMBERS as u64),
         ("DEFAULT_RETRANSMIT_QUEUE", proto::DEFAULT_RETRANSMIT_QUEUE as u64),
+        ("DEFAULT_RETRANSMIT_RATE", proto::DEFAULT_RETRANSMIT_RATE),
+        ("DEFAULT_RETRANSMIT_BURST", proto::DEFAULT_RETRANSMIT_BURST),
     ] {
         m.insert(name, Int(v));
     }

@@ -41,6 +41,10 @@ pub const DEFAULT_MAX_RECEIVERS: usize = 1024;
 pub const DEFAULT_MAX_MEMBERS: usize = 1024;
 /// Default capacity of the sender's queue of NAKed ranges awaiting retransmission.
 pub const DEFAULT_RETRANSMIT_QUEUE: usize = 1024;
+/// Default retransmission budget per requester, in bytes per second.
+pub const DEFAULT_RETRANSMIT_RATE: u64 = 64 << 20;
+/// Default burst of that budget, in bytes.
+pub const DEFAULT_RETRANSMIT_BURST: u64 = 4 << 20;
 
 /// What a sender does about a live receiver that falls a whole window behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +115,12 @@ pub struct Config {
     pub max_members: usize,
     /// Capacity of the queue of NAKed ranges awaiting retransmission.
     pub retransmit_queue: usize,
+    /// Retransmission budget of each receiver that reports STATUS, in bytes per second (0: unlimited).
+    /// Requesters that never reported share one budget, so forged NAKs cannot make this node an
+    /// amplifier.
+    pub retransmit_rate: u64,
+    /// Burst of that budget, in bytes.
+    pub retransmit_burst: u64,
 }
 
 impl Default for Config {
@@ -139,6 +149,8 @@ impl Default for Config {
             max_receivers: DEFAULT_MAX_RECEIVERS,
             max_members: DEFAULT_MAX_MEMBERS,
             retransmit_queue: DEFAULT_RETRANSMIT_QUEUE,
+            retransmit_rate: DEFAULT_RETRANSMIT_RATE,
+            retransmit_burst: DEFAULT_RETRANSMIT_BURST,
         }
     }
 }

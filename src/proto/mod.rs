@@ -19,6 +19,7 @@
 
 mod config;
 mod membership;
+mod ratelimit;
 mod receiver;
 pub(crate) mod rng;
 mod sender;
@@ -181,6 +182,8 @@ pub struct Stats {
     pub retransmits_suppressed: u64,
     /// NAKed ranges dropped because the retransmission queue was full.
     pub retransmit_queue_full: u64,
+    /// NAKed datagrams not retransmitted because their requester exceeded its retransmission budget.
+    pub retransmits_rate_limited: u64,
     /// HEARTBEAT packets sent.
     pub heartbeats_sent: u64,
     /// Times `send` found the window closed by flow control.
@@ -342,7 +345,7 @@ impl Endpoint {
             }
             Packet::Nak(nak) => {
                 if nak.target_session == self.session {
-                    self.sender.handle_nak(now, &nak, &mut self.stats);
+                    self.sender.handle_nak(now, header.session, &nak, &mut self.stats);
                 } else if let Some(s) = self.streams.iter_mut().find(|s| s.session == nak.target_session) {
                     s.overhear_nak(now, &self.config, &mut self.rng, &nak, &mut self.stats);
                 }

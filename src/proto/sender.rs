@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::config::{Config, SlowReceiverPolicy};
+use super::ratelimit::TokenBucket;
 use super::window::Window;
 use super::{Event, SendError, Stats};
 use crate::wire::{
@@ -24,6 +25,8 @@ struct RemoteReceiver {
     blocking_since: Option<Instant>,
     /// Dropped by the slow-receiver policy: ignored for flow control until it catches up with the window.
     dropped: bool,
+    /// Its retransmission budget.
+    budget: TokenBucket,
 }
 
 pub(crate) struct Sender {
@@ -47,6 +50,10 @@ pub(crate) struct Sender {
     low: u64,
     retransmit: VecDeque<(u64, u64)>,
     retransmit_cap: usize,
+    retransmit_rate: u64,
+    retransmit_burst: u64,
+    /// The budget shared by requesters that never reported STATUS.
+    strangers: TokenBucket,
     linger: Duration,
     /// A message larger than the free space, being fragmented into the window as space frees.
     staged: Vec<u8>,
@@ -80,6 +87,9 @@ impl Sender {
             low: 0,
             retransmit: VecDeque::with_capacity(config.retransmit_queue),
             retransmit_cap: config.retransmit_queue,
+            retransmit_rate: config.retransmit_rate,
+            retransmit_burst: config.retransmit_burst,
+            strangers: TokenBucket::full(config.retransmit_burst),
             linger: config.retransmit_linger,
             staged: Vec::new(),
             staged_offset: 0,
@@ -284,13 +294,19 @@ impl Sender {
             last_heard: now,
             blocking_since: None,
             dropped: false,
+            budget: TokenBucket::full(self.retransmit_burst),
         });
         events.push_back(Event::ReceiverJoined { session: from });
     }
 
-    pub(crate) fn handle_nak(&mut self, now: Instant, nak: &NakPacket<'_>, stats: &mut Stats) {
+    pub(crate) fn handle_nak(&mut self, now: Instant, requester: u64, nak: &NakPacket<'_>, stats: &mut Stats) {
         stats.naks_received += 1;
         let end = self.sealed_end().min(self.sent);
+        let (rate, burst, cost) = (self.retransmit_rate, self.retransmit_burst, self.max_datagram as u64);
+        let budget = match self.receivers.iter_mut().find(|r| r.session == requester) {
+            Some(r) => &mut r.budget,
+            None => &mut self.strangers,
+        };
         for r in nak.ranges() {
             if r.start < self.low {
                 // Part of the range is gone: tell receivers the window's bounds at once so they report the
@@ -306,7 +322,11 @@ impl Sender {
                 stats.retransmit_queue_full += 1;
                 continue;
             }
-            self.retransmit.push_back((start, stop));
+            let granted = budget.take(now, rate, burst, stop - start, cost);
+            stats.retransmits_rate_limited += stop - start - granted;
+            if granted > 0 {
+                self.retransmit.push_back((start, start + granted));
+            }
         }
     }
 
