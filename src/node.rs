@@ -207,6 +207,12 @@ impl NodeBuilder {
         self.protocol.late_join = policy;
         self
     }
+    /// Which sources this node hears (default: all). Denied datagrams are dropped before parsing and
+    /// counted (`Stats::denied`).
+    pub fn access(mut self, list: crate::proto::AccessList) -> Self {
+        self.protocol.access = list;
+        self
+    }
     /// Replaces the whole protocol configuration (sizes, timers, policies).
     pub fn protocol(mut self, config: Config) -> Self {
         self.protocol = config;

@@ -121,6 +121,8 @@ pub struct Config {
     pub retransmit_rate: u64,
     /// Burst of that budget, in bytes.
     pub retransmit_burst: u64,
+    /// Which sources are heard at all (default: every source).
+    pub access: super::AccessList,
 }
 
 impl Default for Config {
@@ -151,6 +153,7 @@ impl Default for Config {
             retransmit_queue: DEFAULT_RETRANSMIT_QUEUE,
             retransmit_rate: DEFAULT_RETRANSMIT_RATE,
             retransmit_burst: DEFAULT_RETRANSMIT_BURST,
+            access: super::AccessList::default(),
         }
     }
 }

@@ -17,6 +17,7 @@
 //! }
 //! ```
 
+mod access;
 mod config;
 mod membership;
 mod ratelimit;
@@ -30,6 +31,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::time::Instant;
 
+pub use access::{AccessList, Action, Cidr, CidrError};
 pub use config::*;
 pub use membership::Member;
 
@@ -210,6 +212,8 @@ pub struct Stats {
     pub beyond_buffer: u64,
     /// Packets that failed to parse, or broke the framing rules across datagrams.
     pub malformed: u64,
+    /// Packets dropped by the access list (before parsing).
+    pub denied: u64,
     /// Packets for another stream of the group.
     pub foreign_stream: u64,
     /// This endpoint's own packets looped back.
@@ -316,6 +320,10 @@ impl Endpoint {
 
     /// Processes one received datagram. Never panics on any input; bad packets are counted and dropped.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        if !self.config.access.allows_all() && self.config.access.check(from) == Action::Deny {
+            self.stats.denied += 1;
+            return;
+        }
         let packet = match Packet::parse(bytes) {
             Ok(p) => p,
             Err(_) => {
