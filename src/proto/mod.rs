@@ -218,7 +218,8 @@ pub struct Stats {
     pub foreign_stream: u64,
     /// This endpoint's own packets looped back.
     pub own_packets: u64,
-    /// Packets from senders beyond `max_senders`, or members beyond `max_members`.
+    /// Packets from senders beyond `max_senders`, receivers beyond `max_receivers`, or members beyond
+    /// `max_members`.
     pub over_limit: u64,
     /// Reassembled messages discarded for exceeding `max_message`.
     pub oversized_messages: u64,
@@ -361,7 +362,9 @@ impl Endpoint {
             Packet::Status(_, status) => {
                 if status.target_session == self.session {
                     self.stats.status_received += 1;
-                    self.sender.handle_status(now, header.session, &status, &mut self.events);
+                    if !self.sender.handle_status(now, header.session, &status, &mut self.events) {
+                        self.stats.over_limit += 1;
+                    }
                 }
             }
             Packet::Member(m) => {

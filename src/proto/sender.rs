@@ -271,7 +271,14 @@ impl Sender {
         ok
     }
 
-    pub(crate) fn handle_status(&mut self, now: Instant, from: u64, status: &StatusRepr, events: &mut VecDeque<Event>) {
+    /// Returns false when the receiver is new and the table is full (the STATUS is dropped).
+    pub(crate) fn handle_status(
+        &mut self,
+        now: Instant,
+        from: u64,
+        status: &StatusRepr,
+        events: &mut VecDeque<Event>,
+    ) -> bool {
         if let Some(r) = self.receivers.iter_mut().find(|r| r.session == from) {
             r.last_heard = now;
             r.capacity = status.buffer_capacity as u64;
@@ -282,10 +289,10 @@ impl Sender {
             if r.dropped && r.next_expected >= self.low {
                 r.dropped = false;
             }
-            return;
+            return true;
         }
         if self.receivers.len() >= self.max_receivers {
-            return;
+            return false;
         }
         self.receivers.push(RemoteReceiver {
             session: from,
@@ -297,6 +304,7 @@ impl Sender {
             budget: TokenBucket::full(self.retransmit_burst),
         });
         events.push_back(Event::ReceiverJoined { session: from });
+        true
     }
 
     pub(crate) fn handle_nak(&mut self, now: Instant, requester: u64, nak: &NakPacket<'_>, stats: &mut Stats) {
