@@ -43,6 +43,7 @@ fn code_constants() -> HashMap<&'static str, Value> {
         ("DEFAULT_RETRANSMIT_QUEUE", proto::DEFAULT_RETRANSMIT_QUEUE as u64),
         ("DEFAULT_RETRANSMIT_RATE", proto::DEFAULT_RETRANSMIT_RATE),
         ("DEFAULT_RETRANSMIT_BURST", proto::DEFAULT_RETRANSMIT_BURST),
+        ("STRANGER_SHARE", proto::STRANGER_SHARE),
     ] {
         m.insert(name, Int(v));
     }

@@ -116,8 +116,8 @@ pub struct Config {
     /// Capacity of the queue of NAKed ranges awaiting retransmission.
     pub retransmit_queue: usize,
     /// Retransmission budget of each receiver that reports STATUS, in bytes per second (0: unlimited).
-    /// Requesters that never reported share one budget, so forged NAKs cannot make this node an
-    /// amplifier.
+    /// Requesters that never reported share one budget of a sixteenth of that (`STRANGER_SHARE`), so
+    /// forged NAKs cannot make this node an amplifier.
     pub retransmit_rate: u64,
     /// Burst of that budget, in bytes.
     pub retransmit_burst: u64,

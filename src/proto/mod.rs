@@ -34,6 +34,7 @@ use std::time::Instant;
 pub use access::{AccessList, Action, Cidr, CidrError};
 pub use config::*;
 pub use membership::Member;
+pub use sender::STRANGER_SHARE;
 
 use crate::wire::{Header, Kind, MAX_NAK_RANGES, MemberRepr, NakRepr, Packet, SeqRange, StatusRepr};
 use receiver::{Step, Stream};

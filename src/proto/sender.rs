@@ -29,6 +29,9 @@ struct RemoteReceiver {
     budget: TokenBucket,
 }
 
+/// Requesters that never reported STATUS share `1 / STRANGER_SHARE` of one receiver's retransmission budget.
+pub const STRANGER_SHARE: u64 = 16;
+
 pub(crate) struct Sender {
     header: Header,
     max_datagram: usize,
@@ -89,7 +92,7 @@ impl Sender {
             retransmit_cap: config.retransmit_queue,
             retransmit_rate: config.retransmit_rate,
             retransmit_burst: config.retransmit_burst,
-            strangers: TokenBucket::full(config.retransmit_burst),
+            strangers: TokenBucket::full(config.retransmit_burst / STRANGER_SHARE),
             linger: config.retransmit_linger,
             staged: Vec::new(),
             staged_offset: 0,
@@ -310,10 +313,14 @@ impl Sender {
     pub(crate) fn handle_nak(&mut self, now: Instant, requester: u64, nak: &NakPacket<'_>, stats: &mut Stats) {
         stats.naks_received += 1;
         let end = self.sealed_end().min(self.sent);
-        let (rate, burst, cost) = (self.retransmit_rate, self.retransmit_burst, self.max_datagram as u64);
-        let budget = match self.receivers.iter_mut().find(|r| r.session == requester) {
-            Some(r) => &mut r.budget,
-            None => &mut self.strangers,
+        let cost = self.max_datagram as u64;
+        let (budget, rate, burst) = match self.receivers.iter_mut().find(|r| r.session == requester) {
+            Some(r) => (&mut r.budget, self.retransmit_rate, self.retransmit_burst),
+            // Real receivers report STATUS on first contact, so strangers (forged, or a receiver whose first
+            // STATUS was lost) need little: they share a sixteenth of one receiver's budget.
+            None => {
+                (&mut self.strangers, self.retransmit_rate / STRANGER_SHARE, self.retransmit_burst / STRANGER_SHARE)
+            }
         };
         for r in nak.ranges() {
             if r.start < self.low {
