@@ -117,16 +117,19 @@ fn hostile(backend: BackendChoice) {
     let deadline = Instant::now() + Duration::from_secs(5);
     let (v, p) = loop {
         let (v, p) = (victim.stats().protocol, pub_node.stats().protocol);
-        if (v.malformed > 0 && v.duplicates > 0 && p.retransmits_rate_limited > 0) || Instant::now() > deadline {
+        let counted = v.malformed > 0 && v.foreign_stream > 0 && v.duplicates > 0 && v.beyond_buffer > 0;
+        if (counted && p.retransmits_rate_limited > 0) || Instant::now() > deadline {
             break (v, p);
         }
         std::thread::park_timeout(Duration::from_millis(10));
     };
     assert!(!victim.is_closed() && !pub_node.is_closed());
-    let rounds = (N - 1) / 100;
-    assert!(v.malformed >= rounds * 40, "malformed counted: {v:?}");
-    assert!(v.foreign_stream >= rounds, "foreign stream counted: {v:?}");
-    assert!(v.duplicates >= rounds * 9, "duplicate flood counted: {v:?}");
+    // The kernel may drop some of the flood itself (receive buffer), so each reason must be counted, not an
+    // exact total.
+    assert!(v.malformed > 0, "malformed not counted: {v:?}");
+    assert!(v.foreign_stream > 0, "foreign stream not counted: {v:?}");
+    assert!(v.duplicates > 0, "duplicate flood not counted: {v:?}");
+    assert!(v.beyond_buffer > 0, "far-ahead datagrams not counted: {v:?}");
     // The forged NAKs each asked for every datagram sent so far; the strangers' shared budget granted
     // what its burst and rate allow over the attack, and the legitimate receiver's repairs come on top.
     use blip::proto::{DEFAULT_RETRANSMIT_BURST, DEFAULT_RETRANSMIT_RATE, STRANGER_SHARE};
