@@ -10,24 +10,10 @@ use std::time::{Duration, Instant};
 
 use blip::BackendChoice;
 use blip::net::Interface;
+use common::netlab::{ip, skip_reason};
 use common::*;
 
 const N: u64 = 20_000;
-
-fn skip_reason() -> Option<String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Some("not root".into());
-    }
-    match Command::new("ip").arg("-V").output() {
-        Ok(o) if o.status.success() => None,
-        _ => Some("iproute2 (`ip`) not installed".into()),
-    }
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-}
 
 /// Two namespaces and the veth pair between them; deleted on drop.
 struct Lab {
@@ -130,7 +116,7 @@ fn across_veth(tag: u32, group: &str, backend: &str) {
     if std::env::var("BLIP_NETNS_CHILD").is_ok() {
         return;
     }
-    if let Some(why) = skip_reason() {
+    if let Some(why) = skip_reason(false) {
         eprintln!("skipping namespace test: {why} (CI runs it as root)");
         return;
     }

@@ -2,6 +2,8 @@
 //! bounded waits that fail with a message.
 #![allow(dead_code)]
 
+pub mod netlab;
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::Child;
 use std::sync::atomic::{AtomicU16, Ordering};

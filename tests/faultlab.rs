@@ -1,0 +1,116 @@
+//! Fault lab: hosts are network namespaces on one bridge, and faults are real kernel faults. Root only
+//! (skipped with a message otherwise); `.ci/run` runs it as root and installs iproute2 and iptables.
+//!
+//! Scenario: 1 sender → 3 receivers on 3 hosts, with iptables dropping 1 %, 5 % and 20 % of everything in
+//! and out of every receiver: every message arrives, in order, once.
+
+mod common;
+
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use blip::BackendChoice;
+use blip::net::Interface;
+use common::netlab::{Star, skip_reason};
+use common::*;
+
+const N: u64 = 20_000;
+const RECEIVERS: usize = 3;
+
+fn done_file(port: u16, i: usize) -> String {
+    format!("/tmp/blip-faultlab-{port}-{i}")
+}
+
+/// Entry point inside a namespace; does nothing in a normal run.
+#[test]
+fn faultlab_child() {
+    let Ok(spec) = std::env::var("BLIP_FAULTLAB") else { return };
+    let f: Vec<&str> = spec.split(',').collect();
+    let (role, group, port, index) =
+        (f[0], f[1].parse().unwrap(), f[2].parse().unwrap(), f[3].parse::<usize>().unwrap());
+    let mut node = builder(BackendChoice::Auto, (group, port))
+        .interface(Interface::Name("eth0".into()))
+        .ttl(1)
+        .build()
+        .expect("node in namespace");
+    if role == "pub" {
+        let mut p = node.publisher().unwrap();
+        let mut own = node.subscriber().unwrap();
+        handshake(&mut p, &mut own, RECEIVERS, 100);
+        send_rest(&mut p, N, 100);
+        // Keep repairing until every receiver has everything (bounded).
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while (1..=RECEIVERS).any(|i| std::fs::metadata(done_file(port, i)).is_err()) {
+            assert!(Instant::now() < deadline, "receivers did not finish");
+            own.wait(Duration::from_millis(20));
+            own.poll(1024, |_| {});
+        }
+        let s = node.stats().protocol;
+        println!(
+            "PUB OK datagrams {} retransmits {} naks_received {}",
+            s.datagrams_sent, s.retransmits, s.naks_received
+        );
+    } else {
+        let mut sub = node.subscriber().unwrap();
+        let t = collect(&mut sub, 1, N, Duration::from_secs(120));
+        assert_perfect(&t, N);
+        std::fs::write(done_file(port, index), b"done").unwrap();
+        let s = node.stats().protocol;
+        println!(
+            "SUB OK {} naks_sent {} repairs {} duplicates {}",
+            t[0].1.delivered, s.naks_sent, s.repairs_received, s.duplicates
+        );
+    }
+}
+
+/// The child's result line (the test harness may print on the same line before it).
+fn summary<'a>(out: &'a str, mark: &str) -> &'a str {
+    out.find(mark).map(|i| out[i..].lines().next().unwrap_or("")).unwrap_or(out)
+}
+
+fn scenario(tag: u32, drop: f64) {
+    if std::env::var("BLIP_FAULTLAB").is_ok() {
+        return;
+    }
+    if let Some(why) = skip_reason(true) {
+        eprintln!("skipping fault lab: {why} (CI runs it as root)");
+        return;
+    }
+    let star = Star::new(tag, RECEIVERS + 1);
+    for i in 1..=RECEIVERS {
+        star.drop_fraction(i, drop);
+    }
+    let (group, port) = (format!("239.255.201.{tag}"), unique_group().1);
+    for i in 1..=RECEIVERS {
+        let _ = std::fs::remove_file(done_file(port, i));
+    }
+    let spec = |role: &str, i: usize| ("BLIP_FAULTLAB", format!("{role},{group},{port},{i}"));
+    let subs: Vec<Child> = (1..=RECEIVERS).map(|i| star.spawn(i, "faultlab_child", spec("sub", i))).collect();
+    let publ = star.spawn(0, "faultlab_child", spec("pub", 0));
+    let deadline = Instant::now() + Duration::from_secs(150);
+    for (i, c) in subs.into_iter().enumerate() {
+        let out = wait_child(c, deadline, &format!("receiver {}", i + 1));
+        assert!(out.contains(&format!("SUB OK {N}")), "{out}");
+        println!("{:.0} % drop, receiver {}: {}", drop * 100.0, i + 1, summary(&out, "SUB OK"));
+    }
+    let out = wait_child(publ, deadline, "sender");
+    println!("{:.0} % drop, sender: {}", drop * 100.0, summary(&out, "PUB OK"));
+    for i in 1..=RECEIVERS {
+        let _ = std::fs::remove_file(done_file(port, i));
+    }
+}
+
+#[test]
+fn three_receivers_at_1_percent_kernel_drop() {
+    scenario(21, 0.01);
+}
+
+#[test]
+fn three_receivers_at_5_percent_kernel_drop() {
+    scenario(22, 0.05);
+}
+
+#[test]
+fn three_receivers_at_20_percent_kernel_drop() {
+    scenario(23, 0.20);
+}
