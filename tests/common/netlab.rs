@@ -69,6 +69,14 @@ impl Star {
         }
     }
 
+    /// Cuts host `i` off entirely (`on`), or restores it: an iptables DROP rule first in both directions.
+    pub fn blackout(&self, i: usize, on: bool) {
+        let op = if on { "-I" } else { "-D" };
+        for (chain, dir) in [("INPUT", "-i"), ("OUTPUT", "-o")] {
+            run("ip", &["netns", "exec", &self.hosts[i], "iptables", op, chain, dir, "eth0", "-j", "DROP"]);
+        }
+    }
+
     /// Starts this test binary inside host `i`, running the test `entry` with `env` set.
     pub fn spawn(&self, i: usize, entry: &str, env: (&str, String)) -> Child {
         Command::new("ip")
