@@ -7,7 +7,10 @@
 //! - a 2-second total blackout of one receiver mid-stream, longer than the window, under the
 //!   drop-the-slow-receiver policy: the sender drops it and goes on, the other receivers are unaffected,
 //!   and the cut-off receiver gets an exact loss event (every message delivered or reported lost, never
-//!   both, nothing out of order).
+//!   both, nothing out of order);
+//! - a receiver frozen with SIGSTOP for 5 s under each slow-receiver policy: under HoldBack the sender waits
+//!   and nobody loses anything; under DropAfter the sender drops it, the others are unaffected, and the
+//!   frozen one gets an exact loss event once it resumes.
 
 mod common;
 
@@ -15,8 +18,9 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use blip::BackendChoice;
+use blip::Received;
 use blip::net::Interface;
-use blip::proto::SlowReceiverPolicy;
+use blip::proto::{Event, SlowReceiverPolicy};
 use common::netlab::{Star, skip_reason};
 use common::*;
 
@@ -35,10 +39,14 @@ fn faultlab_child() {
     let (role, group, port, index) =
         (f[0], f[1].parse().unwrap(), f[2].parse().unwrap(), f[3].parse::<usize>().unwrap());
     let paced = role.ends_with("paced");
+    let hold = f.get(4) == Some(&"hold");
     let mut b = builder(BackendChoice::Auto, (group, port)).interface(Interface::Name("eth0".into())).ttl(1);
     if paced {
-        // A window far shorter than the outage, and a policy that stops waiting for a dead receiver.
-        b = b.window(256).slow_receiver(SlowReceiverPolicy::DropAfter(Duration::from_millis(300)));
+        // A window far shorter than the outage; the policy for a receiver that stops: wait for it, or stop
+        // waiting after 300 ms.
+        let policy =
+            if hold { SlowReceiverPolicy::HoldBack } else { SlowReceiverPolicy::DropAfter(Duration::from_millis(300)) };
+        b = b.window(256).slow_receiver(policy);
     }
     let mut node = b.build().expect("node in namespace");
     if role.starts_with("pub") {
@@ -61,25 +69,29 @@ fn faultlab_child() {
         }
         // Keep repairing until every receiver has everything (bounded).
         let deadline = Instant::now() + Duration::from_secs(120);
+        let mut dropped = 0;
         while (1..=RECEIVERS).any(|i| std::fs::metadata(done_file(port, i)).is_err()) {
             assert!(Instant::now() < deadline, "receivers did not finish");
             own.wait(Duration::from_millis(20));
-            own.poll(1024, |_| {});
+            own.poll(1024, |r| {
+                if let Received::Event(Event::SlowReceiverDropped { .. }) = r {
+                    dropped += 1;
+                }
+            });
         }
         let s = node.stats().protocol;
         println!(
-            "PUB OK datagrams {} retransmits {} naks_received {}",
+            "PUB OK datagrams {} retransmits {} naks_received {} dropped_receivers {dropped}",
             s.datagrams_sent, s.retransmits, s.naks_received
         );
     } else {
         let mut sub = node.subscriber().unwrap();
         let n = if paced { N * 2 } else { N };
         let t = collect(&mut sub, 1, n, Duration::from_secs(120));
-        if role == "sub-cut-paced" {
+        if role == "sub-cut-paced" && !hold {
             let t = &t[0].1;
             assert_eq!((t.out_of_order, t.corrupt), (0, 0), "{t:?}");
             assert_eq!(t.delivered + t.losses, n, "every message delivered or reported lost: {t:?}");
-            assert!(t.losses > 0, "an outage longer than the window must lose something: {t:?}");
             std::fs::write(done_file(port, index), b"done").unwrap();
             println!("SUB OK {} lost {}", t.delivered, t.losses);
             return;
@@ -131,9 +143,17 @@ fn scenario(tag: u32, drop: f64) {
     }
 }
 
-/// Receiver 1 is cut off entirely (an iptables DROP rule in and out) for 2 s, a second into the stream.
-#[test]
-fn two_second_blackout_of_one_receiver() {
+/// A fault applied to receiver 1 a second into a paced stream.
+enum Fault {
+    /// Cut off entirely (an iptables DROP rule in and out) for 2 s.
+    Blackout,
+    /// Frozen with SIGSTOP for 5 s, then resumed with SIGCONT.
+    Freeze,
+}
+
+/// Receiver 1 suffers `fault`; the others must be unaffected (under DropAfter) or merely delayed (under
+/// HoldBack, where the frozen receiver must also lose nothing).
+fn fault_on_one_receiver(tag: u32, fault: Fault, hold: bool) {
     if std::env::var("BLIP_FAULTLAB").is_ok() {
         return;
     }
@@ -141,13 +161,13 @@ fn two_second_blackout_of_one_receiver() {
         eprintln!("skipping fault lab: {why} (CI runs it as root)");
         return;
     }
-    let tag = 24;
     let star = Star::new(tag, RECEIVERS + 1);
     let (group, port) = (format!("239.255.201.{tag}"), unique_group().1);
     for i in 0..=RECEIVERS {
         let _ = std::fs::remove_file(done_file(port, i));
     }
-    let spec = |role: &str, i: usize| ("BLIP_FAULTLAB", format!("{role},{group},{port},{i}"));
+    let policy = if hold { "hold" } else { "drop" };
+    let spec = |role: &str, i: usize| ("BLIP_FAULTLAB", format!("{role},{group},{port},{i},{policy}"));
     let mut subs = vec![star.spawn(1, "faultlab_child", spec("sub-cut-paced", 1))];
     subs.extend((2..=RECEIVERS).map(|i| star.spawn(i, "faultlab_child", spec("sub-paced", i))));
     let publ = star.spawn(0, "faultlab_child", spec("pub-paced", 0));
@@ -159,16 +179,63 @@ fn two_second_blackout_of_one_receiver() {
         std::thread::park_timeout(Duration::from_millis(10));
     }
     std::thread::sleep(Duration::from_secs(1));
-    star.blackout(1, true);
-    std::thread::sleep(Duration::from_secs(2));
-    star.blackout(1, false);
+    match fault {
+        Fault::Blackout => {
+            star.blackout(1, true);
+            std::thread::sleep(Duration::from_secs(2));
+            star.blackout(1, false);
+        }
+        Fault::Freeze => {
+            // Our own child, by its pid (`ip netns exec` execs the test binary in place).
+            use nix::sys::signal::{Signal, kill};
+            let pid = nix::unistd::Pid::from_raw(subs[0].id() as i32);
+            kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+            std::thread::sleep(Duration::from_secs(5));
+            kill(pid, Signal::SIGCONT).expect("SIGCONT");
+        }
+    }
     let deadline = Instant::now() + Duration::from_secs(150);
+    let mut lost = 0;
     for (i, c) in subs.into_iter().enumerate() {
         let out = wait_child(c, deadline, &format!("receiver {}", i + 1));
-        println!("blackout, receiver {}: {}", i + 1, summary(&out, "SUB OK"));
+        let line = summary(&out, "SUB OK");
+        println!("{tag} {policy}, receiver {}: {line}", i + 1);
+        lost += number_after(line, "lost ");
     }
     let out = wait_child(publ, deadline, "sender");
-    println!("blackout, sender: {}", summary(&out, "PUB OK"));
+    let line = summary(&out, "PUB OK");
+    println!("{tag} {policy}, sender: {line}");
+    let dropped = number_after(line, "dropped_receivers ");
+    match (fault, hold) {
+        // The outage outlasts the window: the sender stops waiting, and the cut-off receiver loses data.
+        (Fault::Blackout, _) => assert!(dropped >= 1 && lost > 0, "dropped {dropped}, lost {lost}"),
+        // Frozen, its socket still queued what the kernel could hold: it may lose nothing, but the sender
+        // must have stopped waiting for it.
+        (Fault::Freeze, false) => assert!(dropped >= 1, "the sender never dropped the frozen receiver"),
+        (Fault::Freeze, true) => assert_eq!((dropped, lost), (0, 0), "HoldBack must wait and lose nothing"),
+    }
+}
+
+fn number_after(line: &str, key: &str) -> u64 {
+    line.find(key)
+        .and_then(|i| line[i + key.len()..].split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn two_second_blackout_of_one_receiver() {
+    fault_on_one_receiver(24, Fault::Blackout, false);
+}
+
+#[test]
+fn receiver_frozen_5s_under_hold_back() {
+    fault_on_one_receiver(25, Fault::Freeze, true);
+}
+
+#[test]
+fn receiver_frozen_5s_under_drop_after() {
+    fault_on_one_receiver(26, Fault::Freeze, false);
 }
 
 #[test]
