@@ -29,7 +29,7 @@ use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::engine::poll::PollBackend;
+use crate::engine::poll::{PollBackend, PollOptions};
 use crate::engine::{
     Backend, BackendKind, Engine, EngineParts, IN_LARGE, IN_MESSAGE, IdleStrategy, LossInjector, NodeStats, OUT_HEADER,
     OUT_LOSS, OUT_MESSAGE, Shared, Side,
@@ -458,15 +458,18 @@ fn open_backend(
     max_datagram: usize,
 ) -> Result<Box<dyn Backend>, Error> {
     match kind {
-        BackendKind::Poll => PollBackend::new(group, unicast, max_datagram)
-            .map(|b| Box::new(b) as Box<dyn Backend>)
-            .map_err(|e| Error::Engine(format!("poll backend: {e}"))),
+        // UDP GSO on send and GRO on receive wherever the kernel has them (each backend probes and falls back).
+        BackendKind::Poll => {
+            PollBackend::with_options(group, unicast, max_datagram, PollOptions { gso: true, gro: true })
+                .map(|b| Box::new(b) as Box<dyn Backend>)
+                .map_err(|e| Error::Engine(format!("poll backend: {e}")))
+        }
         #[cfg(target_os = "linux")]
         BackendKind::Uring => {
             use crate::engine::uring::{RECV_OVERHEAD, UringOptions};
             // Each receive buffer holds one datagram after the kernel's header and source address.
             let buffer_size = (max_datagram + RECV_OVERHEAD).next_multiple_of(64).max(2048);
-            let opts = UringOptions { buffer_size, ..UringOptions::default() };
+            let opts = UringOptions { buffer_size, gso: true, gro: true, ..UringOptions::default() };
             crate::engine::uring::UringBackend::new(group, unicast, opts)
                 .map(|b| Box::new(b) as Box<dyn Backend>)
                 .map_err(|e| Error::BackendUnavailable { kind, reason: e.to_string() })

@@ -1,6 +1,20 @@
 //! The portable backend: a readiness poller (`polling` crate: epoll, kqueue, event ports, IOCP) over the two
 //! non-blocking sockets. On Linux it batches with recvmmsg/sendmmsg (safe wrappers from `nix`); elsewhere it
-//! falls back to one `recv_from`/`send_to` per datagram. Everything is allocated in [`PollBackend::new`].
+//! falls back to one `recv_from`/`send_to` per datagram. Everything is allocated in
+//! [`PollBackend::with_options`].
+//!
+//! On Linux it also uses the kernel's UDP offloads (see [`PollOptions`]):
+//!
+//! - **GSO**: `queue_send` coalesces consecutive datagrams to one destination with one length into a batch
+//!   (up to the kernel's segment cap and 65,507 bytes; one shorter datagram may end it), and `flush` sends
+//!   each batch of two or more with one `UDP_SEGMENT` control message; sendmmsg still sends up to 32 batches
+//!   per call. If the kernel refuses a GSO send, the batch is sent again one datagram per send and the
+//!   backend stops coalescing for good.
+//! - **GRO**: `UDP_GRO` on both sockets, so that a GSO batch arrives whole; each read (one `recvmsg` into a
+//!   64 KiB buffer) is cut back into its datagrams by the segment size in its control message.
+//!   (`recvmmsg` through `nix` cannot be used for this: its reused headers keep the control-buffer length
+//!   the kernel wrote back, so after one datagram without a control message a header never receives one
+//!   again.)
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -10,16 +24,36 @@ use std::time::Duration;
 use polling::{Event, Events, PollMode, Poller};
 
 use super::backend::{Backend, BackendKind, Wake};
+use super::offload::{self, Batch, Gso};
 
-/// Datagrams per recvmmsg/sendmmsg call.
+/// Datagrams (or GSO batches) per recvmmsg/sendmmsg call.
 const BATCH: usize = 32;
-/// Bytes per receive buffer: any UDP payload fits.
+/// Bytes per receive buffer: any UDP payload fits, a GRO batch too.
 const RECV_SIZE: usize = 65_536;
 /// recvmmsg calls per socket per `receive`, so one busy socket cannot starve the engine's other work.
 const MAX_ROUNDS: usize = 8;
+/// With GRO: reads per socket per `receive` at most, and datagrams after which a socket's turn ends.
+const GRO_READS: usize = 64;
+const DRAIN_DATAGRAMS: usize = BATCH * MAX_ROUNDS;
 
 const KEY_GROUP: usize = 0;
 const KEY_UNICAST: usize = 1;
+
+/// The kernel offloads the poll backend may use (Linux; ignored elsewhere). Both default to on; each falls
+/// back by itself when the kernel does not support it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PollOptions {
+    /// Coalesce consecutive datagrams to one destination into UDP GSO sends (`UDP_SEGMENT`).
+    pub gso: bool,
+    /// Receive GSO batches whole (`UDP_GRO`) and split them in user space.
+    pub gro: bool,
+}
+
+impl Default for PollOptions {
+    fn default() -> PollOptions {
+        PollOptions { gso: true, gro: true }
+    }
+}
 
 struct PollWaker(Arc<Poller>);
 
@@ -36,18 +70,47 @@ pub struct PollBackend {
     group: UdpSocket,
     unicast: UdpSocket,
     recv_bufs: Box<[u8]>,
+    /// `BATCH` send slots of `slot_size` bytes; slot `i` holds batch `sends[i]`.
     send_bufs: Box<[u8]>,
-    send_lens: [usize; BATCH],
-    send_dests: [Option<SocketAddr>; BATCH],
+    slot_size: usize,
+    max_datagram: usize,
+    sends: [Option<Batch>; BATCH],
+    /// Batches closed and waiting for `flush`, in slots `0..queued`.
     queued: usize,
+    /// The batch being filled, in slot `queued`.
+    open: Option<Batch>,
+    gso: Gso,
+    gro: bool,
+    gro_batches: u64,
     send_errors: u64,
     #[cfg(target_os = "linux")]
     mmsg: linux::Mmsg,
 }
 
 impl PollBackend {
-    /// Takes ownership of the node's sockets (already non-blocking and configured) and registers them.
+    /// Takes ownership of the node's sockets (already non-blocking and configured) and registers them, with
+    /// the default [`PollOptions`] (GSO and GRO where the kernel has them).
     pub fn new(group: UdpSocket, unicast: UdpSocket, max_datagram: usize) -> io::Result<PollBackend> {
+        PollBackend::with_options(group, unicast, max_datagram, PollOptions::default())
+    }
+
+    /// [`new`](Self::new) with explicit offload options.
+    pub fn with_options(
+        group: UdpSocket,
+        unicast: UdpSocket,
+        max_datagram: usize,
+        opts: PollOptions,
+    ) -> io::Result<PollBackend> {
+        let v6 = unicast.local_addr()?.is_ipv6();
+        let gso = Gso::new(if opts.gso { offload::probe_segments(v6) } else { None });
+        let gro = opts.gro && {
+            // Both are tried; if only one took it, every read still parses the control message.
+            let g = offload::enable_gro(&group);
+            let u = offload::enable_gro(&unicast);
+            g || u
+        };
+        let max_datagram = max_datagram.max(1);
+        let slot_size = if gso.is_on() { max_datagram.max(offload::GSO_BUFFER) } else { max_datagram };
         let poller = Arc::new(Poller::new()?);
         // SAFETY (polling's contract, not memory safety in this crate): each socket is deleted from the poller
         // in `Drop` before it is closed.
@@ -60,26 +123,72 @@ impl PollBackend {
             events: Events::new(),
             group,
             unicast,
-            recv_bufs: vec![0u8; BATCH * RECV_SIZE].into_boxed_slice(),
-            send_bufs: vec![0u8; BATCH * max_datagram.max(1)].into_boxed_slice(),
-            send_lens: [0; BATCH],
-            send_dests: [None; BATCH],
+            // With GRO one read at a time, into one buffer; otherwise BATCH per recvmmsg.
+            recv_bufs: vec![0u8; if gro { RECV_SIZE } else { BATCH * RECV_SIZE }].into_boxed_slice(),
+            send_bufs: vec![0u8; BATCH * slot_size].into_boxed_slice(),
+            slot_size,
+            max_datagram,
+            sends: [None; BATCH],
             queued: 0,
+            open: None,
+            gso,
+            gro,
+            gro_batches: 0,
             send_errors: 0,
             #[cfg(target_os = "linux")]
             mmsg: linux::Mmsg::new(),
         })
     }
 
-    fn slot_size(&self) -> usize {
-        self.send_bufs.len() / BATCH
+    /// Segments per GSO send at most (64 or 128), or 0 if the backend does not coalesce (GSO off, refused
+    /// by the kernel, or fallen back after a refused send).
+    pub fn gso_segments(&self) -> usize {
+        if self.gso.is_on() { self.gso.segments } else { 0 }
+    }
+
+    /// Times the kernel refused a GSO send and the backend fell back.
+    pub fn gso_fallbacks(&self) -> u64 {
+        self.gso.fallbacks
+    }
+
+    /// GSO sends (of two datagrams or more) the kernel accepted.
+    pub fn gso_sends(&self) -> u64 {
+        self.gso.sends
+    }
+
+    /// Whether `UDP_GRO` is on (reads may hold several datagrams, split before the sink sees them).
+    pub fn gro(&self) -> bool {
+        self.gro
+    }
+
+    /// Reads that held a GRO batch (several datagrams, split before the sink).
+    pub fn gro_batches(&self) -> u64 {
+        self.gro_batches
     }
 
     /// Receives everything ready on one socket (bounded rounds).
     fn drain(&mut self, which: usize, sink: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+        let sock = if which == KEY_GROUP { &self.group } else { &self.unicast };
+        #[cfg(target_os = "linux")]
+        if self.gro {
+            let mut total = 0;
+            for _ in 0..GRO_READS {
+                match linux::recv_one(sock, &mut self.recv_bufs, &mut self.mmsg)? {
+                    Some((from, len, segment)) => {
+                        let n = offload::split(from, &self.recv_bufs[..len], segment, sink);
+                        self.gro_batches += u64::from(n > 1);
+                        total += n;
+                    }
+                    None => break,
+                }
+                if total >= DRAIN_DATAGRAMS {
+                    break;
+                }
+            }
+            return Ok(total);
+        }
         let mut total = 0;
         for _ in 0..MAX_ROUNDS {
-            let sock = if which == KEY_GROUP { &self.group } else { &self.unicast };
             let n = recv_batch(
                 sock,
                 &mut self.recv_bufs,
@@ -93,6 +202,33 @@ impl PollBackend {
             }
         }
         Ok(total)
+    }
+
+    /// Closes the batch being filled: it waits for `flush` with the others.
+    fn close_open(&mut self) {
+        if let Some(b) = self.open.take() {
+            self.sends[self.queued] = Some(b);
+            self.queued += 1;
+        }
+    }
+
+    /// Sends the closed batches.
+    fn send_queued(&mut self) -> io::Result<()> {
+        if self.queued == 0 {
+            return Ok(());
+        }
+        let n = self.queued;
+        self.queued = 0;
+        self.send_errors += send_batch(
+            &self.unicast,
+            &self.send_bufs,
+            self.slot_size,
+            &self.sends[..n],
+            &mut self.gso,
+            #[cfg(target_os = "linux")]
+            &mut self.mmsg,
+        )?;
+        Ok(())
     }
 }
 
@@ -109,38 +245,40 @@ impl Backend for PollBackend {
     }
 
     fn queue_send(&mut self, dest: SocketAddr, bytes: &[u8]) -> io::Result<()> {
-        let size = self.slot_size();
-        if bytes.len() > size {
+        let len = bytes.len();
+        if len > self.max_datagram {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "datagram larger than max_datagram"));
         }
-        if self.queued == BATCH {
-            self.flush()?;
+        if let Some(b) = self.open.as_mut() {
+            if b.accepts(dest, len, self.gso.segments) {
+                let at = self.queued * self.slot_size + b.len;
+                self.send_bufs[at..at + len].copy_from_slice(bytes);
+                b.push(len);
+                if b.is_full(self.gso.segments) {
+                    self.close_open();
+                }
+                return Ok(());
+            }
+            self.close_open();
         }
-        let i = self.queued;
-        self.send_bufs[i * size..i * size + bytes.len()].copy_from_slice(bytes);
-        self.send_lens[i] = bytes.len();
-        self.send_dests[i] = Some(dest);
-        self.queued += 1;
+        if self.queued == BATCH {
+            self.send_queued()?;
+        }
+        let at = self.queued * self.slot_size;
+        self.send_bufs[at..at + len].copy_from_slice(bytes);
+        let b = Batch::new(dest, len);
+        if b.is_full(self.gso.segments) {
+            self.sends[self.queued] = Some(b);
+            self.queued += 1;
+        } else {
+            self.open = Some(b);
+        }
         Ok(())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        if self.queued == 0 {
-            return Ok(());
-        }
-        let size = self.slot_size();
-        let n = self.queued;
-        self.queued = 0;
-        self.send_errors += send_batch(
-            &self.unicast,
-            &self.send_bufs,
-            size,
-            &self.send_lens[..n],
-            &self.send_dests[..n],
-            #[cfg(target_os = "linux")]
-            &mut self.mmsg,
-        )?;
-        Ok(())
+        self.close_open();
+        self.send_queued()
     }
 
     fn receive(&mut self, timeout: Option<Duration>, sink: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
@@ -187,21 +325,15 @@ fn recv_batch(sock: &UdpSocket, bufs: &mut [u8], sink: &mut dyn FnMut(SocketAddr
     Ok(n)
 }
 
+/// Sends each batch as one datagram (GSO never turns on here).
 #[cfg(not(target_os = "linux"))]
-fn send_batch(
-    sock: &UdpSocket,
-    bufs: &[u8],
-    size: usize,
-    lens: &[usize],
-    dests: &[Option<SocketAddr>],
-) -> io::Result<u64> {
+fn send_batch(sock: &UdpSocket, bufs: &[u8], size: usize, sends: &[Option<Batch>], _gso: &mut Gso) -> io::Result<u64> {
     let mut errors = 0;
-    for (i, (&len, dest)) in lens.iter().zip(dests).enumerate() {
-        let Some(dest) = dest else { continue };
-        match sock.send_to(&bufs[i * size..i * size + len], dest) {
+    for (i, b) in sends.iter().enumerate() {
+        let Some(b) = b else { continue };
+        match sock.send_to(&bufs[i * size..i * size + b.len], b.dest) {
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => errors += 1,
-            Err(_) => errors += 1,
+            Err(_) => errors += b.count as u64,
         }
     }
     Ok(errors)
@@ -214,19 +346,28 @@ use linux::{recv_batch, send_batch};
 mod linux {
     use std::io::{self, IoSlice, IoSliceMut};
     use std::net::{SocketAddr, UdpSocket};
-    use std::os::fd::AsRawFd;
+    use std::os::fd::{AsRawFd, RawFd};
 
     use nix::errno::Errno;
-    use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
+    use nix::sys::socket::{
+        ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, recvmsg, sendmmsg,
+    };
 
+    use super::super::offload::{self, Batch, Gso};
     use super::{BATCH, RECV_SIZE};
 
-    /// Preallocated mmsghdr arrays for both directions.
+    /// Room for the `UDP_GRO` control message, and then some (only that one is expected).
+    const CMSG_ROOM: usize = 64;
+
+    /// Preallocated mmsghdr arrays for both directions, and a control buffer for GRO reads.
     pub(super) struct Mmsg {
         recv: MultiHeaders<SockaddrStorage>,
         send: MultiHeaders<SockaddrStorage>,
+        /// Headers with room for a `UDP_SEGMENT` control message each.
+        send_gso: MultiHeaders<SockaddrStorage>,
         addrs: [Option<SockaddrStorage>; BATCH],
         results: [(usize, Option<SocketAddr>); BATCH],
+        cmsg: Box<[u8]>,
     }
 
     impl Mmsg {
@@ -234,8 +375,10 @@ mod linux {
             Mmsg {
                 recv: MultiHeaders::preallocate(BATCH, None),
                 send: MultiHeaders::preallocate(BATCH, None),
+                send_gso: MultiHeaders::preallocate(BATCH, Some(nix::cmsg_space!(u16))),
                 addrs: [None; BATCH],
                 results: [(0, None); BATCH],
+                cmsg: vec![0u8; CMSG_ROOM].into_boxed_slice(),
             }
         }
     }
@@ -246,6 +389,39 @@ mod linux {
         } else {
             addr.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
         }
+    }
+
+    /// One read with `UDP_GRO` on: `Some((source, length, segment size if the kernel coalesced))`, `None`
+    /// when nothing is ready. A truncated or unaddressed read is skipped (the next one is tried).
+    pub(super) fn recv_one(
+        sock: &UdpSocket,
+        buf: &mut [u8],
+        mmsg: &mut Mmsg,
+    ) -> io::Result<Option<(SocketAddr, usize, Option<usize>)>> {
+        // Bounded: every skipped read consumed a datagram.
+        for _ in 0..BATCH {
+            let mut iov = [IoSliceMut::new(&mut buf[..RECV_SIZE])];
+            match recvmsg::<SockaddrStorage>(sock.as_raw_fd(), &mut iov, Some(&mut mmsg.cmsg), MsgFlags::MSG_DONTWAIT) {
+                Ok(r) => {
+                    // A datagram longer than the buffer is truncated: drop it (it cannot be a Blip packet).
+                    if r.flags.contains(MsgFlags::MSG_TRUNC) {
+                        continue;
+                    }
+                    let segment = r.cmsgs().ok().and_then(|mut c| {
+                        c.find_map(|m| match m {
+                            ControlMessageOwned::UdpGroSegments(s) => usize::try_from(s).ok().filter(|s| *s > 0),
+                            _ => None,
+                        })
+                    });
+                    let Some(from) = r.address.as_ref().and_then(to_std) else { continue };
+                    return Ok(Some((from, r.bytes, segment)));
+                }
+                // Non-blocking, so EINTR is as good as "nothing now": the caller polls again.
+                Err(Errno::EAGAIN | Errno::EINTR | Errno::ECONNREFUSED) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(None)
     }
 
     pub(super) fn recv_batch(
@@ -285,32 +461,68 @@ mod linux {
         Ok(count)
     }
 
+    /// The segment size a queued batch is sent with: 0 for a plain send (one datagram).
+    fn segment_of(b: &Option<Batch>) -> usize {
+        match b {
+            Some(b) if b.is_gso() => b.segment,
+            _ => 0,
+        }
+    }
+
+    fn datagrams(sends: &[Option<Batch>]) -> u64 {
+        sends.iter().map(|b| b.map_or(0, |b| b.count as u64)).sum()
+    }
+
+    /// Sends the queued batches in order, each run of plain sends or of GSO sends with one segment size in
+    /// sendmmsg calls. Returns the datagrams the kernel refused.
     pub(super) fn send_batch(
         sock: &UdpSocket,
         bufs: &[u8],
         size: usize,
-        lens: &[usize],
-        dests: &[Option<SocketAddr>],
+        sends: &[Option<Batch>],
+        gso: &mut Gso,
         mmsg: &mut Mmsg,
     ) -> io::Result<u64> {
-        let n = lens.len();
-        for (slot, dest) in mmsg.addrs.iter_mut().zip(dests) {
-            *slot = dest.map(SockaddrStorage::from);
+        let fd = sock.as_raw_fd();
+        let n = sends.len();
+        for (slot, b) in mmsg.addrs.iter_mut().zip(sends) {
+            *slot = b.map(|b| SockaddrStorage::from(b.dest));
         }
-        let iovs: [[IoSlice<'_>; 1]; BATCH] =
-            std::array::from_fn(|i| [IoSlice::new(&bufs[i * size..i * size + if i < n { lens[i] } else { 0 }])]);
+        let iovs: [[IoSlice<'_>; 1]; BATCH] = std::array::from_fn(|i| {
+            let len = sends.get(i).and_then(|b| b.map(|b| b.len)).unwrap_or(0);
+            [IoSlice::new(&bufs[i * size..i * size + len])]
+        });
+        let mut errors = 0u64;
+        let mut start = 0;
+        while start < n {
+            let segment = segment_of(&sends[start]);
+            let mut end = start + 1;
+            while end < n && segment_of(&sends[end]) == segment {
+                end += 1;
+            }
+            errors += if segment == 0 {
+                send_plain(fd, &mut mmsg.send, &iovs[start..end], &mmsg.addrs[start..end])?
+            } else {
+                let headers = (&mut mmsg.send_gso, &mut mmsg.send);
+                send_gso(fd, headers, &iovs[start..end], &mmsg.addrs[start..end], &sends[start..end], segment, gso)?
+            };
+            start = end;
+        }
+        Ok(errors)
+    }
+
+    /// One datagram per message. Returns the datagrams refused.
+    fn send_plain(
+        fd: RawFd,
+        headers: &mut MultiHeaders<SockaddrStorage>,
+        iovs: &[[IoSlice<'_>; 1]],
+        addrs: &[Option<SockaddrStorage>],
+    ) -> io::Result<u64> {
+        let n = iovs.len();
         let mut errors = 0u64;
         let mut done = 0;
         while done < n {
-            let res = sendmmsg(
-                sock.as_raw_fd(),
-                &mut mmsg.send,
-                iovs[done..n].iter(),
-                &mmsg.addrs[done..n],
-                [],
-                MsgFlags::MSG_DONTWAIT,
-            );
-            match res {
+            match sendmmsg(fd, headers, iovs[done..n].iter(), &addrs[done..n], [], MsgFlags::MSG_DONTWAIT) {
                 Ok(results) => {
                     let sent = results.count();
                     if sent == 0 {
@@ -337,6 +549,80 @@ mod linux {
         Ok(errors)
     }
 
+    /// GSO batches of one segment size, one per message. A batch the kernel refuses as GSO is sent again one
+    /// datagram per send (and GSO is turned off or its segment cap lowered, see [`Gso::refused`]). Returns the
+    /// datagrams refused.
+    fn send_gso(
+        fd: RawFd,
+        (headers, plain): (&mut MultiHeaders<SockaddrStorage>, &mut MultiHeaders<SockaddrStorage>),
+        iovs: &[[IoSlice<'_>; 1]],
+        addrs: &[Option<SockaddrStorage>],
+        sends: &[Option<Batch>],
+        segment: usize,
+        gso: &mut Gso,
+    ) -> io::Result<u64> {
+        let n = iovs.len();
+        let seg = segment as u16;
+        let cmsgs = [ControlMessage::UdpGsoSegments(&seg)];
+        let mut errors = 0u64;
+        let mut done = 0;
+        while done < n {
+            let count = sends[done].map_or(1, |b| b.count);
+            if !gso.is_on() || count > gso.segments {
+                // GSO went off (or its cap fell) during this flush.
+                errors += send_split(fd, plain, &iovs[done][0], sends[done])?;
+                done += 1;
+                continue;
+            }
+            match sendmmsg(fd, headers, iovs[done..n].iter(), &addrs[done..n], cmsgs, MsgFlags::MSG_DONTWAIT) {
+                Ok(results) => {
+                    let sent = results.count();
+                    if sent == 0 {
+                        errors += datagrams(&sends[done..]);
+                        break;
+                    }
+                    gso.sends += sent as u64;
+                    done += sent;
+                }
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => {
+                    errors += datagrams(&sends[done..]);
+                    break;
+                }
+                // Sent again, one datagram per send, at the top of the loop.
+                Err(e) if offload::gso_refused(e as i32) => gso.refused(e as i32, count),
+                Err(e) if e.len_hint_is_per_datagram() => {
+                    errors += count as u64;
+                    done += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(errors)
+    }
+
+    /// Sends the datagrams of one batch one per message (after the kernel refused it as a GSO send).
+    fn send_split(
+        fd: RawFd,
+        headers: &mut MultiHeaders<SockaddrStorage>,
+        bytes: &[u8],
+        batch: Option<Batch>,
+    ) -> io::Result<u64> {
+        let Some(batch) = batch else { return Ok(0) };
+        let addrs = [Some(SockaddrStorage::from(batch.dest)); BATCH];
+        let mut chunks = bytes.chunks(batch.segment.max(1));
+        let mut errors = 0;
+        let mut left = batch.count;
+        while left > 0 {
+            let k = left.min(BATCH);
+            let iovs: [[IoSlice<'_>; 1]; BATCH] =
+                std::array::from_fn(|i| [IoSlice::new(if i < k { chunks.next().unwrap_or(&[]) } else { &[] })]);
+            errors += send_plain(fd, headers, &iovs[..k], &addrs[..k])?;
+            left -= k;
+        }
+        Ok(errors)
+    }
+
     trait PerDatagram {
         fn len_hint_is_per_datagram(&self) -> bool;
     }
@@ -358,3 +644,6 @@ mod linux {
         }
     }
 }
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests;

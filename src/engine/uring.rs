@@ -17,6 +17,17 @@
 //!   stable addresses. `queue_send` copies into a free slot and queues a `SendMsg`; `flush` (or `receive`)
 //!   submits; a completion frees its slot. When every slot is busy, `queue_send` submits and reaps (bounded).
 //!   Receive completions reaped there are stashed and delivered by the next `receive`.
+//! - **GSO** ([`UringOptions::gso`]): consecutive datagrams to one destination with one length are appended
+//!   into one slot (up to the kernel's segment cap, 128 or 64, found by a probe, and 65,507 bytes; one shorter
+//!   datagram may end the batch) and go out as one `SendMsg` whose msghdr carries a `UDP_SEGMENT` control
+//!   message from the slot's own control buffer. The batch being filled is submitted when a datagram does not
+//!   fit it, and by `flush` and `receive`: a lone datagram is never held back. Slots then hold 64 KiB each, so
+//!   at most [`GSO_SLOTS`] are used. A GSO send the kernel refuses (EINVAL, EIO, EOPNOTSUPP, EMSGSIZE) counts
+//!   its datagrams as send errors and turns coalescing off for good (or lowers the segment cap to 64).
+//! - **GRO** ([`UringOptions::gro`]): `UDP_GRO` on both sockets, so that a GSO batch arrives whole in one
+//!   buffer; the receive template has room for the `UDP_GRO` control message, and a buffer carrying one is cut
+//!   back into its datagrams before the sink sees them. Receive buffers then hold 64 KiB each, so at most
+//!   [`GRO_BUFFERS`] are used.
 //! - **Wake**: an eventfd with a `Read` armed in the ring; [`Wake::wake`] writes to it from any thread.
 //! - **No allocation per datagram**: all memory (buffers, slots, the stash) is allocated in `new`.
 //! - **Teardown**: dropping the ring fd does not stop in-flight operations synchronously (the kernel cancels
@@ -41,12 +52,18 @@ use std::time::{Duration, Instant};
 use io_uring::{EnterFlags, IoUring, Probe, cqueue, opcode, squeue, types};
 
 use super::backend::{Backend, BackendKind, Wake};
+use super::offload::{self, Batch, Gso};
 use mem::{BufRing, Region};
 
 /// Bytes at the start of every receive buffer before the payload: the kernel's `io_uring_recvmsg_out`
 /// header (16 bytes) and room for the source address (a `sockaddr_storage`, 128 bytes). A receive buffer of
 /// `buffer_size` bytes holds datagrams of up to `buffer_size - RECV_OVERHEAD` bytes.
 pub const RECV_OVERHEAD: usize = RECVMSG_OUT_HEADER + size_of::<libc::sockaddr_storage>();
+
+/// Receive buffers used at most with GRO on (each then holds 64 KiB).
+pub const GRO_BUFFERS: u16 = 256;
+/// Send slots used at most with GSO on (each then holds 64 KiB).
+pub const GSO_SLOTS: usize = 32;
 
 /// Where received datagrams go: `(source, payload)`.
 type Sink<'a> = dyn FnMut(SocketAddr, &[u8]) + 'a;
@@ -89,19 +106,27 @@ pub struct UringOptions {
     /// Submission queue entries (default 256). The completion queue is sized from the buffers and slots.
     pub entries: u32,
     /// Receive buffers in the provided-buffer ring, shared by both sockets: a power of two, at most 32768
-    /// (default 1024).
+    /// (default 1024). With GRO on, at most [`GRO_BUFFERS`] are used.
     pub buffers: u16,
     /// Bytes per receive buffer and per send slot (default 2048). A receive buffer holds a datagram of up
     /// to `buffer_size - RECV_OVERHEAD` bytes (1904 by default: a 1472-byte datagram fits); a longer one
-    /// is dropped and counted as truncated. A send is refused beyond `buffer_size` bytes.
+    /// is dropped and counted as truncated. A send is refused beyond `buffer_size` bytes. With GRO on,
+    /// receive buffers hold 64 KiB whatever this says (see [`UringBackend::max_datagram`]); with GSO on,
+    /// send slots too.
     pub buffer_size: usize,
-    /// Sends in flight at most (default 64).
+    /// Sends in flight at most (default 64). With GSO on, at most [`GSO_SLOTS`] (each may carry a batch).
     pub send_batch: usize,
+    /// Coalesce consecutive datagrams to one destination into UDP GSO sends (default true). Off by itself
+    /// where the kernel does not support it.
+    pub gso: bool,
+    /// Turn on `UDP_GRO` on both sockets and split the batches it delivers (default true). Off by itself
+    /// where the kernel does not support it.
+    pub gro: bool,
 }
 
 impl Default for UringOptions {
     fn default() -> UringOptions {
-        UringOptions { entries: 256, buffers: 1024, buffer_size: 2048, send_batch: 64 }
+        UringOptions { entries: 256, buffers: 1024, buffer_size: 2048, send_batch: 64, gso: true, gro: true }
     }
 }
 
@@ -126,10 +151,11 @@ impl UringOptions {
         Ok(())
     }
 
-    /// Completion queue entries: room for a completion per buffer twice over plus every send in flight,
-    /// so that a burst does not overflow the queue (which would end the multishot receives).
-    fn cq_entries(&self) -> u32 {
-        let need = 2 * u32::from(self.buffers) + self.send_batch as u32 + 16;
+    /// Completion queue entries for `buffers` receive buffers and `slots` send slots: room for a completion
+    /// per buffer twice over plus every send in flight, so that a burst does not overflow the queue (which
+    /// would end the multishot receives).
+    fn cq_entries(&self, buffers: u16, slots: usize) -> u32 {
+        let need = 2 * u32::from(buffers) + slots as u32 + 16;
         need.max(2 * self.entries).next_power_of_two().min(65536)
     }
 }
@@ -339,10 +365,16 @@ pub fn probe() -> Result<ProbeReport, String> {
 pub struct UringStats {
     /// Datagrams handed to a sink.
     pub received: u64,
-    /// Sends the kernel completed.
+    /// Datagrams the kernel sent (a GSO send counts each of its datagrams).
     pub sent: u64,
-    /// Sends the kernel refused (e.g. ENETUNREACH, EPERM).
+    /// Datagrams the kernel refused to send (e.g. ENETUNREACH, EPERM; every datagram of a refused GSO send).
     pub send_errors: u64,
+    /// GSO sends (two datagrams or more) the kernel completed.
+    pub gso_sends: u64,
+    /// Times the kernel refused a GSO send and the backend fell back (to 64 segments, or to no GSO).
+    pub gso_fallbacks: u64,
+    /// Receive buffers that held a GRO batch (several datagrams, split before the sink).
+    pub gro_batches: u64,
     /// Datagrams dropped because they did not fit a receive buffer (MSG_TRUNC).
     pub truncated: u64,
     /// Receive completions that could not be parsed or named an unknown address family.
@@ -379,12 +411,19 @@ impl Wake for EventFd {
     }
 }
 
+/// A control-message buffer for `UDP_SEGMENT`, aligned like a `cmsghdr`.
+#[repr(C, align(8))]
+struct CmsgBuf([u8; offload::GSO_CMSG_SPACE]);
+
 /// One send slot's metadata; its payload buffer is slice `i` of `State::send_bufs`.
 struct SendSlot {
     v4: libc::sockaddr_in,
     v6: libc::sockaddr_in6,
     iov: libc::iovec,
     msg: libc::msghdr,
+    cmsg: CmsgBuf,
+    /// Datagrams in the send (more than one: a GSO send).
+    count: usize,
     busy: bool,
 }
 
@@ -418,8 +457,16 @@ struct State {
     group: UdpSocket,
     unicast: UdpSocket,
     eventfd: Arc<EventFd>,
+    /// Receive buffers in the ring.
     buffers: u16,
+    /// Largest datagram `queue_send` takes.
     buffer_size: usize,
+    /// Bytes per receive buffer.
+    recv_size: usize,
+    /// Bytes reserved for control data in each receive buffer (the template's `msg_controllen`).
+    recv_control: usize,
+    /// Bytes per send slot.
+    slot_size: usize,
     /// The msghdr both multishot receives are armed with (only its name and control lengths matter).
     /// A boxed slice of one, so that it can be leaked with `mem::take`.
     recv_msg: Box<[libc::msghdr]>,
@@ -434,6 +481,10 @@ struct State {
     send_bufs: Region,
     free: Vec<u16>,
     sends_in_flight: usize,
+    /// The GSO batch being filled: its slot (busy, not yet submitted) and what it holds.
+    open: Option<(u16, Batch)>,
+    gso: Gso,
+    gro: bool,
     wake_buf: Region,
     wake_armed: bool,
     woken: bool,
@@ -451,18 +502,28 @@ impl State {
         self.recv_armed.iter().filter(|a| **a).count() + usize::from(self.wake_armed) + self.sends_in_flight
     }
 
-    /// Handles one completion; returns the datagrams delivered (0 or 1).
+    /// Handles one completion; returns the datagrams delivered.
     fn complete(&mut self, ud: u64, res: i32, flags: u32, sink: Option<&mut Sink<'_>>) -> usize {
         if ud >= UD_SEND {
             let i = (ud - UD_SEND) as usize;
-            if let Some(slot) = self.slots.get_mut(i).filter(|s| s.busy) {
+            let open = self.open.map(|(o, _)| usize::from(o));
+            if let Some(slot) = self.slots.get_mut(i).filter(|s| s.busy && open != Some(i)) {
                 slot.busy = false;
                 self.free.push(i as u16);
                 self.sends_in_flight -= 1;
+                let count = slot.count;
                 if res >= 0 {
-                    self.stats.sent += 1;
+                    self.stats.sent += count as u64;
+                    if count > 1 {
+                        self.stats.gso_sends += 1;
+                        self.gso.sends += 1;
+                    }
                 } else {
-                    self.stats.send_errors += 1;
+                    self.stats.send_errors += count as u64;
+                    if count > 1 && offload::gso_refused(-res) {
+                        self.gso.refused(-res, count);
+                        self.stats.gso_fallbacks = self.gso.fallbacks;
+                    }
                 }
             }
             return 0;
@@ -517,32 +578,33 @@ impl State {
         }
     }
 
-    /// Hands the datagram in buffer `bid` (`len` bytes written by the kernel) to the sink, then gives the
-    /// buffer back to the ring (published at the end of the reap).
+    /// Hands the datagram in buffer `bid` (`len` bytes written by the kernel) to the sink (cut into its
+    /// datagrams if it holds a GRO batch), then gives the buffer back to the ring (published at the end of
+    /// the reap). Returns the datagrams delivered.
     fn deliver(&mut self, bid: u16, len: u32, sink: &mut dyn FnMut(SocketAddr, &[u8])) -> usize {
-        if bid >= self.buffers || len as usize > self.buffer_size {
+        if bid >= self.buffers || len as usize > self.recv_size {
             self.stats.malformed += 1;
             return 0;
         }
         let mut delivered = 0;
         {
-            // SAFETY: buffer `bid` lies inside recv_bufs (bid < buffers, buffers * buffer_size bytes) and
-            // `len` <= buffer_size bytes of it were written by the kernel. The completion handed the buffer
+            // SAFETY: buffer `bid` lies inside recv_bufs (bid < buffers, buffers * recv_size bytes) and
+            // `len` <= recv_size bytes of it were written by the kernel. The completion handed the buffer
             // to us: the kernel will not write it again until `recycle` below puts it back in the ring, and
             // the slice does not outlive this block.
             let buf = unsafe {
-                std::slice::from_raw_parts(
-                    self.recv_bufs.as_ptr().add(usize::from(bid) * self.buffer_size),
-                    len as usize,
-                )
+                std::slice::from_raw_parts(self.recv_bufs.as_ptr().add(usize::from(bid) * self.recv_size), len as usize)
             };
             match types::RecvMsgOut::parse(buf, &self.recv_msg[0]) {
                 Ok(out) if out.is_payload_truncated() => self.stats.truncated += 1,
                 Ok(out) => match addr::decode(out.name_data()) {
                     Some(from) => {
-                        sink(from, out.payload_data());
-                        self.stats.received += 1;
-                        delivered = 1;
+                        let segment = if self.gro { offload::gro_segment(out.control_data()) } else { None };
+                        delivered = offload::split(from, out.payload_data(), segment, sink);
+                        self.stats.received += delivered as u64;
+                        if delivered > 1 {
+                            self.stats.gro_batches += 1;
+                        }
                     }
                     None => self.stats.malformed += 1,
                 },
@@ -555,26 +617,34 @@ impl State {
 
     /// Puts buffer `bid` back at the ring's tail (not yet published).
     fn recycle(&mut self, bid: u16) {
-        let addr = self.recv_bufs.as_ptr() as u64 + (usize::from(bid) * self.buffer_size) as u64;
-        self.buf_ring.push(addr, self.buffer_size as u32, bid);
+        let addr = self.recv_bufs.as_ptr() as u64 + (usize::from(bid) * self.recv_size) as u64;
+        self.buf_ring.push(addr, self.recv_size as u32, bid);
     }
 
-    /// Copies `bytes` into free slot `i` and returns the SendMsg for it.
-    fn prepare_send(&mut self, i: usize, dest: SocketAddr, bytes: &[u8]) -> squeue::Entry {
-        let buf = {
-            // SAFETY: slot i is free (not busy): no operation in flight reads its buffer, and no other
-            // reference to it exists. It lies inside send_bufs (i < send_batch, send_batch * buffer_size bytes).
-            let buf = unsafe {
-                std::slice::from_raw_parts_mut(self.send_bufs.as_ptr().add(i * self.buffer_size), self.buffer_size)
-            };
-            buf[..bytes.len()].copy_from_slice(bytes);
-            buf.as_mut_ptr()
+    /// Copies `bytes` into slot `i` at `offset`. The slot must be busy and not submitted: taken from the free
+    /// list for the batch being filled (or about to be sent), so that no operation reads its buffer.
+    fn copy_into_slot(&mut self, i: usize, offset: usize, bytes: &[u8]) {
+        assert!(i < self.slots.len() && offset + bytes.len() <= self.slot_size, "send slot overrun");
+        // SAFETY: slot i is ours (busy but not submitted, see above): no operation in flight reads its buffer
+        // and no other reference to it exists. The range lies inside send_bufs (checked just above: i < slots,
+        // offset + len <= slot_size, and send_bufs holds slots * slot_size bytes).
+        let buf = unsafe {
+            std::slice::from_raw_parts_mut(self.send_bufs.as_ptr().add(i * self.slot_size + offset), bytes.len())
         };
+        buf.copy_from_slice(bytes);
+    }
+
+    /// Fills slot `i`'s msghdr for `batch` (already copied into its buffer) and returns the SendMsg for it:
+    /// with a `UDP_SEGMENT` control message when the batch holds two datagrams or more.
+    fn send_entry(&mut self, i: usize, batch: &Batch) -> squeue::Entry {
+        // Slot i's buffer (i < slots: the caller took it from the free list).
+        let buf = self.send_bufs.as_ptr().wrapping_add(i * self.slot_size);
         let slot = &mut self.slots[i];
         slot.busy = true;
-        slot.iov = libc::iovec { iov_base: buf.cast(), iov_len: bytes.len() };
+        slot.count = batch.count;
+        slot.iov = libc::iovec { iov_base: buf.cast(), iov_len: batch.len };
         let mut msg = zeroed_msghdr();
-        match dest {
+        match batch.dest {
             SocketAddr::V4(a) => {
                 slot.v4 = addr::sockaddr_v4(&a);
                 msg.msg_name = (&raw mut slot.v4).cast();
@@ -588,6 +658,11 @@ impl State {
         }
         msg.msg_iov = &raw mut slot.iov;
         msg.msg_iovlen = 1;
+        if batch.is_gso() {
+            offload::encode_gso_cmsg(&mut slot.cmsg.0, batch.segment as u16);
+            msg.msg_control = (&raw mut slot.cmsg).cast();
+            msg.msg_controllen = offload::GSO_CMSG_SPACE as _;
+        }
         slot.msg = msg;
         opcode::SendMsg::new(types::Fd(self.unicast.as_raw_fd()), &raw const slot.msg)
             .build()
@@ -636,32 +711,62 @@ impl UringBackend {
         first_rung: usize,
     ) -> Result<UringBackend, UringError> {
         opts.validate()?;
-        let BuiltRing { ring, flags: setup_flags, .. } = build_ring(opts.entries, opts.cq_entries(), first_rung)?;
+        let v6 = unicast.local_addr().map_err(UringError::Setup)?.is_ipv6();
+        let gso = Gso::new(if opts.gso { offload::probe_segments(v6) } else { None });
+        let gro = opts.gro && {
+            // Both are tried; if only one took it, every buffer is still checked for the control message.
+            let g = offload::enable_gro(&group);
+            let u = offload::enable_gro(&unicast);
+            g || u
+        };
+        // With GRO a buffer holds a whole batch: header, source address, control message, 64 KiB of payload.
+        let (nbufs, recv_size) = if gro {
+            let size = (RECV_OVERHEAD + offload::GRO_CMSG_SPACE + offload::GRO_MAX_PAYLOAD).next_multiple_of(64);
+            (opts.buffers.min(GRO_BUFFERS), size.max(opts.buffer_size))
+        } else {
+            (opts.buffers, opts.buffer_size)
+        };
+        let (nslots, slot_size) = if gso.is_on() {
+            (opts.send_batch.min(GSO_SLOTS), opts.buffer_size.max(offload::GSO_BUFFER))
+        } else {
+            (opts.send_batch, opts.buffer_size)
+        };
+        let cq_entries = opts.cq_entries(nbufs, nslots);
+        let BuiltRing { ring, flags: setup_flags, .. } = build_ring(opts.entries, cq_entries, first_rung)?;
         let eventfd = Arc::new(EventFd::new().map_err(UringError::Setup)?);
-        let buffers = usize::from(opts.buffers);
-        let buf_ring = BufRing::new(opts.buffers).map_err(UringError::Setup)?;
-        let recv_bufs = Region::new(buffers * opts.buffer_size, mem::page_size()).map_err(UringError::Setup)?;
-        let send_bufs = Region::new(opts.send_batch * opts.buffer_size, 64).map_err(UringError::Setup)?;
+        let buffers = usize::from(nbufs);
+        let buf_ring = BufRing::new(nbufs).map_err(UringError::Setup)?;
+        let recv_bufs = Region::new(buffers * recv_size, mem::page_size()).map_err(UringError::Setup)?;
+        let send_bufs = Region::new(nslots * slot_size, 64).map_err(UringError::Setup)?;
         let wake_buf = Region::new(size_of::<u64>(), align_of::<u64>()).map_err(UringError::Setup)?;
-        let slots = (0..opts.send_batch)
+        let slots = (0..nslots)
             .map(|_| SendSlot {
                 v4: addr::sockaddr_v4(&std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0)),
                 v6: addr::sockaddr_v6(&std::net::SocketAddrV6::new(std::net::Ipv6Addr::UNSPECIFIED, 0, 0, 0)),
                 iov: libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 },
                 msg: zeroed_msghdr(),
+                cmsg: CmsgBuf([0; offload::GSO_CMSG_SPACE]),
+                count: 0,
                 busy: false,
             })
             .collect();
         let mut recv_msg = zeroed_msghdr();
         recv_msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        let mut free = Vec::with_capacity(opts.send_batch);
-        free.extend((0..opts.send_batch as u16).rev());
+        // Only the lengths matter to a multishot receive: the kernel reserves this much room for control data
+        // in every buffer, between the source address and the payload.
+        let recv_control = if gro { offload::GRO_CMSG_SPACE } else { 0 };
+        recv_msg.msg_controllen = recv_control as _;
+        let mut free = Vec::with_capacity(nslots);
+        free.extend((0..nslots as u16).rev());
         let st = State {
             group,
             unicast,
             eventfd,
-            buffers: opts.buffers,
+            buffers: nbufs,
             buffer_size: opts.buffer_size,
+            recv_size,
+            recv_control,
+            slot_size,
             recv_msg: Box::new([recv_msg]),
             buf_ring,
             buf_ring_registered: false,
@@ -674,6 +779,9 @@ impl UringBackend {
             send_bufs,
             free,
             sends_in_flight: 0,
+            open: None,
+            gso,
+            gro,
             wake_buf,
             wake_armed: false,
             woken: false,
@@ -681,17 +789,15 @@ impl UringBackend {
         };
         // From here on, Drop cleans up whatever was set up.
         let mut backend = UringBackend { ring, setup_flags, st };
-        for bid in 0..opts.buffers {
+        for bid in 0..nbufs {
             backend.st.recycle(bid);
         }
         backend.st.buf_ring.publish();
         // SAFETY: the ring memory is page aligned and holds `buffers` entries (a power of two); it lives in
         // `st.buf_ring` until Drop unregisters it (or leaks it when the drain fails). Every buffer address
         // published in it points into `st.recv_bufs`, which lives just as long.
-        unsafe {
-            backend.ring.submitter().register_buf_ring_with_flags(backend.st.buf_ring.addr(), opts.buffers, BGID, 0)
-        }
-        .map_err(classify_register_error)?;
+        unsafe { backend.ring.submitter().register_buf_ring_with_flags(backend.st.buf_ring.addr(), nbufs, BGID, 0) }
+            .map_err(classify_register_error)?;
         backend.st.buf_ring_registered = true;
         backend.arm_recv(0).map_err(UringError::Register)?;
         backend.arm_recv(1).map_err(UringError::Register)?;
@@ -720,9 +826,44 @@ impl UringBackend {
         self.st.unicast.local_addr()
     }
 
-    /// Largest datagram a receive buffer holds whole.
+    /// Largest datagram a receive buffer holds whole (65,535 bytes with GRO on).
     pub fn max_datagram(&self) -> usize {
-        self.st.buffer_size - RECV_OVERHEAD
+        self.st.recv_size - RECV_OVERHEAD - self.st.recv_control
+    }
+
+    /// Segments per GSO send at most (64 or 128), or 0 if the backend does not coalesce (GSO off, refused
+    /// by the kernel, or fallen back after a refused send).
+    pub fn gso_segments(&self) -> usize {
+        if self.st.gso.is_on() { self.st.gso.segments } else { 0 }
+    }
+
+    /// Whether `UDP_GRO` is on (buffers may hold several datagrams, split before the sink sees them).
+    pub fn gro(&self) -> bool {
+        self.st.gro
+    }
+
+    /// Queues the SendMsg of `batch`, already copied into slot `i` (busy), and counts it in flight.
+    fn push_send(&mut self, i: u16, batch: &Batch) -> io::Result<()> {
+        let entry = self.st.send_entry(usize::from(i), batch);
+        // SAFETY: the entry points to slot i's msghdr, which points to the slot's iovec, address and control
+        // buffer and to the slot's buffer: all inside st.slots / st.send_bufs, allocated once in `new`, never
+        // moved or reallocated, and freed only after Drop reaped every send (leaked otherwise). The slot stays
+        // busy, so nothing rewrites it, until its completion is reaped.
+        if let Err(e) = unsafe { self.push(&entry) } {
+            self.st.slots[usize::from(i)].busy = false;
+            self.st.free.push(i);
+            return Err(e);
+        }
+        self.st.sends_in_flight += 1;
+        Ok(())
+    }
+
+    /// Queues the SendMsg of the batch being filled, if any.
+    fn close_batch(&mut self) -> io::Result<()> {
+        match self.st.open.take() {
+            Some((i, batch)) => self.push_send(i, &batch),
+            None => Ok(()),
+        }
     }
 
     /// Queues an SQE, submitting first if the submission queue is full.
@@ -872,6 +1013,8 @@ impl UringBackend {
     /// Cancels every operation in flight and reaps until all have completed (bounded by [`DRAIN_WAIT`]).
     /// Returns whether nothing is left in flight.
     fn drain(&mut self) -> bool {
+        // The batch being filled goes out like every other queued send (and frees its slot if it cannot).
+        let _ = self.close_batch();
         if self.st.in_flight() == 0 {
             return true;
         }
@@ -944,25 +1087,37 @@ impl Backend for UringBackend {
                 format!("datagram of {} bytes exceeds the io_uring buffer_size ({})", bytes.len(), self.st.buffer_size),
             ));
         }
+        let len = bytes.len();
+        if let Some((i, batch)) = self.st.open.as_mut() {
+            if batch.accepts(dest, len, self.st.gso.segments) {
+                let (i, offset) = (usize::from(*i), batch.len);
+                batch.push(len);
+                let full = batch.is_full(self.st.gso.segments);
+                self.st.copy_into_slot(i, offset, bytes);
+                if full {
+                    self.close_batch()?;
+                }
+                return Ok(());
+            }
+            self.close_batch()?;
+        }
         let i = match self.st.free.pop() {
             Some(i) => i,
             None => self.wait_for_slot()?,
         };
-        let entry = self.st.prepare_send(usize::from(i), dest, bytes);
-        // SAFETY: the entry points to slot i's msghdr, which points to the slot's iovec and address and to
-        // the slot's buffer: all inside st.slots / st.send_bufs, allocated once in `new`, never moved or
-        // reallocated, and freed only after Drop reaped every send (leaked otherwise). The slot stays busy,
-        // so nothing rewrites it, until its completion is reaped.
-        if let Err(e) = unsafe { self.push(&entry) } {
-            self.st.slots[usize::from(i)].busy = false;
-            self.st.free.push(i);
-            return Err(e);
+        self.st.slots[usize::from(i)].busy = true;
+        self.st.copy_into_slot(usize::from(i), 0, bytes);
+        let batch = Batch::new(dest, len);
+        if batch.is_full(self.st.gso.segments) {
+            self.push_send(i, &batch)
+        } else {
+            self.st.open = Some((i, batch));
+            Ok(())
         }
-        self.st.sends_in_flight += 1;
-        Ok(())
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        self.close_batch()?;
         match self.ring.submit() {
             Ok(_) => Ok(()),
             Err(e) if transient(&e) => Ok(()),
@@ -971,6 +1126,7 @@ impl Backend for UringBackend {
     }
 
     fn receive(&mut self, timeout: Option<Duration>, sink: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+        self.close_batch()?;
         let mut delivered = self.deliver_stash(sink);
         self.enter_nowait()?;
         delivered += self.reap(Some(sink));

@@ -197,7 +197,9 @@ fn unicast_and_send_errors() {
         return;
     }
     let mut a = backend(Ipv4Addr::new(239, 255, 201, 3), 46_205, UringOptions::default());
-    let mut b = backend(Ipv4Addr::new(239, 255, 201, 3), 46_206, UringOptions::default());
+    // Without GRO, so that a receive buffer holds 1904 bytes and the truncation below happens.
+    let mut b =
+        backend(Ipv4Addr::new(239, 255, 201, 3), 46_206, UringOptions { gro: false, ..UringOptions::default() });
     let to = b.unicast_addr().unwrap();
     let from = a.unicast_addr().unwrap();
     a.queue_send(to, b"unicast hello").unwrap();
@@ -408,4 +410,312 @@ fn every_rung_of_the_ladder_works() {
         assert_eq!(rx.receive(Some(Duration::from_secs(5)), &mut |_, _| {}).unwrap(), 0);
         assert!(start.elapsed() < Duration::from_secs(4), "{}: wake lost", rung.name);
     }
+}
+
+// ---- UDP GSO and GRO ----
+
+/// Datagrams per GSO test run.
+const GSO_N: usize = 10_000;
+/// Full-size datagrams: what a sender mostly sends.
+const FULL: usize = 1472;
+/// Datagrams queued between flushes.
+const CHUNK: usize = 500;
+
+/// Datagram `i` of the plan: whether it goes to the receiver's unicast address (three in a row every 100),
+/// and its length: full size, except every 37th (and the last of each unicast run), which is shorter and
+/// so ends a GSO batch as its last segment.
+fn plan(i: usize) -> (bool, usize) {
+    let unicast = (40..43).contains(&(i % 100));
+    let short = i % 37 == 36 || i % 100 == 42;
+    (unicast, if short { 9 + (i * 13) % (FULL - 9) } else { FULL })
+}
+
+/// Writes datagram `i` of the plan: its index in the first 8 bytes, then a pattern that depends on it.
+fn plan_fill(i: usize, buf: &mut [u8]) -> usize {
+    let len = plan(i).1;
+    buf[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    for (k, b) in buf[8..len].iter_mut().enumerate() {
+        *b = (i.wrapping_mul(31) + k) as u8;
+    }
+    len
+}
+
+/// What the receiver expects next on each stream (group, unicast): datagrams must arrive one by one, intact
+/// and in the order they were queued on their stream.
+struct Expect {
+    group: Vec<usize>,
+    unicast: Vec<usize>,
+    next: [usize; 2],
+}
+
+impl Expect {
+    fn new() -> Expect {
+        let (unicast, group) = (0..GSO_N).partition(|i| plan(*i).0);
+        Expect { group, unicast, next: [0, 0] }
+    }
+
+    fn check(&mut self, bytes: &[u8]) {
+        assert!(bytes.len() >= 8, "a {}-byte datagram: not one of ours, or split wrongly", bytes.len());
+        let i = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        assert!(i < GSO_N, "index {i} out of range: contents damaged");
+        let s = usize::from(plan(i).0);
+        let stream = if s == 1 { &self.unicast } else { &self.group };
+        assert_eq!(Some(&i), stream.get(self.next[s]), "datagram {i} out of order on stream {s}");
+        let mut want = [0u8; FULL];
+        let len = plan_fill(i, &mut want);
+        assert_eq!(bytes.len(), len, "datagram {i}: length");
+        assert!(bytes == &want[..len], "datagram {i}: contents differ");
+        self.next[s] += 1;
+    }
+
+    /// Whether every datagram below `end` was received.
+    fn caught_up(&self, end: usize) -> bool {
+        let want_g = self.group.partition_point(|i| *i < end);
+        let want_u = self.unicast.partition_point(|i| *i < end);
+        self.next[0] >= want_g && self.next[1] >= want_u
+    }
+}
+
+/// Reaps `tx`'s send completions until `total` datagrams were sent or refused (bounded by 10 s).
+fn settle(tx: &mut UringBackend, total: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tx.stats().sent + tx.stats().send_errors < total {
+        assert!(Instant::now() < deadline, "send completions missing after 10 s: {:?}", tx.stats());
+        tx.receive(Some(Duration::from_millis(10)), &mut |_, _| {}).unwrap();
+    }
+}
+
+/// Sends the plan from `tx` to `rx` (its group port and its unicast address) and checks what arrives.
+fn run_plan(tx: &mut UringBackend, rx: &mut UringBackend, group: SocketAddr) {
+    let (from, rx_addr) = (tx.unicast_addr().unwrap(), rx.unicast_addr().unwrap());
+    let mut expect = Expect::new();
+    let mut buf = [0u8; FULL];
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(60);
+    for first in (0..GSO_N).step_by(CHUNK) {
+        let end = (first + CHUNK).min(GSO_N);
+        for i in first..end {
+            let len = plan_fill(i, &mut buf);
+            let dest = if plan(i).0 { rx_addr } else { group };
+            tx.queue_send(dest, &buf[..len]).expect("queue_send");
+        }
+        tx.flush().expect("flush");
+        while !expect.caught_up(end) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out at chunk {first}..{end}: received {:?} of {} group, {} unicast; tx {:?}; rx {:?}",
+                expect.next,
+                expect.group.len(),
+                expect.unicast.len(),
+                tx.stats(),
+                rx.stats()
+            );
+            rx.receive(Some(Duration::from_millis(100)), &mut |src, bytes| {
+                if src == from {
+                    expect.check(bytes);
+                }
+            })
+            .expect("receive");
+        }
+    }
+    eprintln!(
+        "{GSO_N} datagrams in {:?}; tx gso segments {}: {:?}; rx gro {}: {:?}",
+        start.elapsed(),
+        tx.gso_segments(),
+        tx.stats(),
+        rx.gro(),
+        rx.stats()
+    );
+    assert_eq!(rx.stats().truncated + rx.stats().malformed + rx.stats().recv_errors, 0);
+    settle(tx, GSO_N as u64);
+}
+
+#[test]
+fn gso_to_gro_arrives_datagram_by_datagram() {
+    let _serial = serial();
+    if !available() {
+        return;
+    }
+    let group = Ipv4Addr::new(239, 255, 203, 11);
+    let mut rx = backend(group, 46_311, UringOptions::default());
+    let mut tx = backend(group, 46_312, UringOptions::default());
+    assert!(rx.max_datagram() >= if rx.gro() { 65_535 } else { 2048 - RECV_OVERHEAD });
+    run_plan(&mut tx, &mut rx, SocketAddr::from((group, 46_311)));
+    assert_eq!(tx.send_errors(), 0);
+    assert_eq!(tx.stats().sent, GSO_N as u64);
+    if tx.gso_segments() == 0 {
+        eprintln!("UDP GSO unavailable here: sent one datagram per send");
+        return;
+    }
+    assert!(tx.stats().gso_sends > 0, "GSO on but no GSO send");
+    assert_eq!(tx.stats().gso_fallbacks, 0);
+    if rx.gro() {
+        assert!(rx.stats().gro_batches > 0, "GRO on but every batch arrived as separate datagrams");
+    }
+}
+
+#[test]
+fn gso_to_receiver_without_gro() {
+    let _serial = serial();
+    if !available() {
+        return;
+    }
+    let group = Ipv4Addr::new(239, 255, 203, 12);
+    let mut rx = backend(group, 46_313, UringOptions { gro: false, ..UringOptions::default() });
+    let mut tx = backend(group, 46_314, UringOptions::default());
+    assert!(!rx.gro());
+    run_plan(&mut tx, &mut rx, SocketAddr::from((group, 46_313)));
+    assert_eq!(tx.send_errors(), 0);
+    assert_eq!(rx.stats().gro_batches, 0);
+    assert!(tx.gso_segments() == 0 || tx.stats().gso_sends > 0);
+}
+
+#[test]
+fn gso_off_sends_one_datagram_per_send() {
+    let _serial = serial();
+    if !available() {
+        return;
+    }
+    let group = Ipv4Addr::new(239, 255, 203, 13);
+    let mut rx = backend(group, 46_315, UringOptions::default());
+    let mut tx = backend(group, 46_316, UringOptions { gso: false, ..UringOptions::default() });
+    assert_eq!(tx.gso_segments(), 0);
+    run_plan(&mut tx, &mut rx, SocketAddr::from((group, 46_315)));
+    assert_eq!(tx.send_errors(), 0);
+    let (t, r) = (tx.stats(), rx.stats());
+    assert_eq!((t.sent, t.gso_sends, t.gso_fallbacks, r.gro_batches), (GSO_N as u64, 0, 0, 0));
+}
+
+/// Receives `count` datagrams from `from` on `rx` (bounded by 10 s) and returns their first bytes.
+fn collect(rx: &mut UringBackend, from: SocketAddr, count: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < count {
+        assert!(Instant::now() < deadline, "received {} of {count} datagrams within 10 s", got.len());
+        rx.receive(Some(Duration::from_millis(100)), &mut |src, bytes| {
+            if src == from {
+                got.push(bytes[0]);
+            }
+        })
+        .unwrap();
+    }
+    got
+}
+
+/// The kernel refuses GSO sends on a socket with SO_NO_CHECK (EINVAL), although the probe (other sockets)
+/// found GSO working: the first GSO send's datagrams are counted as send errors, and the backend falls back
+/// to one datagram per send for good.
+#[test]
+fn refused_gso_send_falls_back_for_good() {
+    let _serial = serial();
+    if !available() {
+        return;
+    }
+    let group = Ipv4Addr::new(239, 255, 203, 14);
+    let mut rx = backend(group, 46_317, UringOptions::default());
+    let unicast = unicast_socket();
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads size_of::<c_int>() bytes from a live c_int; the fd is open (owned by
+    // `unicast`).
+    let r = unsafe {
+        libc::setsockopt(
+            unicast.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NO_CHECK,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "SO_NO_CHECK: {}", io::Error::last_os_error());
+    let mut tx = UringBackend::new(group_socket(group, 46_318), unicast, UringOptions::default()).unwrap();
+    if tx.gso_segments() == 0 {
+        eprintln!("UDP GSO unavailable here: nothing to test");
+        return;
+    }
+    let from = tx.unicast_addr().unwrap();
+    let dest = SocketAddr::from((group, 46_317));
+    // One batch of 10 (refused), then a datagram to make sure the completion was seen.
+    for k in 0..10u8 {
+        tx.queue_send(dest, &[k; 500]).unwrap();
+    }
+    tx.flush().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tx.stats().gso_fallbacks == 0 {
+        assert!(Instant::now() < deadline, "refused GSO send not seen within 10 s: {:?}", tx.stats());
+        tx.receive(Some(Duration::from_millis(10)), &mut |_, _| {}).unwrap();
+    }
+    assert_eq!(tx.send_errors(), 10);
+    assert_eq!(tx.gso_segments(), 0, "still coalescing after a refused GSO send");
+    // From now on one datagram per send: all arrive.
+    for k in 0..20u8 {
+        tx.queue_send(dest, &[k; 500]).unwrap();
+    }
+    tx.flush().unwrap();
+    assert_eq!(collect(&mut rx, from, 20), (0..20).collect::<Vec<u8>>());
+    settle(&mut tx, 30);
+    let s = tx.stats();
+    assert_eq!((s.send_errors, s.gso_fallbacks, s.gso_sends, s.sent), (10, 1, 0, 20));
+}
+
+/// A GSO send past the kernel's segment cap is refused with EINVAL: its datagrams are counted as send errors
+/// and the cap falls to 64; later batches go out as GSO sends again.
+#[test]
+fn gso_past_the_segment_cap_lowers_it() {
+    let _serial = serial();
+    if !available() {
+        return;
+    }
+    let group = Ipv4Addr::new(239, 255, 203, 15);
+    let mut rx = backend(group, 46_319, UringOptions::default());
+    let mut tx = backend(group, 46_320, UringOptions::default());
+    if tx.gso_segments() == 0 {
+        eprintln!("UDP GSO unavailable here: nothing to test");
+        return;
+    }
+    // Pretend the cap is higher than any kernel's (128).
+    tx.st.gso.segments = 200;
+    let (from, dest) = (tx.unicast_addr().unwrap(), SocketAddr::from((group, 46_319)));
+    for _ in 0..150 {
+        tx.queue_send(dest, &[1; 100]).unwrap();
+    }
+    tx.flush().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tx.stats().gso_fallbacks == 0 {
+        assert!(Instant::now() < deadline, "refused GSO send not seen within 10 s: {:?}", tx.stats());
+        tx.receive(Some(Duration::from_millis(10)), &mut |_, _| {}).unwrap();
+    }
+    assert_eq!(tx.send_errors(), 150);
+    assert_eq!(tx.gso_segments(), 64);
+    for k in 0..150 {
+        tx.queue_send(dest, &[k as u8; 100]).unwrap();
+    }
+    tx.flush().unwrap();
+    assert_eq!(collect(&mut rx, from, 150), (0..150).map(|k| k as u8).collect::<Vec<u8>>());
+    settle(&mut tx, 300);
+    let s = tx.stats();
+    assert_eq!((s.send_errors, s.gso_fallbacks), (150, 1));
+    assert!(s.gso_sends >= 3, "150 datagrams at 64 per GSO send: {s:?}");
+}
+
+/// A lone datagram goes out at `flush`, not when a batch fills; so does the batch being filled on `receive`.
+#[test]
+fn flush_and_receive_send_the_open_batch() {
+    let _serial = serial();
+    if !available() {
+        return;
+    }
+    let group = Ipv4Addr::new(239, 255, 203, 16);
+    let mut rx = backend(group, 46_321, UringOptions::default());
+    let mut tx = backend(group, 46_322, UringOptions::default());
+    let (from, dest) = (tx.unicast_addr().unwrap(), SocketAddr::from((group, 46_321)));
+    for round in 0..3u8 {
+        tx.queue_send(dest, &[round; FULL]).unwrap();
+        tx.flush().unwrap();
+        assert_eq!(collect(&mut rx, from, 1), vec![round]);
+    }
+    // Two queued, no flush: the sender's own receive submits them.
+    tx.queue_send(dest, &[7; FULL]).unwrap();
+    tx.queue_send(dest, &[8; FULL]).unwrap();
+    tx.receive(Some(Duration::ZERO), &mut |_, _| {}).unwrap();
+    assert_eq!(collect(&mut rx, from, 2), vec![7, 8]);
 }

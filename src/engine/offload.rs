@@ -1,0 +1,402 @@
+//! UDP segmentation offload on send (GSO, `UDP_SEGMENT`) and receive coalescing (GRO, `UDP_GRO`), shared by
+//! both backends. Safe code only: the kernel interfaces go through `nix`, control messages are built and
+//! parsed as plain bytes.
+//!
+//! # Send: coalescing
+//!
+//! Consecutive datagrams to the same destination with the same length `L` are appended into one buffer and
+//! sent with one `sendmsg` carrying a `UDP_SEGMENT` control message (`u16 L`): the kernel cuts the buffer
+//! back into datagrams of `L` bytes (the last may be shorter), so the receivers see exactly the datagrams that
+//! were queued, in order. A [`Batch`] decides what may be appended: up to the kernel's segment cap (128 since
+//! Linux 6.x, 64 before: [`probe_segments`] finds out) and [`GSO_MAX_BYTES`] in all; one datagram shorter than
+//! `L` may end the batch as its last segment. A batch of one datagram is sent plainly.
+//!
+//! # Receive: splitting
+//!
+//! With `UDP_GRO` set on a socket, the kernel hands a GSO batch to it whole (on loopback it does not merge
+//! separately sent datagrams; on a real NIC it may merge datagrams of one flow of equal size). A buffer that
+//! arrives with a `UDP_GRO` control message (`i32` segment size) is cut back into segments by [`split`]; one
+//! without it is a single datagram.
+
+use std::net::SocketAddr;
+
+/// Most payload bytes one UDP send may carry over IPv4 (65,535 minus the IP and UDP headers); more gives
+/// EMSGSIZE. A GSO batch never exceeds it.
+pub(crate) const GSO_MAX_BYTES: usize = 65_507;
+
+/// Bytes of a send buffer that holds any GSO batch.
+pub(crate) const GSO_BUFFER: usize = 65_536;
+
+/// Largest payload a GRO receive can hand over (a whole 64 KiB IP packet's worth).
+pub(crate) const GRO_MAX_PAYLOAD: usize = 65_535;
+
+/// Segments per GSO send the kernel accepts at most: 128 on current kernels (`UDP_MAX_SEGMENTS`), 64 on older
+/// ones (EINVAL beyond).
+pub(crate) const GSO_SEGMENTS_MAX: usize = 128;
+/// The older kernels' segment cap.
+pub(crate) const GSO_SEGMENTS_OLD: usize = 64;
+
+/// `CMSG_ALIGN`: control messages and their data are aligned to the size of a `long`.
+const fn cmsg_align(n: usize) -> usize {
+    let a = size_of::<usize>();
+    (n + a - 1) & !(a - 1)
+}
+
+/// Bytes of a `cmsghdr`, aligned: where a control message's data starts.
+const CMSG_HDR: usize = cmsg_align(size_of::<libc::cmsghdr>());
+
+/// `CMSG_SPACE(sizeof(u16))`: the room a `UDP_SEGMENT` control message takes in `msg_control`.
+pub(crate) const GSO_CMSG_SPACE: usize = CMSG_HDR + cmsg_align(size_of::<u16>());
+
+/// `CMSG_SPACE(sizeof(int))`: the room a `UDP_GRO` control message takes in `msg_control`.
+pub(crate) const GRO_CMSG_SPACE: usize = CMSG_HDR + cmsg_align(size_of::<i32>());
+
+/// `SOL_UDP`, the level of both control messages and socket options.
+#[cfg(target_os = "linux")]
+const SOL_UDP: i32 = libc::SOL_UDP;
+#[cfg(not(target_os = "linux"))]
+const SOL_UDP: i32 = 17;
+/// `UDP_SEGMENT` (Linux).
+const UDP_SEGMENT: i32 = 103;
+/// `UDP_GRO` (Linux).
+const UDP_GRO: i32 = 104;
+
+/// Writes a `UDP_SEGMENT` control message for segments of `segment` bytes into `buf`, as the kernel reads
+/// it from `msg_control` (with `msg_controllen` = [`GSO_CMSG_SPACE`]).
+pub(crate) fn encode_gso_cmsg(buf: &mut [u8; GSO_CMSG_SPACE], segment: u16) {
+    // struct cmsghdr { size_t cmsg_len; int cmsg_level; int cmsg_type; } then the data at CMSG_HDR.
+    let len = CMSG_HDR + size_of::<u16>(); // CMSG_LEN(sizeof(u16))
+    buf.fill(0);
+    let w = size_of::<usize>();
+    buf[..w].copy_from_slice(&len.to_ne_bytes());
+    buf[w..w + 4].copy_from_slice(&SOL_UDP.to_ne_bytes());
+    buf[w + 4..w + 8].copy_from_slice(&UDP_SEGMENT.to_ne_bytes());
+    buf[CMSG_HDR..CMSG_HDR + 2].copy_from_slice(&segment.to_ne_bytes());
+}
+
+/// The segment size in a received buffer's control data (`UDP_GRO`), if any: `Some(size)` means the payload
+/// is a batch of datagrams of `size` bytes, the last possibly shorter.
+pub(crate) fn gro_segment(mut control: &[u8]) -> Option<usize> {
+    let w = size_of::<usize>();
+    while control.len() >= CMSG_HDR {
+        let len = usize::from_ne_bytes(control[..w].try_into().ok()?);
+        let level = i32::from_ne_bytes(control[w..w + 4].try_into().ok()?);
+        let kind = i32::from_ne_bytes(control[w + 4..w + 8].try_into().ok()?);
+        if len < CMSG_HDR || len > control.len() {
+            return None;
+        }
+        if level == SOL_UDP && kind == UDP_GRO && len >= CMSG_HDR + 4 {
+            let size = i32::from_ne_bytes(control[CMSG_HDR..CMSG_HDR + 4].try_into().ok()?);
+            return usize::try_from(size).ok().filter(|s| *s > 0);
+        }
+        control = control.get(cmsg_align(len)..)?;
+    }
+    None
+}
+
+/// Hands `payload` to `sink` as the datagrams it holds: cut into `segment`-byte pieces (the last may be
+/// shorter) when the kernel coalesced it (`Some(segment)`), whole otherwise. Returns the datagrams delivered.
+pub(crate) fn split(
+    from: SocketAddr,
+    payload: &[u8],
+    segment: Option<usize>,
+    sink: &mut dyn FnMut(SocketAddr, &[u8]),
+) -> usize {
+    match segment {
+        Some(s) if payload.len() > s => {
+            let mut n = 0;
+            for chunk in payload.chunks(s) {
+                sink(from, chunk);
+                n += 1;
+            }
+            n
+        }
+        _ => {
+            sink(from, payload);
+            1
+        }
+    }
+}
+
+/// A GSO batch being filled: datagrams to one destination, all of `segment` bytes but maybe the last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Batch {
+    /// Where every datagram of the batch goes.
+    pub(crate) dest: SocketAddr,
+    /// The length of the first datagram: the segment size.
+    pub(crate) segment: usize,
+    /// Datagrams in the batch.
+    pub(crate) count: usize,
+    /// Bytes in the batch.
+    pub(crate) len: usize,
+    /// A datagram shorter than `segment` ended the batch.
+    ended: bool,
+}
+
+impl Batch {
+    /// A batch holding one datagram of `len` bytes.
+    pub(crate) fn new(dest: SocketAddr, len: usize) -> Batch {
+        // An empty datagram cannot be a GSO segment size: such a batch takes nothing more.
+        Batch { dest, segment: len, count: 1, len, ended: len == 0 }
+    }
+
+    /// Whether a datagram of `len` bytes to `dest` may be appended, with at most `max_segments` per batch.
+    pub(crate) fn accepts(&self, dest: SocketAddr, len: usize, max_segments: usize) -> bool {
+        !self.ended
+            && dest == self.dest
+            && len > 0
+            && len <= self.segment
+            && self.count < max_segments
+            && self.len + len <= GSO_MAX_BYTES
+    }
+
+    /// Appends a datagram of `len` bytes (after [`accepts`](Self::accepts) said yes).
+    pub(crate) fn push(&mut self, len: usize) {
+        debug_assert!(len > 0 && len <= self.segment);
+        self.count += 1;
+        self.len += len;
+        if len < self.segment {
+            self.ended = true;
+        }
+    }
+
+    /// Whether nothing more can be appended (so the batch may as well be sent now).
+    pub(crate) fn is_full(&self, max_segments: usize) -> bool {
+        self.ended || self.count >= max_segments || self.len + 1 > GSO_MAX_BYTES || max_segments < 2
+    }
+
+    /// Whether the batch goes out with `UDP_SEGMENT` (two datagrams or more).
+    pub(crate) fn is_gso(&self) -> bool {
+        self.count >= 2
+    }
+}
+
+/// Whether GSO is on, and how it went: shared by both backends' send paths.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Gso {
+    /// Segments per GSO send at most; below 2: GSO is off (never coalesce).
+    pub(crate) segments: usize,
+    /// Times the kernel refused a GSO send and the backend fell back (to the older segment cap, or to one
+    /// datagram per send for good).
+    pub(crate) fallbacks: u64,
+    /// GSO sends (two datagrams or more) the kernel accepted.
+    pub(crate) sends: u64,
+}
+
+impl Gso {
+    /// GSO with `segments` per send at most (`None`: off).
+    pub(crate) fn new(segments: Option<usize>) -> Gso {
+        Gso { segments: segments.unwrap_or(0), fallbacks: 0, sends: 0 }
+    }
+
+    /// Whether the backend coalesces.
+    pub(crate) fn is_on(&self) -> bool {
+        self.segments >= 2
+    }
+
+    /// The kernel refused a GSO send of `count` datagrams with `errno` (one for which [`gso_refused`] holds):
+    /// past the segment cap (EINVAL with more than 64 segments while the cap was 128), lower the cap to 64;
+    /// otherwise stop coalescing for good.
+    pub(crate) fn refused(&mut self, errno: i32, count: usize) {
+        self.fallbacks += 1;
+        if errno == libc::EINVAL && count > GSO_SEGMENTS_OLD && self.segments > GSO_SEGMENTS_OLD {
+            self.segments = GSO_SEGMENTS_OLD;
+        } else {
+            self.segments = 0;
+        }
+    }
+}
+
+/// Errors of a GSO send that mean the kernel (or the path) does not take GSO sends like this one: the
+/// backend then stops coalescing for good and sends one datagram per send. EMSGSIZE: the segment size plus
+/// headers exceeds the route's MTU (a plain send would have been fragmented instead); EINVAL: the segment
+/// count or checksum settings; EIO: an xfrm (IPsec) route; EOPNOTSUPP: no UDP GSO at all.
+pub(crate) fn gso_refused(errno: i32) -> bool {
+    matches!(errno, libc::EINVAL | libc::EIO | libc::EOPNOTSUPP | libc::EMSGSIZE)
+}
+
+#[cfg(target_os = "linux")]
+pub(crate) use linux::{enable_gro, probe_segments};
+
+#[cfg(target_os = "linux")]
+mod linux {
+    use std::io::IoSlice;
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+    use std::os::fd::AsRawFd;
+    use std::sync::OnceLock;
+
+    use nix::errno::Errno;
+    use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg, setsockopt, sockopt};
+
+    use super::{GSO_SEGMENTS_MAX, GSO_SEGMENTS_OLD};
+
+    /// Turns `UDP_GRO` on; false if the kernel refuses (then the socket receives one datagram per read).
+    pub(crate) fn enable_gro(sock: &UdpSocket) -> bool {
+        setsockopt(sock, sockopt::UdpGroSegment, &true).is_ok()
+    }
+
+    /// How many segments one GSO send may carry here (128 or 64), or `None` if UDP GSO does not work. Found
+    /// once per address family by sending one GSO batch of one-byte segments between two throwaway sockets on
+    /// the loopback address (nothing leaves the host), then cached.
+    pub(crate) fn probe_segments(v6: bool) -> Option<usize> {
+        static V4: OnceLock<Option<usize>> = OnceLock::new();
+        static V6: OnceLock<Option<usize>> = OnceLock::new();
+        let cell = if v6 { &V6 } else { &V4 };
+        *cell.get_or_init(|| probe_uncached(v6))
+    }
+
+    fn probe_uncached(v6: bool) -> Option<usize> {
+        let lo: SocketAddr = if v6 { (Ipv6Addr::LOCALHOST, 0).into() } else { (Ipv4Addr::LOCALHOST, 0).into() };
+        let rx = UdpSocket::bind(lo).ok()?;
+        let tx = UdpSocket::bind(lo).ok()?;
+        let to = SockaddrStorage::from(rx.local_addr().ok()?);
+        let payload = [0u8; GSO_SEGMENTS_MAX];
+        let one: u16 = 1;
+        for segments in [GSO_SEGMENTS_MAX, GSO_SEGMENTS_OLD] {
+            let iov = [IoSlice::new(&payload[..segments])];
+            let cmsg = [ControlMessage::UdpGsoSegments(&one)];
+            match sendmsg(tx.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_DONTWAIT, Some(&to)) {
+                Ok(n) if n == segments => return Some(segments),
+                // Past the cap: EINVAL. Try the older cap.
+                Err(Errno::EINVAL) => continue,
+                _ => return None,
+            }
+        }
+        None
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn enable_gro(_sock: &std::net::UdpSocket) -> bool {
+    false
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn probe_segments(_v6: bool) -> Option<usize> {
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(port: u16) -> SocketAddr {
+        SocketAddr::from(([239, 255, 203, 1], port))
+    }
+
+    #[test]
+    fn cmsg_sizes_match_the_kernel_macros() {
+        #[cfg(target_os = "linux")]
+        {
+            assert_eq!(GSO_CMSG_SPACE, nix::sys::socket::cmsg_space::<u16>());
+            assert_eq!(GRO_CMSG_SPACE, nix::sys::socket::cmsg_space::<i32>());
+        }
+        assert_eq!(GSO_CMSG_SPACE, GRO_CMSG_SPACE);
+    }
+
+    #[test]
+    fn gso_cmsg_round_trips_through_the_parser_layout() {
+        let mut buf = [0xAAu8; GSO_CMSG_SPACE];
+        encode_gso_cmsg(&mut buf, 1472);
+        let w = size_of::<usize>();
+        assert_eq!(usize::from_ne_bytes(buf[..w].try_into().unwrap()), CMSG_HDR + 2);
+        assert_eq!(i32::from_ne_bytes(buf[w..w + 4].try_into().unwrap()), 17);
+        assert_eq!(i32::from_ne_bytes(buf[w + 4..w + 8].try_into().unwrap()), 103);
+        assert_eq!(u16::from_ne_bytes(buf[CMSG_HDR..CMSG_HDR + 2].try_into().unwrap()), 1472);
+        assert!(buf[CMSG_HDR + 2..].iter().all(|b| *b == 0));
+    }
+
+    fn gro_cmsg(level: i32, kind: i32, size: i32) -> Vec<u8> {
+        let w = size_of::<usize>();
+        let mut v = vec![0u8; GRO_CMSG_SPACE];
+        v[..w].copy_from_slice(&(CMSG_HDR + 4).to_ne_bytes());
+        v[w..w + 4].copy_from_slice(&level.to_ne_bytes());
+        v[w + 4..w + 8].copy_from_slice(&kind.to_ne_bytes());
+        v[CMSG_HDR..CMSG_HDR + 4].copy_from_slice(&size.to_ne_bytes());
+        v
+    }
+
+    #[test]
+    fn gro_segment_parses_and_skips() {
+        assert_eq!(gro_segment(&gro_cmsg(17, 104, 1472)), Some(1472));
+        assert_eq!(gro_segment(&[]), None);
+        assert_eq!(gro_segment(&gro_cmsg(0, 104, 1472)), None);
+        assert_eq!(gro_segment(&gro_cmsg(17, 104, 0)), None);
+        // Another control message first, then UDP_GRO.
+        let mut two = gro_cmsg(0, 2, 64);
+        two.extend(gro_cmsg(17, 104, 100));
+        assert_eq!(gro_segment(&two), Some(100));
+        // A length field past the end: stop, do not panic.
+        let mut bad = gro_cmsg(17, 104, 1472);
+        bad[0] = 200;
+        assert_eq!(gro_segment(&bad), None);
+        assert_eq!(gro_segment(&bad[..5]), None);
+    }
+
+    #[test]
+    fn split_cuts_at_the_segment_size() {
+        let payload: Vec<u8> = (0..10u8).collect();
+        let mut got = Vec::new();
+        let n = split(a(1), &payload, Some(4), &mut |_, c| got.push(c.to_vec()));
+        assert_eq!(n, 3);
+        assert_eq!(got, vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7], vec![8, 9]]);
+        got.clear();
+        assert_eq!(split(a(1), &payload, None, &mut |_, c| got.push(c.to_vec())), 1);
+        assert_eq!(split(a(1), &payload, Some(10), &mut |_, c| got.push(c.to_vec())), 1);
+        assert_eq!(got, vec![payload.clone(), payload]);
+    }
+
+    #[test]
+    fn batch_rules() {
+        // Same destination and length: appended up to the segment cap.
+        let mut b = Batch::new(a(1), 1472);
+        for _ in 1..44 {
+            assert!(b.accepts(a(1), 1472, 128));
+            b.push(1472);
+        }
+        // 44 x 1472 = 64,768; one more would exceed 65,507.
+        assert!(!b.accepts(a(1), 1472, 128));
+        // A shorter one still fits (65,507 - 64,768 = 739 bytes).
+        assert!(!b.is_full(128));
+        assert!(b.accepts(a(1), 739, 128));
+        assert!(!b.accepts(a(1), 740, 128));
+        b.push(739);
+        assert!(b.is_full(128));
+
+        // Other destination, longer datagram: refused. Shorter: taken, and it ends the batch.
+        let mut b = Batch::new(a(1), 1000);
+        assert!(!b.accepts(a(2), 1000, 128));
+        assert!(!b.accepts(a(1), 1001, 128));
+        assert!(b.accepts(a(1), 10, 128));
+        b.push(10);
+        assert!(b.is_gso());
+        assert!(b.is_full(128));
+        assert!(!b.accepts(a(1), 10, 128));
+        assert!(!b.accepts(a(1), 1000, 128));
+
+        // The segment cap.
+        let mut b = Batch::new(a(1), 64);
+        for _ in 1..64 {
+            b.push(64);
+        }
+        assert!(!b.accepts(a(1), 64, 64));
+        assert!(b.is_full(64));
+        assert!(b.accepts(a(1), 64, 128));
+
+        // Empty datagrams never coalesce; a batch of one is not GSO.
+        let b = Batch::new(a(1), 0);
+        assert!(!b.accepts(a(1), 0, 128) && b.is_full(128) && !b.is_gso());
+        assert!(!Batch::new(a(1), 100).accepts(a(1), 0, 128));
+        // GSO off (cap below 2): every batch is full at once.
+        assert!(Batch::new(a(1), 100).is_full(1));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn probe_finds_a_segment_cap() {
+        let cap = probe_segments(false);
+        eprintln!("UDP GSO segment cap on 127.0.0.1: {cap:?}");
+        assert!(matches!(cap, None | Some(GSO_SEGMENTS_MAX) | Some(GSO_SEGMENTS_OLD)));
+        assert_eq!(probe_segments(false), cap, "cached");
+    }
+}

@@ -1,0 +1,258 @@
+//! Loopback tests of the poll backend's UDP GSO and GRO. They keep every packet on this host: 127.0.0.1,
+//! groups in 239.255.203.0/24 joined on 127.0.0.1, IP_MULTICAST_IF 127.0.0.1, TTL 0, each test with its own
+//! group and ports. Every wait is bounded and fails the test when it runs out.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::*;
+
+const LO: Ipv4Addr = Ipv4Addr::LOCALHOST;
+/// Datagrams per test run.
+const N: usize = 10_000;
+/// Full-size datagrams: what a sender mostly sends.
+const FULL: usize = 1472;
+/// Datagrams queued between flushes.
+const CHUNK: usize = 500;
+
+fn group_socket(group: Ipv4Addr, port: u16) -> UdpSocket {
+    assert_eq!(group.octets()[..2], [239, 255], "tests use 239.255.0.0/16 only");
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.bind(&SocketAddrV4::new(group, port).into()).unwrap();
+    s.join_multicast_v4(&group, &LO).unwrap();
+    s.set_multicast_if_v4(&LO).unwrap();
+    s.set_multicast_ttl_v4(0).unwrap();
+    s.set_recv_buffer_size(4 << 20).unwrap();
+    s.set_nonblocking(true).unwrap();
+    s.into()
+}
+
+fn unicast_socket() -> UdpSocket {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+    s.bind(&SocketAddrV4::new(LO, 0).into()).unwrap();
+    s.set_multicast_if_v4(&LO).unwrap();
+    s.set_multicast_ttl_v4(0).unwrap();
+    s.set_recv_buffer_size(4 << 20).unwrap();
+    s.set_send_buffer_size(4 << 20).unwrap();
+    s.set_nonblocking(true).unwrap();
+    s.into()
+}
+
+/// A backend and its unicast socket's address.
+fn backend(group: Ipv4Addr, port: u16, opts: PollOptions) -> (PollBackend, SocketAddr) {
+    let unicast = unicast_socket();
+    let addr = unicast.local_addr().unwrap();
+    let b = PollBackend::with_options(group_socket(group, port), unicast, 2048, opts).expect("PollBackend");
+    (b, addr)
+}
+
+/// Datagram `i` of the plan: whether it goes to the receiver's unicast address (three in a row every 100),
+/// and its length: full size, except every 37th (and the last of each unicast run), which is shorter and
+/// so ends a GSO batch as its last segment.
+fn plan(i: usize) -> (bool, usize) {
+    let unicast = (40..43).contains(&(i % 100));
+    let short = i % 37 == 36 || i % 100 == 42;
+    (unicast, if short { 9 + (i * 13) % (FULL - 9) } else { FULL })
+}
+
+/// Writes datagram `i`: its index in the first 8 bytes, then a pattern that depends on the index.
+fn fill(i: usize, buf: &mut [u8]) -> usize {
+    let len = plan(i).1;
+    buf[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    for (k, b) in buf[8..len].iter_mut().enumerate() {
+        *b = (i.wrapping_mul(31) + k) as u8;
+    }
+    len
+}
+
+/// What the receiver expects next on each stream (group, unicast): datagrams must arrive one by one, intact
+/// and in the order they were queued on their stream.
+struct Expect {
+    group: Vec<usize>,
+    unicast: Vec<usize>,
+    next: [usize; 2],
+}
+
+impl Expect {
+    fn new() -> Expect {
+        let (unicast, group) = (0..N).partition(|i| plan(*i).0);
+        Expect { group, unicast, next: [0, 0] }
+    }
+
+    fn check(&mut self, bytes: &[u8]) {
+        assert!(bytes.len() >= 8, "a {}-byte datagram: not one of ours, or split wrongly", bytes.len());
+        let i = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        assert!(i < N, "index {i} out of range: contents damaged");
+        let s = usize::from(plan(i).0);
+        let stream = if s == 1 { &self.unicast } else { &self.group };
+        assert_eq!(Some(&i), stream.get(self.next[s]), "datagram {i} out of order on stream {s}");
+        let mut want = [0u8; FULL];
+        let len = fill(i, &mut want);
+        assert_eq!(bytes.len(), len, "datagram {i}: length");
+        assert!(bytes == &want[..len], "datagram {i}: contents differ");
+        self.next[s] += 1;
+    }
+
+    /// Whether every datagram below `end` was received.
+    fn caught_up(&self, end: usize) -> bool {
+        let want_g = self.group.partition_point(|i| *i < end);
+        let want_u = self.unicast.partition_point(|i| *i < end);
+        self.next[0] >= want_g && self.next[1] >= want_u
+    }
+}
+
+/// Sends the plan from `tx` to `rx` (group and unicast) and checks what arrives.
+fn run(tx: &mut PollBackend, tx_addr: SocketAddr, rx: &mut PollBackend, rx_addr: SocketAddr, group: SocketAddr) {
+    let mut expect = Expect::new();
+    let mut buf = [0u8; FULL];
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(60);
+    for first in (0..N).step_by(CHUNK) {
+        let end = (first + CHUNK).min(N);
+        for i in first..end {
+            let len = fill(i, &mut buf);
+            let dest = if plan(i).0 { rx_addr } else { group };
+            tx.queue_send(dest, &buf[..len]).expect("queue_send");
+        }
+        tx.flush().expect("flush");
+        while !expect.caught_up(end) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out at chunk {first}..{end}: received {:?} of {} group, {} unicast; tx send errors {}",
+                expect.next,
+                expect.group.len(),
+                expect.unicast.len(),
+                tx.send_errors()
+            );
+            rx.receive(Some(Duration::from_millis(100)), &mut |src, bytes| {
+                if src == tx_addr {
+                    expect.check(bytes);
+                }
+            })
+            .expect("receive");
+        }
+    }
+    eprintln!(
+        "{N} datagrams in {:?}; tx: gso segments {}, {} GSO sends, {} fallbacks, {} send errors; rx: gro {}, {} GRO batches",
+        start.elapsed(),
+        tx.gso_segments(),
+        tx.gso_sends(),
+        tx.gso_fallbacks(),
+        tx.send_errors(),
+        rx.gro(),
+        rx.gro_batches()
+    );
+}
+
+#[test]
+fn gso_to_gro_arrives_datagram_by_datagram() {
+    let group = Ipv4Addr::new(239, 255, 203, 1);
+    let (mut rx, rx_addr) = backend(group, 46_301, PollOptions::default());
+    let (mut tx, tx_addr) = backend(group, 46_302, PollOptions::default());
+    run(&mut tx, tx_addr, &mut rx, rx_addr, SocketAddr::from((group, 46_301)));
+    assert_eq!(tx.send_errors(), 0);
+    if tx.gso_segments() == 0 {
+        eprintln!("UDP GSO unavailable here: sent one datagram per send");
+        return;
+    }
+    assert!(tx.gso_sends() > 0, "GSO on but no GSO send");
+    assert_eq!(tx.gso_fallbacks(), 0);
+    if rx.gro() {
+        assert!(rx.gro_batches() > 0, "GRO on but every batch arrived as separate datagrams");
+    }
+}
+
+#[test]
+fn gso_to_receiver_without_gro() {
+    let group = Ipv4Addr::new(239, 255, 203, 2);
+    let (mut rx, rx_addr) = backend(group, 46_303, PollOptions { gso: true, gro: false });
+    let (mut tx, tx_addr) = backend(group, 46_304, PollOptions::default());
+    assert!(!rx.gro());
+    run(&mut tx, tx_addr, &mut rx, rx_addr, SocketAddr::from((group, 46_303)));
+    assert_eq!(tx.send_errors(), 0);
+    assert_eq!(rx.gro_batches(), 0);
+    assert!(tx.gso_segments() == 0 || tx.gso_sends() > 0);
+}
+
+#[test]
+fn gso_off_sends_one_datagram_per_send() {
+    let group = Ipv4Addr::new(239, 255, 203, 3);
+    let (mut rx, rx_addr) = backend(group, 46_305, PollOptions::default());
+    let (mut tx, tx_addr) = backend(group, 46_306, PollOptions { gso: false, gro: true });
+    assert_eq!(tx.gso_segments(), 0);
+    run(&mut tx, tx_addr, &mut rx, rx_addr, SocketAddr::from((group, 46_305)));
+    assert_eq!(tx.send_errors(), 0);
+    assert_eq!((tx.gso_sends(), tx.gso_fallbacks(), rx.gro_batches()), (0, 0, 0));
+}
+
+/// A GSO send past the kernel's segment cap is refused with EINVAL: the backend lowers its cap to 64 and
+/// sends that batch again one datagram per send, so nothing is lost.
+#[test]
+fn refused_gso_send_is_resent_and_the_cap_lowered() {
+    let group = Ipv4Addr::new(239, 255, 203, 4);
+    let (mut rx, rx_addr) = backend(group, 46_307, PollOptions::default());
+    let (mut tx, tx_addr) = backend(group, 46_308, PollOptions::default());
+    if tx.gso_segments() == 0 {
+        eprintln!("UDP GSO unavailable here: nothing to test");
+        return;
+    }
+    // Pretend the cap is higher than any kernel's (128).
+    tx.gso.segments = 200;
+    let dest = SocketAddr::from((group, 46_307));
+    const K: usize = 150;
+    for i in 0..K {
+        let mut d = [0u8; 100];
+        d[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        tx.queue_send(dest, &d).unwrap();
+    }
+    tx.flush().unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < K {
+        assert!(Instant::now() < deadline, "received {} of {K} datagrams within 10 s", got.len());
+        rx.receive(Some(Duration::from_millis(100)), &mut |src, bytes| {
+            if src == tx_addr {
+                assert_eq!(bytes.len(), 100);
+                got.push(u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize);
+            }
+        })
+        .unwrap();
+    }
+    assert_eq!(got, (0..K).collect::<Vec<_>>());
+    assert_eq!(tx.send_errors(), 0);
+    assert_eq!(tx.gso_fallbacks(), 1);
+    assert_eq!(tx.gso_segments(), 64);
+    // From now on batches stay within 64 segments and go out as GSO sends.
+    let before = tx.gso_sends();
+    run(&mut tx, tx_addr, &mut rx, rx_addr, dest);
+    assert!(tx.gso_sends() > before);
+    assert_eq!((tx.send_errors(), tx.gso_fallbacks()), (0, 1));
+}
+
+/// A lone datagram goes out at `flush`, not when a batch fills.
+#[test]
+fn flush_sends_a_lone_datagram_at_once() {
+    let group = Ipv4Addr::new(239, 255, 203, 5);
+    let (mut rx, _) = backend(group, 46_309, PollOptions::default());
+    let (mut tx, tx_addr) = backend(group, 46_310, PollOptions::default());
+    let dest = SocketAddr::from((group, 46_309));
+    for round in 0..3u8 {
+        tx.queue_send(dest, &[round; FULL]).unwrap();
+        tx.flush().unwrap();
+        let mut got = None;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got.is_none() {
+            assert!(Instant::now() < deadline, "lone datagram {round} not received within 5 s");
+            rx.receive(Some(Duration::from_millis(100)), &mut |src, bytes| {
+                if src == tx_addr {
+                    got = Some(bytes.to_vec());
+                }
+            })
+            .unwrap();
+        }
+        assert_eq!(got.unwrap(), vec![round; FULL]);
+    }
+}
