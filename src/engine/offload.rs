@@ -18,6 +18,9 @@
 //! arrives with a `UDP_GRO` control message (`i32` segment size) is cut back into segments by [`split`]; one
 //! without it is a single datagram.
 
+// GSO and GRO are Linux's; elsewhere the backends never batch, and these helpers go unused.
+#![cfg_attr(not(target_os = "linux"), allow(dead_code))]
+
 use std::net::SocketAddr;
 
 /// Most payload bytes one UDP send may carry over IPv4 (65,535 minus the IP and UDP headers); more gives
