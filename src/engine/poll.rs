@@ -33,7 +33,9 @@ const RECV_SIZE: usize = 65_536;
 /// recvmmsg calls per socket per `receive`, so one busy socket cannot starve the engine's other work.
 const MAX_ROUNDS: usize = 8;
 /// With GRO: reads per socket per `receive` at most, and datagrams after which a socket's turn ends.
+#[cfg(target_os = "linux")]
 const GRO_READS: usize = 64;
+#[cfg(target_os = "linux")]
 const DRAIN_DATAGRAMS: usize = BATCH * MAX_ROUNDS;
 
 const KEY_GROUP: usize = 0;
