@@ -11,3 +11,5 @@ pub mod poll;
 
 pub(crate) use driver::*;
 pub use driver::{IdleStrategy, NodeStats};
+#[cfg(test)]
+mod gso_test_plan;

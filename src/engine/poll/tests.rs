@@ -10,12 +10,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use super::*;
 
 const LO: Ipv4Addr = Ipv4Addr::LOCALHOST;
-/// Datagrams per test run.
-const N: usize = 10_000;
-/// Full-size datagrams: what a sender mostly sends.
-const FULL: usize = 1472;
-/// Datagrams queued between flushes.
-const CHUNK: usize = 500;
+use crate::engine::gso_test_plan::{CHUNK, Expect, FULL, GSO_N as N, plan, plan_fill as fill};
 
 fn group_socket(group: Ipv4Addr, port: u16) -> UdpSocket {
     assert_eq!(group.octets()[..2], [239, 255], "tests use 239.255.0.0/16 only");
@@ -47,61 +42,6 @@ fn backend(group: Ipv4Addr, port: u16, opts: PollOptions) -> (PollBackend, Socke
     let addr = unicast.local_addr().unwrap();
     let b = PollBackend::with_options(group_socket(group, port), unicast, 2048, opts).expect("PollBackend");
     (b, addr)
-}
-
-/// Datagram `i` of the plan: whether it goes to the receiver's unicast address (three in a row every 100),
-/// and its length: full size, except every 37th (and the last of each unicast run), which is shorter and
-/// so ends a GSO batch as its last segment.
-fn plan(i: usize) -> (bool, usize) {
-    let unicast = (40..43).contains(&(i % 100));
-    let short = i % 37 == 36 || i % 100 == 42;
-    (unicast, if short { 9 + (i * 13) % (FULL - 9) } else { FULL })
-}
-
-/// Writes datagram `i`: its index in the first 8 bytes, then a pattern that depends on the index.
-fn fill(i: usize, buf: &mut [u8]) -> usize {
-    let len = plan(i).1;
-    buf[..8].copy_from_slice(&(i as u64).to_le_bytes());
-    for (k, b) in buf[8..len].iter_mut().enumerate() {
-        *b = (i.wrapping_mul(31) + k) as u8;
-    }
-    len
-}
-
-/// What the receiver expects next on each stream (group, unicast): datagrams must arrive one by one, intact
-/// and in the order they were queued on their stream.
-struct Expect {
-    group: Vec<usize>,
-    unicast: Vec<usize>,
-    next: [usize; 2],
-}
-
-impl Expect {
-    fn new() -> Expect {
-        let (unicast, group) = (0..N).partition(|i| plan(*i).0);
-        Expect { group, unicast, next: [0, 0] }
-    }
-
-    fn check(&mut self, bytes: &[u8]) {
-        assert!(bytes.len() >= 8, "a {}-byte datagram: not one of ours, or split wrongly", bytes.len());
-        let i = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        assert!(i < N, "index {i} out of range: contents damaged");
-        let s = usize::from(plan(i).0);
-        let stream = if s == 1 { &self.unicast } else { &self.group };
-        assert_eq!(Some(&i), stream.get(self.next[s]), "datagram {i} out of order on stream {s}");
-        let mut want = [0u8; FULL];
-        let len = fill(i, &mut want);
-        assert_eq!(bytes.len(), len, "datagram {i}: length");
-        assert!(bytes == &want[..len], "datagram {i}: contents differ");
-        self.next[s] += 1;
-    }
-
-    /// Whether every datagram below `end` was received.
-    fn caught_up(&self, end: usize) -> bool {
-        let want_g = self.group.partition_point(|i| *i < end);
-        let want_u = self.unicast.partition_point(|i| *i < end);
-        self.next[0] >= want_g && self.next[1] >= want_u
-    }
 }
 
 /// Sends the plan from `tx` to `rx` (group and unicast) and checks what arrives.

@@ -414,67 +414,7 @@ fn every_rung_of_the_ladder_works() {
 
 // ---- UDP GSO and GRO ----
 
-/// Datagrams per GSO test run.
-const GSO_N: usize = 10_000;
-/// Full-size datagrams: what a sender mostly sends.
-const FULL: usize = 1472;
-/// Datagrams queued between flushes.
-const CHUNK: usize = 500;
-
-/// Datagram `i` of the plan: whether it goes to the receiver's unicast address (three in a row every 100),
-/// and its length: full size, except every 37th (and the last of each unicast run), which is shorter and
-/// so ends a GSO batch as its last segment.
-fn plan(i: usize) -> (bool, usize) {
-    let unicast = (40..43).contains(&(i % 100));
-    let short = i % 37 == 36 || i % 100 == 42;
-    (unicast, if short { 9 + (i * 13) % (FULL - 9) } else { FULL })
-}
-
-/// Writes datagram `i` of the plan: its index in the first 8 bytes, then a pattern that depends on it.
-fn plan_fill(i: usize, buf: &mut [u8]) -> usize {
-    let len = plan(i).1;
-    buf[..8].copy_from_slice(&(i as u64).to_le_bytes());
-    for (k, b) in buf[8..len].iter_mut().enumerate() {
-        *b = (i.wrapping_mul(31) + k) as u8;
-    }
-    len
-}
-
-/// What the receiver expects next on each stream (group, unicast): datagrams must arrive one by one, intact
-/// and in the order they were queued on their stream.
-struct Expect {
-    group: Vec<usize>,
-    unicast: Vec<usize>,
-    next: [usize; 2],
-}
-
-impl Expect {
-    fn new() -> Expect {
-        let (unicast, group) = (0..GSO_N).partition(|i| plan(*i).0);
-        Expect { group, unicast, next: [0, 0] }
-    }
-
-    fn check(&mut self, bytes: &[u8]) {
-        assert!(bytes.len() >= 8, "a {}-byte datagram: not one of ours, or split wrongly", bytes.len());
-        let i = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        assert!(i < GSO_N, "index {i} out of range: contents damaged");
-        let s = usize::from(plan(i).0);
-        let stream = if s == 1 { &self.unicast } else { &self.group };
-        assert_eq!(Some(&i), stream.get(self.next[s]), "datagram {i} out of order on stream {s}");
-        let mut want = [0u8; FULL];
-        let len = plan_fill(i, &mut want);
-        assert_eq!(bytes.len(), len, "datagram {i}: length");
-        assert!(bytes == &want[..len], "datagram {i}: contents differ");
-        self.next[s] += 1;
-    }
-
-    /// Whether every datagram below `end` was received.
-    fn caught_up(&self, end: usize) -> bool {
-        let want_g = self.group.partition_point(|i| *i < end);
-        let want_u = self.unicast.partition_point(|i| *i < end);
-        self.next[0] >= want_g && self.next[1] >= want_u
-    }
-}
+use crate::engine::gso_test_plan::{CHUNK, Expect, FULL, GSO_N, plan, plan_fill};
 
 /// Reaps `tx`'s send completions until `total` datagrams were sent or refused (bounded by 10 s).
 fn settle(tx: &mut UringBackend, total: u64) {
