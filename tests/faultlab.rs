@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use blip::BackendChoice;
 use blip::Received;
 use blip::net::Interface;
-use blip::proto::{Event, SlowReceiverPolicy};
+use blip::proto::{Event, LateJoin, SlowReceiverPolicy};
 use common::netlab::{Star, skip_reason};
 use common::*;
 
@@ -40,8 +40,12 @@ fn faultlab_child() {
         (f[0], f[1].parse().unwrap(), f[2].parse().unwrap(), f[3].parse::<usize>().unwrap());
     let paced = role.ends_with("paced");
     let hold = f.get(4) == Some(&"hold");
+    let late_next = f.get(4) == Some(&"next");
     let mut b = builder(BackendChoice::Auto, (group, port)).interface(Interface::Name("eth0".into())).ttl(1);
-    if paced {
+    if late_next {
+        b = b.late_join(LateJoin::Next);
+    }
+    if paced && !role.contains("late") {
         // A window far shorter than the outage; the policy for a receiver that stops: wait for it, or stop
         // waiting after 300 ms.
         let policy =
@@ -52,7 +56,9 @@ fn faultlab_child() {
     if role.starts_with("pub") {
         let mut p = node.publisher().unwrap();
         let mut own = node.subscriber().unwrap();
-        handshake(&mut p, &mut own, RECEIVERS, 100);
+        // The late receiver is not there yet.
+        let present = if role.contains("late") { RECEIVERS - 1 } else { RECEIVERS };
+        handshake(&mut p, &mut own, present, 100);
         std::fs::write(done_file(port, 0), b"started").unwrap();
         if paced {
             // About 10,000 messages a second for 4 s, so the outage falls mid-stream.
@@ -87,6 +93,15 @@ fn faultlab_child() {
     } else {
         let mut sub = node.subscriber().unwrap();
         let n = if paced { N * 2 } else { N };
+        if role == "sub-late-paced" && late_next {
+            // Starts with the first datagram it hears: some message m > 0, then everything after it.
+            let (first, got) = collect_from_first(&mut sub, n);
+            assert!(first > 0, "a late joiner under LateJoin::Next must start mid-stream");
+            assert_eq!(first + got, n, "nothing missing after its first message");
+            std::fs::write(done_file(port, index), b"done").unwrap();
+            println!("SUB OK {got} first {first}");
+            return;
+        }
         let t = collect(&mut sub, 1, n, Duration::from_secs(120));
         if role == "sub-cut-paced" && !hold {
             let t = &t[0].1;
@@ -104,6 +119,71 @@ fn faultlab_child() {
             t[0].1.delivered, s.naks_sent, s.repairs_received, s.duplicates
         );
     }
+}
+
+/// Receives one sender's messages until `n - 1`, checking they are consecutive from the first one heard;
+/// returns (first message, messages received).
+fn collect_from_first(sub: &mut blip::Subscriber, n: u64) -> (u64, u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut first, mut next) = (None, 0u64);
+    while first.is_none() || next < n {
+        assert!(Instant::now() < deadline, "late joiner stalled at {next}");
+        sub.wait(Duration::from_millis(20));
+        sub.poll(4096, |r| match r {
+            Received::Message(m) => {
+                let f = *first.get_or_insert(m.seq);
+                assert!(m.seq == next || (m.seq == f && next == 0), "gap: {} after {next}", m.seq);
+                assert!(check_payload(m.seq, m.payload));
+                next = m.seq + 1;
+            }
+            Received::Loss { .. } => panic!("a late joiner under Next has nothing to lose"),
+            _ => {}
+        });
+    }
+    (first.unwrap(), n - first.unwrap())
+}
+
+/// Receiver 3 starts a second into a paced stream, under LateJoin `policy` ("oldest" or "next").
+fn late_join(tag: u32, policy: &str) {
+    if std::env::var("BLIP_FAULTLAB").is_ok() {
+        return;
+    }
+    if let Some(why) = skip_reason(true) {
+        eprintln!("skipping fault lab: {why} (CI runs it as root)");
+        return;
+    }
+    let star = Star::new(tag, RECEIVERS + 1);
+    let (group, port) = (format!("239.255.201.{tag}"), unique_group().1);
+    for i in 0..=RECEIVERS {
+        let _ = std::fs::remove_file(done_file(port, i));
+    }
+    let spec = |role: &str, i: usize| ("BLIP_FAULTLAB", format!("{role},{group},{port},{i},{policy}"));
+    let mut subs: Vec<Child> = (1..RECEIVERS).map(|i| star.spawn(i, "faultlab_child", spec("sub-paced", i))).collect();
+    let publ = star.spawn(0, "faultlab_child", spec("pub-late-paced", 0));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(done_file(port, 0)).is_err() {
+        assert!(Instant::now() < deadline, "the sender never started");
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+    // The join's timing, not synchronisation.
+    std::thread::sleep(Duration::from_secs(1));
+    subs.push(star.spawn(RECEIVERS, "faultlab_child", spec("sub-late-paced", RECEIVERS)));
+    let deadline = Instant::now() + Duration::from_secs(150);
+    for (i, c) in subs.into_iter().enumerate() {
+        let out = wait_child(c, deadline, &format!("receiver {}", i + 1));
+        println!("late join {policy}, receiver {}: {}", i + 1, summary(&out, "SUB OK"));
+    }
+    wait_child(publ, deadline, "sender");
+}
+
+#[test]
+fn late_joiner_under_oldest_gets_everything_retained() {
+    late_join(27, "oldest");
+}
+
+#[test]
+fn late_joiner_under_next_starts_mid_stream_without_gaps() {
+    late_join(28, "next");
 }
 
 /// The child's result line (the test harness may print on the same line before it).
