@@ -12,4 +12,4 @@ pub mod poll;
 pub(crate) use driver::*;
 pub use driver::{IdleStrategy, NodeStats};
 #[cfg(test)]
-mod gso_test_plan;
+mod test_support;

@@ -2,39 +2,14 @@
 //! groups in 239.255.203.0/24 joined on 127.0.0.1, IP_MULTICAST_IF 127.0.0.1, TTL 0, each test with its own
 //! group and ports. Every wait is bounded and fails the test when it runs out.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
-
-use socket2::{Domain, Protocol, Socket, Type};
 
 use super::*;
 
-const LO: Ipv4Addr = Ipv4Addr::LOCALHOST;
-use crate::engine::gso_test_plan::{CHUNK, Expect, FULL, GSO_N as N, plan, plan_fill as fill};
-
-fn group_socket(group: Ipv4Addr, port: u16) -> UdpSocket {
-    assert_eq!(group.octets()[..2], [239, 255], "tests use 239.255.0.0/16 only");
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
-    s.set_reuse_address(true).unwrap();
-    s.bind(&SocketAddrV4::new(group, port).into()).unwrap();
-    s.join_multicast_v4(&group, &LO).unwrap();
-    s.set_multicast_if_v4(&LO).unwrap();
-    s.set_multicast_ttl_v4(0).unwrap();
-    s.set_recv_buffer_size(4 << 20).unwrap();
-    s.set_nonblocking(true).unwrap();
-    s.into()
-}
-
-fn unicast_socket() -> UdpSocket {
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
-    s.bind(&SocketAddrV4::new(LO, 0).into()).unwrap();
-    s.set_multicast_if_v4(&LO).unwrap();
-    s.set_multicast_ttl_v4(0).unwrap();
-    s.set_recv_buffer_size(4 << 20).unwrap();
-    s.set_send_buffer_size(4 << 20).unwrap();
-    s.set_nonblocking(true).unwrap();
-    s.into()
-}
+use crate::engine::test_support::{
+    CHUNK, Expect, FULL, GSO_N as N, group_socket, plan, plan_fill as fill, unicast_socket,
+};
 
 /// A backend and its unicast socket's address.
 fn backend(group: Ipv4Addr, port: u16, opts: PollOptions) -> (PollBackend, SocketAddr) {

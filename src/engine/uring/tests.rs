@@ -3,13 +3,13 @@
 //! port, and they run one at a time (the fd-count test needs a quiet process). A test that finds io_uring
 //! unavailable prints why and passes.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, Socket, Type};
+use crate::engine::test_support::{CHUNK, Expect, FULL, GSO_N, group_socket, plan, plan_fill, unicast_socket};
 
 use super::*;
 
@@ -31,31 +31,6 @@ fn available() -> bool {
             false
         }
     }
-}
-
-const LO: Ipv4Addr = Ipv4Addr::LOCALHOST;
-
-fn group_socket(group: Ipv4Addr, port: u16) -> UdpSocket {
-    assert_eq!(group.octets()[..2], [239, 255], "tests use 239.255.0.0/16 only");
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
-    s.set_reuse_address(true).unwrap();
-    s.bind(&SocketAddrV4::new(group, port).into()).unwrap();
-    s.join_multicast_v4(&group, &LO).unwrap();
-    s.set_multicast_if_v4(&LO).unwrap();
-    s.set_multicast_ttl_v4(0).unwrap();
-    s.set_recv_buffer_size(4 << 20).unwrap();
-    s.set_nonblocking(true).unwrap();
-    s.into()
-}
-
-fn unicast_socket() -> UdpSocket {
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
-    s.bind(&SocketAddrV4::new(LO, 0).into()).unwrap();
-    s.set_multicast_if_v4(&LO).unwrap();
-    s.set_multicast_ttl_v4(0).unwrap();
-    s.set_recv_buffer_size(4 << 20).unwrap();
-    s.set_nonblocking(true).unwrap();
-    s.into()
 }
 
 fn backend(group: Ipv4Addr, port: u16, opts: UringOptions) -> UringBackend {
@@ -413,8 +388,6 @@ fn every_rung_of_the_ladder_works() {
 }
 
 // ---- UDP GSO and GRO ----
-
-use crate::engine::gso_test_plan::{CHUNK, Expect, FULL, GSO_N, plan, plan_fill};
 
 /// Reaps `tx`'s send completions until `total` datagrams were sent or refused (bounded by 10 s).
 fn settle(tx: &mut UringBackend, total: u64) {

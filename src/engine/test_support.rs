@@ -1,5 +1,38 @@
-//! The datagram plan shared by both backends' GSO/GRO tests: which datagram goes where, how long it is,
-//! what it holds, and the receiver's check that each arrives whole and in order.
+//! What both backends' tests share: loopback sockets (groups in 239.255.0.0/16, TTL 0), and the datagram
+//! plan of the GSO/GRO tests (which datagram goes where, how long it is, what it holds, and the receiver's
+//! check that each arrives whole and in order).
+
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+pub(crate) const LO: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+/// A non-blocking socket bound to `group:port`, joined on loopback.
+pub(crate) fn group_socket(group: Ipv4Addr, port: u16) -> UdpSocket {
+    assert_eq!(group.octets()[..2], [239, 255], "tests use 239.255.0.0/16 only");
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.bind(&SocketAddrV4::new(group, port).into()).unwrap();
+    s.join_multicast_v4(&group, &LO).unwrap();
+    s.set_multicast_if_v4(&LO).unwrap();
+    s.set_multicast_ttl_v4(0).unwrap();
+    s.set_recv_buffer_size(4 << 20).unwrap();
+    s.set_nonblocking(true).unwrap();
+    s.into()
+}
+
+/// A non-blocking sending socket on 127.0.0.1 with an ephemeral port, multicasting on loopback with TTL 0.
+pub(crate) fn unicast_socket() -> UdpSocket {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+    s.bind(&SocketAddrV4::new(LO, 0).into()).unwrap();
+    s.set_multicast_if_v4(&LO).unwrap();
+    s.set_multicast_ttl_v4(0).unwrap();
+    s.set_recv_buffer_size(4 << 20).unwrap();
+    s.set_send_buffer_size(4 << 20).unwrap();
+    s.set_nonblocking(true).unwrap();
+    s.into()
+}
 
 /// Datagrams per GSO test run.
 pub(crate) const GSO_N: usize = 10_000;
