@@ -145,26 +145,11 @@ fn collect_from_first(sub: &mut blip::Subscriber, n: u64) -> (u64, u64) {
 
 /// Receiver 3 starts a second into a paced stream, under LateJoin `policy` ("oldest" or "next").
 fn late_join(tag: u32, policy: &str) {
-    if std::env::var("BLIP_FAULTLAB").is_ok() {
-        return;
-    }
-    if let Some(why) = skip_reason(true) {
-        eprintln!("skipping fault lab: {why} (CI runs it as root)");
-        return;
-    }
-    let star = Star::new(tag, RECEIVERS + 1);
-    let (group, port) = (format!("239.255.201.{tag}"), unique_group().1);
-    for i in 0..=RECEIVERS {
-        let _ = std::fs::remove_file(done_file(port, i));
-    }
+    let Some((star, group, port)) = lab(tag) else { return };
     let spec = |role: &str, i: usize| ("BLIP_FAULTLAB", format!("{role},{group},{port},{i},{policy}"));
     let mut subs: Vec<Child> = (1..RECEIVERS).map(|i| star.spawn(i, "faultlab_child", spec("sub-paced", i))).collect();
     let publ = star.spawn(0, "faultlab_child", spec("pub-late-paced", 0));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::metadata(done_file(port, 0)).is_err() {
-        assert!(Instant::now() < deadline, "the sender never started");
-        std::thread::park_timeout(Duration::from_millis(10));
-    }
+    wait_started(port);
     // The join's timing, not synchronisation.
     std::thread::sleep(Duration::from_secs(1));
     subs.push(star.spawn(RECEIVERS, "faultlab_child", spec("sub-late-paced", RECEIVERS)));
@@ -191,21 +176,37 @@ fn summary<'a>(out: &'a str, mark: &str) -> &'a str {
     out.find(mark).map(|i| out[i..].lines().next().unwrap_or("")).unwrap_or(out)
 }
 
-fn scenario(tag: u32, drop: f64) {
+/// A fresh lab of a sender and `RECEIVERS` receivers for scenario `tag`, with its group, port and no
+/// leftover markers; `None` (with the reason printed) inside a child or where the lab cannot run.
+fn lab(tag: u32) -> Option<(Star, String, u16)> {
     if std::env::var("BLIP_FAULTLAB").is_ok() {
-        return;
+        return None;
     }
     if let Some(why) = skip_reason(true) {
         eprintln!("skipping fault lab: {why} (CI runs it as root)");
-        return;
+        return None;
     }
     let star = Star::new(tag, RECEIVERS + 1);
+    let (group, port) = (format!("239.255.201.{tag}"), unique_group().1);
+    for i in 0..=RECEIVERS {
+        let _ = std::fs::remove_file(done_file(port, i));
+    }
+    Some((star, group, port))
+}
+
+/// Waits until the sender has started its stream (its marker file), bounded.
+fn wait_started(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(done_file(port, 0)).is_err() {
+        assert!(Instant::now() < deadline, "the sender never started");
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+}
+
+fn scenario(tag: u32, drop: f64) {
+    let Some((star, group, port)) = lab(tag) else { return };
     for i in 1..=RECEIVERS {
         star.drop_fraction(i, drop);
-    }
-    let (group, port) = (format!("239.255.201.{tag}"), unique_group().1);
-    for i in 1..=RECEIVERS {
-        let _ = std::fs::remove_file(done_file(port, i));
     }
     let spec = |role: &str, i: usize| ("BLIP_FAULTLAB", format!("{role},{group},{port},{i}"));
     let subs: Vec<Child> = (1..=RECEIVERS).map(|i| star.spawn(i, "faultlab_child", spec("sub", i))).collect();
@@ -234,18 +235,7 @@ enum Fault {
 /// Receiver 1 suffers `fault`; the others must be unaffected (under DropAfter) or merely delayed (under
 /// HoldBack, where the frozen receiver must also lose nothing).
 fn fault_on_one_receiver(tag: u32, fault: Fault, hold: bool) {
-    if std::env::var("BLIP_FAULTLAB").is_ok() {
-        return;
-    }
-    if let Some(why) = skip_reason(true) {
-        eprintln!("skipping fault lab: {why} (CI runs it as root)");
-        return;
-    }
-    let star = Star::new(tag, RECEIVERS + 1);
-    let (group, port) = (format!("239.255.201.{tag}"), unique_group().1);
-    for i in 0..=RECEIVERS {
-        let _ = std::fs::remove_file(done_file(port, i));
-    }
+    let Some((star, group, port)) = lab(tag) else { return };
     let policy = if hold { "hold" } else { "drop" };
     let spec = |role: &str, i: usize| ("BLIP_FAULTLAB", format!("{role},{group},{port},{i},{policy}"));
     let mut subs = vec![star.spawn(1, "faultlab_child", spec("sub-cut-paced", 1))];
@@ -253,11 +243,7 @@ fn fault_on_one_receiver(tag: u32, fault: Fault, hold: bool) {
     let publ = star.spawn(0, "faultlab_child", spec("pub-paced", 0));
     // Wait for the stream to start, then cut receiver 1 off: the sleeps are the fault's timing, not
     // synchronisation (everything after is checked by the children's own bounded waits).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::metadata(done_file(port, 0)).is_err() {
-        assert!(Instant::now() < deadline, "the sender never started");
-        std::thread::park_timeout(Duration::from_millis(10));
-    }
+    wait_started(port);
     std::thread::sleep(Duration::from_secs(1));
     match fault {
         Fault::Blackout => {
