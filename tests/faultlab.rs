@@ -45,6 +45,10 @@ fn faultlab_child() {
     if late_next {
         b = b.late_join(LateJoin::Next);
     }
+    if role.starts_with("pub-restart") {
+        // Both incarnations of the sender are the same node.
+        b = b.node_id(4242);
+    }
     if paced && !role.contains("late") {
         // A window far shorter than the outage; the policy for a receiver that stops: wait for it, or stop
         // waiting after 300 ms.
@@ -53,6 +57,13 @@ fn faultlab_child() {
         b = b.window(256).slow_receiver(policy);
     }
     let mut node = b.build().expect("node in namespace");
+    if role == "sub-restart" {
+        let mut sub = node.subscriber().unwrap();
+        let (old, lost, restarts) = follow_restart(&mut sub);
+        std::fs::write(done_file(port, index), b"done").unwrap();
+        println!("SUB OK old {old} lost {lost} new {N} restarts {restarts}");
+        return;
+    }
     if role.starts_with("pub") {
         let mut p = node.publisher().unwrap();
         let mut own = node.subscriber().unwrap();
@@ -121,6 +132,51 @@ fn faultlab_child() {
     }
 }
 
+/// Receives from a sender that is killed and restarted: the first session's messages must be consecutive
+/// from 0 (any tail reported lost) until `SenderGone` ends it; the second session (the restarted node, with
+/// `PeerRestarted` seen) must deliver all `N` from 0. Returns (old delivered, old lost, restarts seen).
+fn follow_restart(sub: &mut blip::Subscriber) -> (u64, u64, u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut sessions: Vec<(u64, u64)> = Vec::new(); // (session, next expected)
+    let (mut lost, mut old_gone, mut restarts) = (0u64, false, 0u64);
+    while !(old_gone && sessions.len() == 2 && sessions[1].1 == N) {
+        assert!(Instant::now() < deadline, "restart not followed: {sessions:?} gone {old_gone}");
+        sub.wait(Duration::from_millis(20));
+        sub.poll(4096, |r| match r {
+            Received::Message(m) => {
+                let i = sessions.iter().position(|s| s.0 == m.session).unwrap_or_else(|| {
+                    sessions.push((m.session, 0));
+                    sessions.len() - 1
+                });
+                assert!(i < 2, "a third session");
+                assert_eq!(m.seq, sessions[i].1, "session {i}: gap or disorder");
+                assert!(check_payload(m.seq, m.payload));
+                sessions[i].1 += 1;
+            }
+            Received::Loss { session, messages, datagrams } => {
+                let s = sessions.iter_mut().find(|s| s.0 == session).expect("loss for an unknown session");
+                match messages {
+                    Some(m) => {
+                        assert_eq!(m.start, s.1, "loss must start where delivery stopped");
+                        lost += m.end - m.start;
+                        s.1 = m.end;
+                    }
+                    // The tail of a sender that died before any heartbeat told its last message number:
+                    // the datagrams are exact, the message count is not known.
+                    None => assert!(!datagrams.is_empty(), "an empty loss"),
+                }
+            }
+            Received::Event(Event::SenderGone { session }) => {
+                assert_eq!(Some(session), sessions.first().map(|s| s.0), "only the old session may go");
+                old_gone = true;
+            }
+            Received::Event(Event::PeerRestarted { node_id: 4242, .. }) => restarts += 1,
+            _ => {}
+        });
+    }
+    (sessions[0].1 - lost, lost, restarts)
+}
+
 /// Receives one sender's messages until `n - 1`, checking they are consecutive from the first one heard;
 /// returns (first message, messages received).
 fn collect_from_first(sub: &mut blip::Subscriber, n: u64) -> (u64, u64) {
@@ -159,6 +215,33 @@ fn late_join(tag: u32, policy: &str) {
         println!("late join {policy}, receiver {}: {}", i + 1, summary(&out, "SUB OK"));
     }
     wait_child(publ, deadline, "sender");
+}
+
+/// The sender is killed (SIGKILL) a second into a paced stream and restarted as a new incarnation of the
+/// same node, which sends a fresh stream.
+#[test]
+fn sender_killed_and_restarted() {
+    let Some((star, group, port)) = lab(29) else { return };
+    let spec = |role: &str, i: usize| ("BLIP_FAULTLAB", format!("{role},{group},{port},{i},oldest"));
+    let subs: Vec<Child> = (1..=RECEIVERS).map(|i| star.spawn(i, "faultlab_child", spec("sub-restart", i))).collect();
+    let mut first = star.spawn(0, "faultlab_child", spec("pub-restart-paced", 0));
+    wait_started(port);
+    std::thread::sleep(Duration::from_secs(1)); // the kill's timing
+    // Our own child, by its handle.
+    first.kill().expect("kill the first sender");
+    let _ = first.wait();
+    let _ = std::fs::remove_file(done_file(port, 0));
+    let second = star.spawn(0, "faultlab_child", spec("pub-restart", 0));
+    let deadline = Instant::now() + Duration::from_secs(150);
+    for (i, c) in subs.into_iter().enumerate() {
+        let out = wait_child(c, deadline, &format!("receiver {}", i + 1));
+        let line = summary(&out, "SUB OK");
+        println!("restart, receiver {}: {line}", i + 1);
+        // Exactly one: the node came back once (a second report would mean announcements flap).
+        assert_eq!(number_after(line, "restarts "), 1, "PeerRestarted: {line}");
+        assert!(number_after(line, "old ") > 0, "the first incarnation delivered nothing: {line}");
+    }
+    wait_child(second, deadline, "restarted sender");
 }
 
 #[test]
