@@ -344,3 +344,27 @@ fn nak_flood_is_rate_limited_per_requester() {
     while net.nodes[tx].1.poll_transmit(now, &mut buf).is_some() {}
     assert_eq!(net.nodes[tx].1.stats().retransmits - before, 1);
 }
+
+/// Reassembly memory is bounded across senders: a message that would take more than `max_reassembly` is
+/// reported lost (exactly that one), and the memory of completed messages is given back.
+#[test]
+fn reassembly_budget_turns_an_oversized_message_into_a_reported_loss() {
+    let mut net = Net::new();
+    let rx_cfg = Config { max_reassembly: 50_000, max_message: 1 << 20, ..Config::default() };
+    let rx_ep = Endpoint::new(rx_cfg, 10, 3, net.now).unwrap();
+    net.nodes.push(("127.0.0.1:4000".parse().unwrap(), rx_ep));
+    let tx = net.add(2, 20);
+    for (i, size) in [30_000usize, 100_000, 30_000].into_iter().enumerate() {
+        net.send(tx, &vec![i as u8; size]);
+        net.advance(Duration::from_millis(5));
+    }
+    let mut got = Vec::new();
+    while let Some(d) = net.nodes[0].1.recv() {
+        got.push(match d {
+            Delivery::Message(m) => format!("msg {} of {} bytes", m.seq, m.payload.len()),
+            Delivery::Loss { messages, .. } => format!("loss {messages:?}"),
+        });
+    }
+    assert_eq!(got, ["msg 0 of 30000 bytes", "loss Some(1..2)", "msg 2 of 30000 bytes"]);
+    assert_eq!(net.nodes[0].1.stats().oversized_messages, 1);
+}

@@ -37,6 +37,7 @@ fn code_constants() -> HashMap<&'static str, Value> {
         ("DEFAULT_MAX_DATAGRAM", proto::DEFAULT_MAX_DATAGRAM as u64),
         ("DEFAULT_WINDOW", proto::DEFAULT_WINDOW as u64),
         ("DEFAULT_MAX_MESSAGE", proto::DEFAULT_MAX_MESSAGE as u64),
+        ("DEFAULT_MAX_REASSEMBLY", proto::DEFAULT_MAX_REASSEMBLY as u64),
         ("DEFAULT_MAX_SENDERS", proto::DEFAULT_MAX_SENDERS as u64),
         ("DEFAULT_MAX_RECEIVERS", proto::DEFAULT_MAX_RECEIVERS as u64),
         ("DEFAULT_MAX_MEMBERS", proto::DEFAULT_MAX_MEMBERS as u64),

@@ -41,6 +41,8 @@ pub const DEFAULT_MAX_RECEIVERS: usize = 1024;
 pub const DEFAULT_MAX_MEMBERS: usize = 1024;
 /// Default capacity of the sender's queue of NAKed ranges awaiting retransmission.
 pub const DEFAULT_RETRANSMIT_QUEUE: usize = 1024;
+/// Default bound on the memory all reassemblies in progress may take together, in bytes.
+pub const DEFAULT_MAX_REASSEMBLY: usize = 256 << 20;
 /// Default retransmission budget per requester, in bytes per second.
 pub const DEFAULT_RETRANSMIT_RATE: u64 = 64 << 20;
 /// Default burst of that budget, in bytes.
@@ -82,6 +84,9 @@ pub struct Config {
     pub receive_buffer: usize,
     /// Largest message accepted by `send` and reassembled by receivers.
     pub max_message: usize,
+    /// Memory all reassemblies in progress (across every sender followed) may take together; a fragment
+    /// that would exceed it makes its message a reported loss instead.
+    pub max_reassembly: usize,
     /// Upper bound of the random delay before a receiver's NAK for a gap (first NAKs, retries and held-back
     /// NAKs alike); no delay when the sender's heartbeat reports exactly one receiver.
     pub nak_backoff: Duration,
@@ -135,6 +140,7 @@ impl Default for Config {
             window: DEFAULT_WINDOW,
             receive_buffer: DEFAULT_WINDOW,
             max_message: DEFAULT_MAX_MESSAGE,
+            max_reassembly: DEFAULT_MAX_REASSEMBLY,
             nak_backoff: DEFAULT_NAK_BACKOFF,
             nak_retry: DEFAULT_NAK_RETRY,
             retransmit_linger: DEFAULT_RETRANSMIT_LINGER,
@@ -225,6 +231,7 @@ impl Config {
             ("max_members", self.max_members),
             ("retransmit_queue", self.retransmit_queue),
             ("max_message", self.max_message),
+            ("max_reassembly", self.max_reassembly),
         ] {
             if v == 0 {
                 return Err(ConfigError::ZeroBound(name));

@@ -222,7 +222,8 @@ pub struct Stats {
     /// Packets from senders beyond `max_senders`, receivers beyond `max_receivers`, or members beyond
     /// `max_members`.
     pub over_limit: u64,
-    /// Reassembled messages discarded for exceeding `max_message`.
+    /// Reassembled messages discarded (and reported lost) for exceeding `max_message` or the shared
+    /// `max_reassembly` budget.
     pub oversized_messages: u64,
     /// Loss events delivered.
     pub loss_events: u64,
@@ -244,6 +245,8 @@ pub struct Endpoint {
     stats: Stats,
     housekeeping_at: Instant,
     nak_ranges: [SeqRange; MAX_NAK_RANGES],
+    /// Bytes all streams' reassemblies hold (bounded by `Config::max_reassembly`).
+    reassembly_in_use: usize,
 }
 
 /// How often silent senders, receivers and members are looked for.
@@ -266,6 +269,7 @@ impl Endpoint {
             stats: Stats::default(),
             housekeeping_at: now + HOUSEKEEPING_INTERVAL,
             nak_ranges: [SeqRange { start: 0, len: 0 }; MAX_NAK_RANGES],
+            reassembly_in_use: 0,
         })
     }
 
@@ -414,6 +418,7 @@ impl Endpoint {
             self.housekeeping_at = now + HOUSEKEEPING_INTERVAL;
             let timeout = self.config.sender_timeout;
             let events = &mut self.events;
+            let in_use = &mut self.reassembly_in_use;
             self.streams.retain_mut(|s| {
                 if now.saturating_duration_since(s.last_heard) < timeout {
                     return true;
@@ -424,6 +429,7 @@ impl Endpoint {
                     return true;
                 }
                 events.push_back(Event::SenderGone { session: s.session });
+                *in_use -= s.reassembly_charged();
                 false
             });
             self.current = 0;
@@ -493,7 +499,9 @@ impl Endpoint {
         let n = self.streams.len();
         for k in 0..n {
             let i = (self.current + k) % n;
-            let Some(step) = self.streams[i].poll(&self.config, &mut self.rng, &mut self.stats) else {
+            let Some(step) =
+                self.streams[i].poll(&self.config, &mut self.rng, &mut self.stats, &mut self.reassembly_in_use)
+            else {
                 continue;
             };
             self.current = i;

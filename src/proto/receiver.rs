@@ -60,6 +60,8 @@ pub(crate) struct Stream {
     oversized: bool,
     /// First datagram of the message being reassembled.
     reassembly_start: u64,
+    /// Bytes of `reassembly` charged to the endpoint's reassembly budget.
+    reassembly_charged: usize,
     /// The sender's next message sequence, from its heartbeats (closes a loss at the tail of a gone sender).
     sender_next_msg: Option<u64>,
     /// The sender went silent for `sender_timeout` with data still undelivered: everything missing is lost.
@@ -92,6 +94,7 @@ impl Stream {
             pending_loss: None,
             oversized: false,
             reassembly_start: start,
+            reassembly_charged: 0,
             sender_next_msg: None,
             gone: false,
             nak_due: None,
@@ -279,7 +282,12 @@ impl Stream {
     }
 
     /// The next delivery step, if one is possible now.
-    pub(crate) fn poll(&mut self, cfg: &Config, rng: &mut Rng, stats: &mut Stats) -> Option<Step> {
+    /// `in_use` is the endpoint's reassembly budget in use, shared by every stream.
+    pub(crate) fn poll(&mut self, cfg: &Config, rng: &mut Rng, stats: &mut Stats, in_use: &mut usize) -> Option<Step> {
+        if !self.reassembling && self.reassembly_charged > 0 {
+            // The message reassembled last time has been handed out.
+            self.release_reassembly(in_use);
+        }
         loop {
             let nd = self.next_deliver;
             if nd >= self.marked {
@@ -296,7 +304,7 @@ impl Stream {
             let i = self.index(nd);
             if !self.slots[i].filled {
                 if nd < self.sender_low {
-                    self.skip_unrecoverable(cfg, rng, stats);
+                    self.skip_unrecoverable(cfg, rng, stats, in_use);
                     continue;
                 }
                 return None;
@@ -332,7 +340,7 @@ impl Stream {
                 self.frame_index -= 1;
                 let lost = self.next_msg.unwrap_or(msg);
                 self.reassembling = false;
-                self.reassembly.clear();
+                self.release_reassembly(in_use);
                 self.next_msg = Some(lost + 1);
                 stats.malformed += 1;
                 stats.loss_events += 1;
@@ -348,14 +356,14 @@ impl Stream {
                     self.reassembling = true;
                     self.reassembly_start = nd;
                     self.oversized = false;
-                    self.reassembly.clear();
-                    self.append_fragment(i, range, cfg, stats);
+                    self.release_reassembly(in_use);
+                    self.append_fragment(i, range, cfg, stats, in_use);
                 }
                 (false, _) if !self.reassembling => {
                     // The tail of a message whose start we never had (joined or lost mid-message).
                 }
                 (false, last) => {
-                    self.append_fragment(i, range, cfg, stats);
+                    self.append_fragment(i, range, cfg, stats, in_use);
                     if last {
                         self.reassembling = false;
                         self.next_msg = Some(msg + 1);
@@ -393,17 +401,45 @@ impl Stream {
         }
     }
 
-    fn append_fragment(&mut self, slot: usize, range: Range<usize>, cfg: &Config, stats: &mut Stats) {
+    fn append_fragment(
+        &mut self,
+        slot: usize,
+        range: Range<usize>,
+        cfg: &Config,
+        stats: &mut Stats,
+        in_use: &mut usize,
+    ) {
         if self.oversized {
             return;
         }
-        if self.reassembly.len() + range.len() > cfg.max_message {
+        let add = range.len();
+        if self.reassembly.len() + add > cfg.max_message || *in_use + add > cfg.max_reassembly {
+            // Too large for this receiver, or for the memory all reassemblies may share: the message is
+            // dropped and, at its last fragment, reported lost.
             self.oversized = true;
-            self.reassembly.clear();
+            self.release_reassembly(in_use);
             stats.oversized_messages += 1;
             return;
         }
         self.reassembly.extend_from_slice(&self.slots[slot].bytes[range]);
+        *in_use += add;
+        self.reassembly_charged += add;
+    }
+
+    /// Empties the reassembly buffer and gives its bytes back to the budget (and a large allocation back to
+    /// the system).
+    fn release_reassembly(&mut self, in_use: &mut usize) {
+        *in_use -= self.reassembly_charged;
+        self.reassembly_charged = 0;
+        self.reassembly.clear();
+        if self.reassembly.capacity() > 1 << 20 {
+            self.reassembly = Vec::new();
+        }
+    }
+
+    /// Bytes this stream holds against the reassembly budget (given back when the stream is removed).
+    pub(crate) fn reassembly_charged(&self) -> usize {
+        self.reassembly_charged
     }
 
     fn finish_datagram(&mut self, slot: usize, cfg: &Config, rng: &mut Rng) {
@@ -419,7 +455,7 @@ impl Stream {
 
     /// `next_deliver` is missing and the sender no longer retains it: skip the run of missing datagrams below
     /// the sender's low. Datagrams past the receive buffer were never stored, so they count as missing too.
-    fn skip_unrecoverable(&mut self, cfg: &Config, rng: &mut Rng, stats: &mut Stats) {
+    fn skip_unrecoverable(&mut self, cfg: &Config, rng: &mut Rng, stats: &mut Stats, in_use: &mut usize) {
         let start = self.next_deliver;
         let limit = self.sender_low.min(self.marked);
         let mut end = start;
@@ -436,7 +472,7 @@ impl Stream {
         if self.reassembling {
             // The message being reassembled lost its tail; `next_msg` still names it.
             self.reassembling = false;
-            self.reassembly.clear();
+            self.release_reassembly(in_use);
         }
         let from_msg = self.next_msg;
         self.pending_loss = Some(self.pending_loss.unwrap_or((start, from_msg)));
