@@ -104,9 +104,18 @@ fn faultlab_child() {
     } else {
         let mut sub = node.subscriber().unwrap();
         let n = if paced { N * 2 } else { N };
+        if role == "sub-reborn-paced" {
+            // A new incarnation of a killed receiver: it starts at the oldest datagram the sender still
+            // retains and must have no gap after its first message (a loss can only come before it).
+            let (first, got) = collect_from_first(&mut sub, n, true);
+            assert_eq!(first + got, n, "nothing missing after its first message");
+            std::fs::write(done_file(port, index), b"done").unwrap();
+            println!("SUB OK {got} first {first}");
+            return;
+        }
         if role == "sub-late-paced" && late_next {
             // Starts with the first datagram it hears: some message m > 0, then everything after it.
-            let (first, got) = collect_from_first(&mut sub, n);
+            let (first, got) = collect_from_first(&mut sub, n, false);
             assert!(first > 0, "a late joiner under LateJoin::Next must start mid-stream");
             assert_eq!(first + got, n, "nothing missing after its first message");
             std::fs::write(done_file(port, index), b"done").unwrap();
@@ -179,7 +188,9 @@ fn follow_restart(sub: &mut blip::Subscriber) -> (u64, u64, u64) {
 
 /// Receives one sender's messages until `n - 1`, checking they are consecutive from the first one heard;
 /// returns (first message, messages received).
-fn collect_from_first(sub: &mut blip::Subscriber, n: u64) -> (u64, u64) {
+/// With `initial_loss`, a loss reported before the first message (its history moved out of the window while
+/// it was being repaired) is allowed.
+fn collect_from_first(sub: &mut blip::Subscriber, n: u64, initial_loss: bool) -> (u64, u64) {
     let deadline = Instant::now() + Duration::from_secs(120);
     let (mut first, mut next) = (None, 0u64);
     while first.is_none() || next < n {
@@ -192,7 +203,12 @@ fn collect_from_first(sub: &mut blip::Subscriber, n: u64) -> (u64, u64) {
                 assert!(check_payload(m.seq, m.payload));
                 next = m.seq + 1;
             }
-            Received::Loss { .. } => panic!("a late joiner under Next has nothing to lose"),
+            Received::Loss { messages, .. } => {
+                assert!(initial_loss && first.is_none(), "a loss after the first message: {messages:?}");
+                if let Some(m) = messages {
+                    next = m.end;
+                }
+            }
             _ => {}
         });
     }
@@ -242,6 +258,33 @@ fn sender_killed_and_restarted() {
         assert!(number_after(line, "old ") > 0, "the first incarnation delivered nothing: {line}");
     }
     wait_child(second, deadline, "restarted sender");
+}
+
+/// Receiver 1 is killed (SIGKILL) a second into a paced stream and started again as a new incarnation.
+#[test]
+fn receiver_killed_and_restarted() {
+    let Some((star, group, port)) = lab(30) else { return };
+    let spec = |role: &str, i: usize| ("BLIP_FAULTLAB", format!("{role},{group},{port},{i},drop"));
+    let mut victim = star.spawn(1, "faultlab_child", spec("sub-victim-paced", 1));
+    let others: Vec<Child> = (2..=RECEIVERS).map(|i| star.spawn(i, "faultlab_child", spec("sub-paced", i))).collect();
+    let publ = star.spawn(0, "faultlab_child", spec("pub-paced", 0));
+    wait_started(port);
+    std::thread::sleep(Duration::from_secs(1)); // the kill's timing
+    // Our own child, by its handle.
+    victim.kill().expect("kill receiver 1");
+    let _ = victim.wait();
+    let reborn = star.spawn(1, "faultlab_child", spec("sub-reborn-paced", 1));
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let out = wait_child(reborn, deadline, "restarted receiver");
+    println!("receiver restart, receiver 1: {}", summary(&out, "SUB OK"));
+    for (i, c) in others.into_iter().enumerate() {
+        let out = wait_child(c, deadline, &format!("receiver {}", i + 2));
+        println!("receiver restart, receiver {}: {}", i + 2, summary(&out, "SUB OK"));
+    }
+    let out = wait_child(publ, deadline, "sender");
+    let line = summary(&out, "PUB OK");
+    println!("receiver restart, sender: {line}");
+    assert!(number_after(line, "dropped_receivers ") >= 1, "the dead receiver should have been dropped: {line}");
 }
 
 #[test]
