@@ -2,7 +2,10 @@
 //! plan of the GSO/GRO tests (which datagram goes where, how long it is, what it holds, and the receiver's
 //! check that each arrives whole and in order).
 
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::time::{Duration, Instant};
+
+use super::Backend;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -94,4 +97,46 @@ impl Expect {
         let want_u = self.unicast.partition_point(|i| *i < end);
         self.next[0] >= want_g && self.next[1] >= want_u
     }
+}
+
+/// Sends the plan from `tx` (whose datagrams come from `tx_addr`) to the group and to `rx`'s unicast
+/// address, in chunks, and checks that everything arrives at `rx` whole and in order (bounded: 60 s).
+/// Returns how long it took.
+pub(crate) fn send_plan(
+    tx: &mut dyn Backend,
+    tx_addr: SocketAddr,
+    rx: &mut dyn Backend,
+    rx_addr: SocketAddr,
+    group: SocketAddr,
+) -> Duration {
+    let mut expect = Expect::new();
+    let mut buf = [0u8; FULL];
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(60);
+    for first in (0..GSO_N).step_by(CHUNK) {
+        let end = (first + CHUNK).min(GSO_N);
+        for i in first..end {
+            let len = plan_fill(i, &mut buf);
+            let dest = if plan(i).0 { rx_addr } else { group };
+            tx.queue_send(dest, &buf[..len]).expect("queue_send");
+        }
+        tx.flush().expect("flush");
+        while !expect.caught_up(end) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out at chunk {first}..{end}: received {:?} of {} group, {} unicast; tx send errors {}",
+                expect.next,
+                expect.group.len(),
+                expect.unicast.len(),
+                tx.send_errors()
+            );
+            rx.receive(Some(Duration::from_millis(100)), &mut |src, bytes| {
+                if src == tx_addr {
+                    expect.check(bytes);
+                }
+            })
+            .expect("receive");
+        }
+    }
+    start.elapsed()
 }

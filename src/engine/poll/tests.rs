@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 
-use crate::engine::test_support::{
-    CHUNK, Expect, FULL, GSO_N as N, group_socket, plan, plan_fill as fill, unicast_socket,
-};
+use crate::engine::test_support::{FULL, GSO_N as N, group_socket, send_plan, unicast_socket};
 
 /// A backend and its unicast socket's address.
 fn backend(group: Ipv4Addr, port: u16, opts: PollOptions) -> (PollBackend, SocketAddr) {
@@ -21,38 +19,9 @@ fn backend(group: Ipv4Addr, port: u16, opts: PollOptions) -> (PollBackend, Socke
 
 /// Sends the plan from `tx` to `rx` (group and unicast) and checks what arrives.
 fn run(tx: &mut PollBackend, tx_addr: SocketAddr, rx: &mut PollBackend, rx_addr: SocketAddr, group: SocketAddr) {
-    let mut expect = Expect::new();
-    let mut buf = [0u8; FULL];
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs(60);
-    for first in (0..N).step_by(CHUNK) {
-        let end = (first + CHUNK).min(N);
-        for i in first..end {
-            let len = fill(i, &mut buf);
-            let dest = if plan(i).0 { rx_addr } else { group };
-            tx.queue_send(dest, &buf[..len]).expect("queue_send");
-        }
-        tx.flush().expect("flush");
-        while !expect.caught_up(end) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out at chunk {first}..{end}: received {:?} of {} group, {} unicast; tx send errors {}",
-                expect.next,
-                expect.group.len(),
-                expect.unicast.len(),
-                tx.send_errors()
-            );
-            rx.receive(Some(Duration::from_millis(100)), &mut |src, bytes| {
-                if src == tx_addr {
-                    expect.check(bytes);
-                }
-            })
-            .expect("receive");
-        }
-    }
+    let took = send_plan(tx, tx_addr, rx, rx_addr, group);
     eprintln!(
-        "{N} datagrams in {:?}; tx: gso segments {}, {} GSO sends, {} fallbacks, {} send errors; rx: gro {}, {} GRO batches",
-        start.elapsed(),
+        "{N} datagrams in {took:?}; tx: gso segments {}, {} GSO sends, {} fallbacks, {} send errors; rx: gro {}, {} GRO batches",
         tx.gso_segments(),
         tx.gso_sends(),
         tx.gso_fallbacks(),

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::engine::test_support::{CHUNK, Expect, FULL, GSO_N, group_socket, plan, plan_fill, unicast_socket};
+use crate::engine::test_support::{FULL, GSO_N, group_socket, send_plan, unicast_socket};
 
 use super::*;
 
@@ -401,39 +401,9 @@ fn settle(tx: &mut UringBackend, total: u64) {
 /// Sends the plan from `tx` to `rx` (its group port and its unicast address) and checks what arrives.
 fn run_plan(tx: &mut UringBackend, rx: &mut UringBackend, group: SocketAddr) {
     let (from, rx_addr) = (tx.unicast_addr().unwrap(), rx.unicast_addr().unwrap());
-    let mut expect = Expect::new();
-    let mut buf = [0u8; FULL];
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs(60);
-    for first in (0..GSO_N).step_by(CHUNK) {
-        let end = (first + CHUNK).min(GSO_N);
-        for i in first..end {
-            let len = plan_fill(i, &mut buf);
-            let dest = if plan(i).0 { rx_addr } else { group };
-            tx.queue_send(dest, &buf[..len]).expect("queue_send");
-        }
-        tx.flush().expect("flush");
-        while !expect.caught_up(end) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out at chunk {first}..{end}: received {:?} of {} group, {} unicast; tx {:?}; rx {:?}",
-                expect.next,
-                expect.group.len(),
-                expect.unicast.len(),
-                tx.stats(),
-                rx.stats()
-            );
-            rx.receive(Some(Duration::from_millis(100)), &mut |src, bytes| {
-                if src == from {
-                    expect.check(bytes);
-                }
-            })
-            .expect("receive");
-        }
-    }
+    let took = send_plan(tx, from, rx, rx_addr, group);
     eprintln!(
-        "{GSO_N} datagrams in {:?}; tx gso segments {}: {:?}; rx gro {}: {:?}",
-        start.elapsed(),
+        "{GSO_N} datagrams in {took:?}; tx gso segments {}: {:?}; rx gro {}: {:?}",
         tx.gso_segments(),
         tx.stats(),
         rx.gro(),
