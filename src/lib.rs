@@ -6,18 +6,23 @@
 #![warn(missing_docs)]
 
 pub mod engine;
+pub mod envelope;
 pub mod net;
 mod node;
 pub mod proto;
+pub mod request;
 pub mod ring;
 pub mod sim;
+pub mod topic;
 pub mod wire;
 
 pub use engine::{BackendKind, IdleStrategy, NodeStats};
 pub use node::{
-    BackendChoice, Claim, Error, Node, NodeBuilder, NodeInfo, Owned, Publisher, Received, SendError, Subscriber,
+    BackendChoice, Claim, Error, Message, Node, NodeBuilder, NodeInfo, Owned, Publisher, Received, SendError,
+    Subscriber,
 };
-pub use proto::Message;
+pub use proto::Member;
+pub use request::{Expect, Gathered, Reply, Requester};
 
 /// The README's examples, compiled as doctests so they stay true.
 #[cfg(doctest)]

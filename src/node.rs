@@ -31,12 +31,15 @@ use std::time::{Duration, Instant};
 
 use crate::engine::poll::{PollBackend, PollOptions};
 use crate::engine::{
-    Backend, BackendKind, Engine, EngineParts, IN_LARGE, IN_MESSAGE, IdleStrategy, LossInjector, NodeStats, OUT_HEADER,
-    OUT_LOSS, OUT_MESSAGE, Shared, Side,
+    Backend, BackendKind, Command, Engine, EngineParts, HandleShared, IN_LARGE, IN_MESSAGE, IdleStrategy, Inlet,
+    LossInjector, NodeStats, OUT_HEADER, OUT_LOSS, OUT_MESSAGE, Outlet, Shared, Side,
 };
+use crate::envelope::{self, Envelope, RequestId};
 use crate::net::{self, Interface, NetError, SocketConfig, SocketReport};
-use crate::proto::{Config, ConfigError, Endpoint, Event, LateJoin, Message, SlowReceiverPolicy};
+use crate::proto::{Config, ConfigError, Endpoint, Event, LateJoin, Member, SlowReceiverPolicy};
+use crate::request::Requester;
 use crate::ring;
+use crate::topic::{self, Filter, FilterError};
 
 /// Which backend to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -84,6 +87,12 @@ pub enum Error {
     /// A loss-injection probability outside 0..=1.
     #[error("injected loss {0} is not a probability between 0 and 1")]
     BadLoss(f64),
+    /// A topic or subscription filter is not valid (see [`topic`](crate::topic)).
+    #[error("topic: {0}")]
+    Topic(#[from] FilterError),
+    /// The node is shut down or its engine failed.
+    #[error("node closed")]
+    Closed,
 }
 
 /// What a node set up, for the record.
@@ -117,6 +126,8 @@ pub struct NodeBuilder {
     loss: Option<(f64, u64)>,
     ring_bytes: usize,
     session: Option<u64>,
+    local_delivery: bool,
+    local_only: bool,
 }
 
 impl Default for NodeBuilder {
@@ -131,6 +142,8 @@ impl Default for NodeBuilder {
             loss: None,
             ring_bytes: 4 << 20,
             session: None,
+            local_delivery: false,
+            local_only: false,
         }
     }
 }
@@ -249,6 +262,21 @@ impl NodeBuilder {
         self
     }
 
+    /// Also deliver this node's own messages to its own subscribers whose filters select them (default
+    /// off). They arrive with this node's session, in the order they were published.
+    pub fn local_delivery(mut self, on: bool) -> Self {
+        self.local_delivery = on;
+        self
+    }
+
+    /// An in-process bus: no sockets and no network at all. Publishers and subscribers of this node use the
+    /// same API as on a networked node and see each other's messages (local delivery is on).
+    pub fn local_only(mut self) -> Self {
+        self.local_only = true;
+        self.local_delivery = true;
+        self
+    }
+
     fn prepare(&self) -> Result<(Config, BackendKind, String, u64), Error> {
         let mut protocol = self.protocol.clone();
         let ip_overhead = if self.sockets.group.is_ipv4() { 28 } else { 48 };
@@ -266,13 +294,20 @@ impl NodeBuilder {
         {
             return Err(Error::BadLoss(p));
         }
-        let (kind, reason) = choose_backend(self.backend)?;
+        let (kind, reason) = if self.local_only {
+            (BackendKind::Local, "in-process node (NodeBuilder::local_only)".to_owned())
+        } else {
+            choose_backend(self.backend)?
+        };
         let session = self.session.unwrap_or_else(random_u64);
         Ok((protocol, kind, reason, session))
     }
 
     /// Opens the sockets, chooses the backend and starts the engine thread.
     pub fn build(self) -> Result<Node, Error> {
+        if self.local_only {
+            return self.build_local();
+        }
         let (mut protocol, kind, reason, session) = self.prepare()?;
         let sockets = net::open(&self.sockets)?;
         let report = sockets.report.clone();
@@ -302,9 +337,8 @@ impl NodeBuilder {
                         if std::panic::catch_unwind(run).is_err() {
                             // Never leave the application waiting on an engine that is gone.
                             *shared.error.lock().unwrap_or_else(|e| e.into_inner()) = Some("engine panicked".into());
+                            // Handles notice within a millisecond (their waits are bounded).
                             shared.closed.store(true, Ordering::SeqCst);
-                            shared.subscriber.notify();
-                            shared.publisher.notify();
                         }
                     }
                     Err(e) => {
@@ -338,6 +372,35 @@ impl NodeBuilder {
         Ok(Node::assemble(info, handles, Some(thread), None))
     }
 
+    fn build_local(self) -> Result<Node, Error> {
+        let (protocol, kind, reason, session) = self.prepare()?;
+        let (mut parts, handles) = self.channels(protocol.clone(), session)?;
+        parts.backend_reason = reason.clone();
+        let idle = self.idle;
+        let thread = std::thread::Builder::new()
+            .name("blip-engine".into())
+            .spawn(move || Engine::new(Box::new(crate::engine::local::LocalBackend::new()), parts).run(idle))
+            .map_err(|e| Error::Engine(format!("cannot spawn the engine thread: {e}")))?;
+        let unspecified = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0);
+        let report = SocketReport {
+            local: unspecified,
+            interface_index: 0,
+            recv_buffer: 0,
+            send_buffer: 0,
+            warnings: vec!["in-process node: no sockets".into()],
+        };
+        let info = NodeInfo {
+            backend: kind,
+            backend_reason: reason,
+            session,
+            node_id: protocol.node_id,
+            group: unspecified,
+            pinned_core: None,
+            sockets: report,
+        };
+        Ok(Node::assemble(info, handles, Some(thread), None))
+    }
+
     /// Like [`build`](Self::build), but spawns no thread: the caller drives the engine with
     /// [`Node::duty_cycle`] from the thread that called this. Pinning is the caller's business.
     pub fn build_driven(self) -> Result<Node, Error> {
@@ -363,33 +426,96 @@ impl NodeBuilder {
 
     fn channels(&self, protocol: Config, session: u64) -> Result<(EngineParts, Handles), Error> {
         let endpoint = Endpoint::new(protocol.clone(), session, random_u64(), Instant::now())?;
-        let (in_tx, in_rx) = ring::ring(self.ring_bytes);
-        let (out_tx, out_rx) = ring::ring(self.ring_bytes);
-        let (large_tx, large_rx) = mpsc::channel();
-        let (side_tx, side_rx) = mpsc::channel();
         let shared = Arc::new(Shared::new());
+        let (commands_tx, commands_rx) = mpsc::channel();
+        let factory = HandleFactory {
+            shared: shared.clone(),
+            commands: commands_tx,
+            ring_bytes: self.ring_bytes,
+            max_message: protocol.max_message,
+            node_id: protocol.node_id,
+            next_private: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        };
+        let (publisher, inlet) = factory.publisher_pair();
+        let (subscriber, outlet) = factory.subscriber_pair(None);
         let parts = EngineParts {
             endpoint,
-            inbox: in_rx,
-            inbox_side: large_rx,
-            outbox: out_tx,
-            outbox_side: side_tx,
-            shared: shared.clone(),
+            inlet,
+            outlet,
+            commands: commands_rx,
+            local_delivery: self.local_delivery,
+            ring_bytes: self.ring_bytes,
+            shared,
             group: self.sockets.group,
             loss: self.loss.map(|(p, seed)| LossInjector::new(p, seed)),
             backend_reason: String::new(),
         };
-        let publisher =
-            Publisher { ring: in_tx, large: large_tx, shared: shared.clone(), max_message: protocol.max_message };
-        let subscriber = Subscriber { ring: out_rx, side: side_rx, shared: shared.clone() };
-        Ok((parts, Handles { publisher, subscriber, shared }))
+        Ok((parts, Handles { publisher, subscriber, factory }))
     }
 }
 
 struct Handles {
     publisher: Publisher,
     subscriber: Subscriber,
+    factory: HandleFactory,
+}
+
+/// Makes publisher and subscriber handles with their engine ends, and hands new ones to a running engine.
+#[derive(Clone)]
+struct HandleFactory {
     shared: Arc<Shared>,
+    commands: mpsc::Sender<Command>,
+    ring_bytes: usize,
+    max_message: usize,
+    node_id: u64,
+    /// Numbers the private reply topics of requesters.
+    next_private: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl HandleFactory {
+    fn publisher_pair(&self) -> (Publisher, Inlet) {
+        let (tx, rx) = ring::ring(self.ring_bytes);
+        let (large_tx, large_rx) = mpsc::channel();
+        let handle = Arc::new(HandleShared::default());
+        let publisher = Publisher {
+            ring: tx,
+            large: large_tx,
+            shared: self.shared.clone(),
+            handle: handle.clone(),
+            max_message: self.max_message,
+            node_id: self.node_id,
+        };
+        (publisher, Inlet { ring: rx, side: large_rx, pending: None, shared: handle })
+    }
+
+    fn subscriber_pair(&self, filter: Option<Filter>) -> (Subscriber, Outlet) {
+        let (tx, rx) = ring::ring(self.ring_bytes);
+        let (side_tx, side_rx) = mpsc::channel();
+        let handle = Arc::new(HandleShared::default());
+        let subscriber = Subscriber { ring: rx, side: side_rx, shared: self.shared.clone(), handle: handle.clone() };
+        (subscriber, Outlet { ring: tx, side: side_tx, filter, shared: handle })
+    }
+
+    /// Sends a command to the engine; with `wait`, returns once the engine has taken the handle in.
+    fn attach(&self, cmd: Command, handle: &HandleShared, wait: bool) -> Result<(), Error> {
+        if self.shared.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        self.commands.send(cmd).map_err(|_| Error::Closed)?;
+        self.shared.command_pending.store(true, Ordering::SeqCst);
+        self.shared.wake_engine();
+        if wait {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let closed = &self.shared.closed;
+            let attached = handle
+                .waiter
+                .wait_until(deadline, || handle.attached.load(Ordering::SeqCst) || closed.load(Ordering::SeqCst));
+            if !attached || !handle.attached.load(Ordering::SeqCst) {
+                return Err(Error::Closed);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Datagrams the kernel's receive buffer holds. The kernel charges each datagram its buffer's "truesize":
@@ -476,6 +602,7 @@ fn open_backend(
         }
         #[cfg(not(target_os = "linux"))]
         BackendKind::Uring => Err(Error::BackendUnavailable { kind, reason: "io_uring is Linux-only".into() }),
+        BackendKind::Local => Ok(Box::new(crate::engine::local::LocalBackend::new())),
     }
 }
 
@@ -493,11 +620,12 @@ fn pin_current_thread(core: usize) -> Result<(), Error> {
     Err(Error::Pinning { core, reason: "pinning is only implemented on Linux".into() })
 }
 
-/// A member of a multicast group: one engine, one publisher, one subscriber.
+/// A member of a multicast group: one engine, any number of publishers and subscribers.
 pub struct Node {
     info: NodeInfo,
     publisher: Option<Publisher>,
     subscriber: Option<Subscriber>,
+    factory: HandleFactory,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
     engine: Option<Engine>,
@@ -510,7 +638,15 @@ impl Node {
     }
 
     fn assemble(info: NodeInfo, h: Handles, thread: Option<JoinHandle<()>>, engine: Option<Engine>) -> Node {
-        Node { info, publisher: Some(h.publisher), subscriber: Some(h.subscriber), shared: h.shared, thread, engine }
+        Node {
+            info,
+            publisher: Some(h.publisher),
+            subscriber: Some(h.subscriber),
+            shared: h.factory.shared.clone(),
+            factory: h.factory,
+            thread,
+            engine,
+        }
     }
 
     /// What was set up: backend and why, session, sockets, pinning.
@@ -518,16 +654,57 @@ impl Node {
         &self.info
     }
 
-    /// Takes the node's publisher (once). It may move to another thread.
+    /// A publisher. The first call takes the one made with the node; later calls add publishers (each with
+    /// its own ring; messages keep their order per publisher). `None` once the node is closed. A publisher
+    /// may move to another thread.
     pub fn publisher(&mut self) -> Option<Publisher> {
-        self.publisher.take()
+        if let Some(p) = self.publisher.take() {
+            return Some(p);
+        }
+        let (publisher, inlet) = self.factory.publisher_pair();
+        let handle = publisher.handle.clone();
+        self.factory.attach(Command::AddInlet(inlet), &handle, false).ok()?;
+        Some(publisher)
     }
 
-    /// Takes the node's subscriber (once). It may move to another thread. Poll it, or drop it to receive
-    /// nothing: a subscriber that is kept but never polled fills its ring, and then this node, like any slow
-    /// receiver, holds senders back (under the default policy).
+    /// Takes the node's catch-all subscriber (once): every message (topic or not) except other nodes'
+    /// private topics, every loss and every event, from the node's start. It may move to another thread.
+    /// Poll it, or drop it to receive nothing: a subscriber that is kept but never polled fills its ring, and
+    /// then this node, like any slow receiver, holds senders back (under the default policy).
     pub fn subscriber(&mut self) -> Option<Subscriber> {
         self.subscriber.take()
+    }
+
+    /// A new subscriber for the topics `filter` selects (see [`topic`](crate::topic) for the rules);
+    /// filtering happens in the engine. It also receives every loss and event. Messages that arrive after
+    /// this returns are delivered to it (on a node built with `build_driven`: after the next duty cycle).
+    /// If the catch-all [`subscriber`](Self::subscriber) has not been taken by then, it is dropped, since
+    /// nobody would ever poll it.
+    pub fn subscribe(&mut self, filter: &str) -> Result<Subscriber, Error> {
+        let filter = Filter::new(filter)?;
+        if filter.names_foreign_private(self.info.node_id) {
+            return Err(FilterError::Private(filter.as_str().to_owned()).into());
+        }
+        self.subscriber = None;
+        let (subscriber, outlet) = self.factory.subscriber_pair(Some(filter));
+        let handle = subscriber.handle.clone();
+        self.factory.attach(Command::AddOutlet(outlet), &handle, self.engine.is_none())?;
+        Ok(subscriber)
+    }
+
+    /// A scatter-gather and request/reply helper with its own publisher and a private reply topic.
+    pub fn requester(&mut self) -> Result<Requester, Error> {
+        let k = self.factory.next_private.fetch_add(1, Ordering::Relaxed);
+        let reply_topic = topic::private_topic(self.info.node_id, &format!("reply.{k}"))?;
+        let replies = self.subscribe(&reply_topic)?;
+        let publisher = self.publisher().ok_or(Error::Closed)?;
+        Ok(Requester::new(publisher, replies, reply_topic, self.shared.clone(), self.info.node_id))
+    }
+
+    /// The nodes currently alive on the group (not this one), as last announced. Refreshed by the engine
+    /// whenever membership changes; joins, leaves, expiries and restarts also arrive as events.
+    pub fn peers(&self) -> Vec<Member> {
+        self.shared.members.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// A snapshot of the counters (refreshed by the engine every 50 ms and whenever it goes idle).
@@ -598,30 +775,127 @@ pub enum SendError {
     /// `send_timeout` gave up.
     #[error("timed out waiting for room")]
     Timeout,
+    /// The topic is not a valid topic name (see [`topic::validate_topic`]).
+    #[error("invalid topic name (see blip::topic for the rules)")]
+    BadTopic,
+    /// A reply was asked for to a message that is not a request.
+    #[error("not a request")]
+    NotARequest,
 }
 
-/// Hands messages to the engine. One per node; it may move to another thread.
+/// Hands messages to the engine. A node may have several; each may move to another thread.
 pub struct Publisher {
     ring: ring::Producer,
     large: mpsc::Sender<Vec<u8>>,
     shared: Arc<Shared>,
+    handle: Arc<HandleShared>,
     max_message: usize,
+    node_id: u64,
 }
 
 impl Publisher {
-    /// Queues a message without blocking.
+    /// Queues a message without topic, without blocking.
     pub fn try_send(&mut self, msg: &[u8]) -> Result<(), SendError> {
+        self.try_send_with(&Envelope::PLAIN, msg)
+    }
+
+    /// Queues a message without topic, waiting while the ring is full (back-pressure).
+    pub fn send(&mut self, msg: &[u8]) -> Result<(), SendError> {
+        self.send_with(&Envelope::PLAIN, msg)
+    }
+
+    /// Queues a message without topic, waiting at most `timeout` for room.
+    pub fn send_timeout(&mut self, msg: &[u8], timeout: Duration) -> Result<(), SendError> {
+        self.send_with_timeout(&Envelope::PLAIN, msg, timeout)
+    }
+
+    /// Publishes `msg` on `topic`, waiting while the ring is full. A private topic (see
+    /// [`topic::private_topic`]) is addressed to its owner only.
+    pub fn publish(&mut self, topic: &str, msg: &[u8]) -> Result<(), SendError> {
+        let target = topic::private_owner(topic);
+        self.send_with(&Envelope { topic, target, kind: envelope::Kind::Plain }, msg)
+    }
+
+    /// Like [`publish`](Self::publish) without blocking.
+    pub fn try_publish(&mut self, topic: &str, msg: &[u8]) -> Result<(), SendError> {
+        let target = topic::private_owner(topic);
+        self.try_send_with(&Envelope { topic, target, kind: envelope::Kind::Plain }, msg)
+    }
+
+    /// Publishes `msg` on `topic` to node `node_id` only: every other node's engine drops it.
+    pub fn send_to(&mut self, node_id: u64, topic: &str, msg: &[u8]) -> Result<(), SendError> {
+        self.send_with(&Envelope { topic, target: Some(node_id), kind: envelope::Kind::Plain }, msg)
+    }
+
+    /// Answers a request (a message whose [`Message::request`] is set): the reply goes to the requester
+    /// only, on the reply topic it named, carrying its correlation id and this node's id.
+    pub fn reply(&mut self, request: &Message<'_>, msg: &[u8]) -> Result<(), SendError> {
+        let Some((id, reply_topic)) = request.request() else { return Err(SendError::NotARequest) };
+        let kind = envelope::Kind::Reply { correlation: id.correlation, replier: self.node_id };
+        self.send_with(&Envelope { topic: reply_topic, target: Some(id.requester), kind }, msg)
+    }
+
+    /// This node's id (what replies carry).
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    /// Queues a message with any envelope, waiting while the ring is full.
+    pub fn send_with(&mut self, env: &Envelope<'_>, msg: &[u8]) -> Result<(), SendError> {
+        loop {
+            match self.send_with_timeout(env, msg, Duration::from_secs(3600)) {
+                Err(SendError::Timeout) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Queues a message with any envelope, waiting at most `timeout` for room.
+    pub fn send_with_timeout(&mut self, env: &Envelope<'_>, msg: &[u8], timeout: Duration) -> Result<(), SendError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.try_send_with(env, msg) {
+                Err(SendError::Full) => {}
+                other => return other,
+            }
+            let shared = self.shared.clone();
+            let handle = self.handle.clone();
+            let need = (env.len() + msg.len()).min(self.ring.max_record());
+            let ring = &mut self.ring;
+            if !handle.waiter.wait_until(deadline, || ring.has_room(need) || shared.closed.load(Ordering::Relaxed)) {
+                return Err(SendError::Timeout);
+            }
+        }
+    }
+
+    /// Queues a message with any envelope without blocking.
+    pub fn try_send_with(&mut self, env: &Envelope<'_>, msg: &[u8]) -> Result<(), SendError> {
         if self.shared.closed.load(Ordering::Relaxed) {
             return Err(SendError::Closed);
         }
-        if msg.len() > self.max_message {
-            return Err(SendError::TooLarge { size: msg.len(), max: self.max_message });
+        if env.validate().is_err() {
+            return Err(SendError::BadTopic);
         }
-        let ok = if msg.len() <= self.ring.max_record() {
-            self.ring.push(IN_MESSAGE, msg)
+        let total = env.len() + msg.len();
+        if total > self.max_message {
+            return Err(SendError::TooLarge { size: total, max: self.max_message });
+        }
+        let ok = if total <= self.ring.max_record() {
+            match self.ring.claim(total) {
+                Some(mut c) => {
+                    let at = env.emit(&mut c);
+                    c[at..].copy_from_slice(msg);
+                    c.commit(IN_MESSAGE);
+                    true
+                }
+                None => false,
+            }
         } else if self.ring.has_room(0) {
             // Large messages go by channel; the marker keeps their place in the order.
-            let _ = self.large.send(msg.to_vec());
+            let mut v = vec![0u8; total];
+            let at = env.emit(&mut v);
+            v[at..].copy_from_slice(msg);
+            let _ = self.large.send(v);
             self.ring.push(IN_LARGE, &[])
         } else {
             false
@@ -634,35 +908,8 @@ impl Publisher {
         }
     }
 
-    /// Queues a message, waiting while the ring is full (back-pressure).
-    pub fn send(&mut self, msg: &[u8]) -> Result<(), SendError> {
-        loop {
-            match self.send_timeout(msg, Duration::from_secs(3600)) {
-                Err(SendError::Timeout) => continue,
-                other => return other,
-            }
-        }
-    }
-
-    /// Queues a message, waiting at most `timeout` for room.
-    pub fn send_timeout(&mut self, msg: &[u8], timeout: Duration) -> Result<(), SendError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.try_send(msg) {
-                Err(SendError::Full) => {}
-                other => return other,
-            }
-            let shared = self.shared.clone();
-            let need = msg.len().min(self.ring.max_record());
-            let ring = &mut self.ring;
-            if !shared.publisher.wait_until(deadline, || ring.has_room(need) || shared.closed.load(Ordering::Relaxed)) {
-                return Err(SendError::Timeout);
-            }
-        }
-    }
-
-    /// Claims room for a `len`-byte message to be written in place, then [`Claim::commit`]ted. `len` must
-    /// be at most [`max_claim`](Self::max_claim).
+    /// Claims room for a `len`-byte message without topic, to be written in place, then
+    /// [`Claim::commit`]ted. `len` must be at most [`max_claim`](Self::max_claim).
     pub fn claim(&mut self, len: usize) -> Result<Claim<'_>, SendError> {
         if self.shared.closed.load(Ordering::Relaxed) {
             return Err(SendError::Closed);
@@ -670,15 +917,25 @@ impl Publisher {
         if len > self.max_claim() {
             return Err(SendError::TooLarge { size: len, max: self.max_claim() });
         }
-        match self.ring.claim(len) {
-            Some(inner) => Ok(Claim { inner, shared: &self.shared }),
+        match self.ring.claim(envelope::MIN_ENVELOPE_LEN + len) {
+            Some(mut inner) => {
+                Envelope::PLAIN.emit(&mut inner);
+                Ok(Claim { inner, shared: &self.shared })
+            }
             None => Err(SendError::Full),
         }
     }
 
     /// Largest message [`claim`](Self::claim) accepts.
     pub fn max_claim(&self) -> usize {
-        self.ring.max_record().min(self.max_message)
+        self.ring.max_record().min(self.max_message) - envelope::MIN_ENVELOPE_LEN
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.handle.gone.store(true, Ordering::SeqCst);
+        self.shared.wake_engine();
     }
 }
 
@@ -699,13 +956,46 @@ impl Claim<'_> {
 impl std::ops::Deref for Claim<'_> {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.inner
+        &self.inner[envelope::MIN_ENVELOPE_LEN..]
     }
 }
 
 impl std::ops::DerefMut for Claim<'_> {
     fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.inner
+        &mut self.inner[envelope::MIN_ENVELOPE_LEN..]
+    }
+}
+
+/// A message as a subscriber sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Message<'a> {
+    /// The sender's session.
+    pub session: u64,
+    /// The message's sequence number in that session.
+    pub seq: u64,
+    /// Its topic ("" for a message sent without one).
+    pub topic: &'a str,
+    /// The bytes, borrowed until the subscriber's handler returns.
+    pub payload: &'a [u8],
+    /// Whether it was addressed to this node alone.
+    pub directed: bool,
+    /// Plain message, request or reply.
+    pub kind: envelope::Kind<'a>,
+}
+
+impl<'a> Message<'a> {
+    fn parse(session: u64, seq: u64, msg: &'a [u8]) -> Option<Message<'a>> {
+        // The engine parsed the envelope before routing, so this does not fail.
+        let (env, payload) = Envelope::parse(msg).ok()?;
+        Some(Message { session, seq, topic: env.topic, payload, directed: env.target.is_some(), kind: env.kind })
+    }
+
+    /// If this is a request: its identity and where replies go (answer with [`Publisher::reply`]).
+    pub fn request(&self) -> Option<(RequestId, &'a str)> {
+        match self.kind {
+            envelope::Kind::Request { id, reply_topic } => Some((id, reply_topic)),
+            _ => None,
+        }
     }
 }
 
@@ -735,11 +1025,12 @@ pub enum Received<'a> {
     },
 }
 
-/// Receives deliveries from the engine. One per node; it may move to another thread.
+/// Receives deliveries from the engine. A node may have several; each may move to another thread.
 pub struct Subscriber {
     ring: ring::Consumer,
     side: mpsc::Receiver<Side>,
     shared: Arc<Shared>,
+    handle: Arc<HandleShared>,
 }
 
 impl Subscriber {
@@ -752,7 +1043,9 @@ impl Subscriber {
                 OUT_MESSAGE => {
                     let session = u64::from_ne_bytes(rec[..8].try_into().expect("record header"));
                     let seq = u64::from_ne_bytes(rec[8..16].try_into().expect("record header"));
-                    handler(Received::Message(Message { session, seq, payload: &rec[OUT_HEADER..] }));
+                    if let Some(m) = Message::parse(session, seq, &rec[OUT_HEADER..]) {
+                        handler(Received::Message(m));
+                    }
                 }
                 OUT_LOSS => {
                     let v = |i: usize| u64::from_ne_bytes(rec[i * 8..i * 8 + 8].try_into().expect("loss record"));
@@ -761,7 +1054,9 @@ impl Subscriber {
                 }
                 _ => match self.side.try_recv() {
                     Ok(Side::Message { session, seq, payload }) => {
-                        handler(Received::Message(Message { session, seq, payload: &payload }))
+                        if let Some(m) = Message::parse(session, seq, &payload) {
+                            handler(Received::Message(m));
+                        }
                     }
                     Ok(Side::Event(e)) => handler(Received::Event(e)),
                     Ok(Side::Backend(kind, reason)) => handler(Received::BackendChosen { kind, reason: &reason }),
@@ -771,7 +1066,7 @@ impl Subscriber {
             rec.release();
             n += 1;
         }
-        if n > 0 && self.shared.deliver_blocked.load(Ordering::SeqCst) {
+        if n > 0 && self.handle.blocked.load(Ordering::SeqCst) {
             self.shared.wake_engine();
         }
         n
@@ -781,8 +1076,9 @@ impl Subscriber {
     pub fn wait(&mut self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let shared = self.shared.clone();
+        let handle = self.handle.clone();
         let ring = &mut self.ring;
-        shared.subscriber.wait_until(deadline, || !ring.is_empty() || shared.closed.load(Ordering::Relaxed))
+        handle.waiter.wait_until(deadline, || !ring.is_empty() || shared.closed.load(Ordering::Relaxed))
             && !self.ring.is_empty()
     }
 
@@ -795,7 +1091,12 @@ impl Subscriber {
         let mut out = None;
         self.poll(1, |r| {
             out = Some(match r {
-                Received::Message(m) => Owned::Message { session: m.session, seq: m.seq, payload: m.payload.to_vec() },
+                Received::Message(m) => Owned::Message {
+                    session: m.session,
+                    seq: m.seq,
+                    topic: m.topic.to_owned(),
+                    payload: m.payload.to_vec(),
+                },
                 Received::Loss { session, datagrams, messages } => Owned::Loss { session, datagrams, messages },
                 Received::Event(e) => Owned::Event(e),
                 Received::BackendChosen { kind, reason } => Owned::BackendChosen { kind, reason: reason.to_owned() },
@@ -812,7 +1113,7 @@ impl Subscriber {
 
 impl Drop for Subscriber {
     fn drop(&mut self) {
-        self.shared.subscriber_gone.store(true, Ordering::SeqCst);
+        self.handle.gone.store(true, Ordering::SeqCst);
         self.shared.wake_engine();
     }
 }
@@ -827,6 +1128,8 @@ pub enum Owned {
         session: u64,
         /// Its sequence number.
         seq: u64,
+        /// Its topic ("" for none).
+        topic: String,
         /// The bytes.
         payload: Vec<u8>,
     },

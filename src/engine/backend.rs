@@ -13,6 +13,8 @@ pub enum BackendKind {
     Uring,
     /// Readiness polling (`polling` crate) with recvmmsg/sendmmsg on Linux.
     Poll,
+    /// No network: an in-process node (`NodeBuilder::local_only`).
+    Local,
 }
 
 impl std::fmt::Display for BackendKind {
@@ -20,6 +22,7 @@ impl std::fmt::Display for BackendKind {
         f.write_str(match self {
             BackendKind::Uring => "io_uring",
             BackendKind::Poll => "poll",
+            BackendKind::Local => "local",
         })
     }
 }

@@ -9,9 +9,11 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use super::backend::{Backend, Wake};
+use crate::envelope::Envelope;
 use crate::proto::rng::Rng;
-use crate::proto::{Delivery, Destination, Endpoint, Event, SendError, Stats};
+use crate::proto::{Delivery, Destination, Endpoint, Event, Member, SendError, Stats};
 use crate::ring::{Consumer, Producer};
+use crate::topic::{self, Filter};
 
 /// Ring record tags, application to engine.
 pub(crate) const IN_MESSAGE: u32 = 1;
@@ -66,6 +68,14 @@ pub struct NodeStats {
     pub injected_drops: u64,
     /// Datagrams the kernel refused to send.
     pub send_errors: u64,
+    /// Messages no subscriber's filter selected (dropped in the engine).
+    pub unmatched: u64,
+    /// Messages addressed to another node (dropped in the engine).
+    pub not_addressed: u64,
+    /// Messages whose application envelope did not parse (dropped in the engine).
+    pub bad_envelope: u64,
+    /// Own messages delivered to this node's subscribers (local delivery).
+    pub local_deliveries: u64,
 }
 
 /// State shared between the engine and the application handles.
@@ -74,14 +84,58 @@ pub(crate) struct Shared {
     pub(crate) closed: AtomicBool,
     pub(crate) engine_parked: AtomicBool,
     pub(crate) waker: Mutex<Option<Arc<dyn Wake>>>,
-    pub(crate) deliver_blocked: AtomicBool,
-    /// The application dropped its subscriber: deliveries are consumed and discarded, so this node never
-    /// holds senders back.
-    pub(crate) subscriber_gone: AtomicBool,
-    pub(crate) subscriber: Waiter,
-    pub(crate) publisher: Waiter,
+    /// A command is waiting in the channel (checked before the engine parks).
+    pub(crate) command_pending: AtomicBool,
     pub(crate) stats: Mutex<NodeStats>,
+    /// Live members, refreshed by the engine when membership changes.
+    pub(crate) members: Mutex<Vec<Member>>,
     pub(crate) error: Mutex<Option<String>>,
+}
+
+/// State one application handle (publisher or subscriber) shares with the engine.
+#[derive(Default)]
+pub(crate) struct HandleShared {
+    pub(crate) waiter: Waiter,
+    /// The handle was dropped: the engine forgets it.
+    pub(crate) gone: AtomicBool,
+    /// The engine wanted to deliver but this subscriber's ring was full.
+    pub(crate) blocked: AtomicBool,
+    /// The engine has taken the handle into its loop.
+    pub(crate) attached: AtomicBool,
+}
+
+/// The engine's end of a publisher.
+pub(crate) struct Inlet {
+    pub(crate) ring: Consumer,
+    pub(crate) side: mpsc::Receiver<Vec<u8>>,
+    pub(crate) pending: Option<Vec<u8>>,
+    pub(crate) shared: Arc<HandleShared>,
+}
+
+/// The engine's end of a subscriber.
+pub(crate) struct Outlet {
+    pub(crate) ring: Producer,
+    pub(crate) side: mpsc::Sender<Side>,
+    /// `None`: every message except other nodes' private topics (the catch-all subscriber).
+    pub(crate) filter: Option<Filter>,
+    pub(crate) shared: Arc<HandleShared>,
+}
+
+impl Outlet {
+    fn accepts(&self, topic: &str, node_id: u64) -> bool {
+        match &self.filter {
+            None => topic::private_owner(topic).is_none_or(|owner| owner == node_id),
+            Some(f) => !topic.is_empty() && f.matches(topic),
+        }
+    }
+}
+
+/// What application threads ask of a running engine.
+pub(crate) enum Command {
+    /// A new publisher.
+    AddInlet(Inlet),
+    /// A new subscriber.
+    AddOutlet(Outlet),
 }
 
 /// An application thread that may park waiting for the engine.
@@ -130,11 +184,9 @@ impl Shared {
             closed: AtomicBool::new(false),
             engine_parked: AtomicBool::new(false),
             waker: Mutex::new(None),
-            deliver_blocked: AtomicBool::new(false),
-            subscriber_gone: AtomicBool::new(false),
-            subscriber: Waiter::default(),
-            publisher: Waiter::default(),
+            command_pending: AtomicBool::new(false),
             stats: Mutex::new(NodeStats::default()),
+            members: Mutex::new(Vec::new()),
             error: Mutex::new(None),
         }
     }
@@ -165,19 +217,30 @@ impl LossInjector {
 pub(crate) struct Engine {
     pub(crate) backend: Box<dyn Backend>,
     endpoint: Endpoint,
-    inbox: Consumer,
-    inbox_side: mpsc::Receiver<Vec<u8>>,
-    large_pending: Option<Vec<u8>>,
-    outbox: Producer,
-    outbox_side: mpsc::Sender<Side>,
+    inlets: Vec<Inlet>,
+    outlets: Vec<Outlet>,
+    commands: mpsc::Receiver<Command>,
+    /// Deliver this node's own messages to its subscribers too.
+    local_delivery: bool,
     inline_max: usize,
     shared: Arc<Shared>,
     group: SocketAddr,
     buf: Box<[u8]>,
     loss: Option<LossInjector>,
+    counters: EngineCounters,
+    stats_at: Instant,
+    /// Membership events since the member list was last published.
+    members_changed: bool,
+}
+
+#[derive(Default)]
+struct EngineCounters {
     datagrams_in: u64,
     injected_drops: u64,
-    stats_at: Instant,
+    unmatched: u64,
+    not_addressed: u64,
+    bad_envelope: u64,
+    local_deliveries: u64,
 }
 
 /// How often a running engine refreshes the stats snapshot.
@@ -185,10 +248,12 @@ const STATS_INTERVAL: Duration = Duration::from_millis(50);
 
 pub(crate) struct EngineParts {
     pub(crate) endpoint: Endpoint,
-    pub(crate) inbox: Consumer,
-    pub(crate) inbox_side: mpsc::Receiver<Vec<u8>>,
-    pub(crate) outbox: Producer,
-    pub(crate) outbox_side: mpsc::Sender<Side>,
+    pub(crate) inlet: Inlet,
+    pub(crate) outlet: Outlet,
+    pub(crate) commands: mpsc::Receiver<Command>,
+    pub(crate) local_delivery: bool,
+    /// Bytes of each subscriber ring (all rings have the same size).
+    pub(crate) ring_bytes: usize,
     pub(crate) shared: Arc<Shared>,
     pub(crate) group: SocketAddr,
     pub(crate) loss: Option<LossInjector>,
@@ -198,27 +263,29 @@ pub(crate) struct EngineParts {
 
 impl Engine {
     pub(crate) fn new(backend: Box<dyn Backend>, mut parts: EngineParts) -> Engine {
-        let _ = parts.outbox_side.send(Side::Backend(backend.kind(), std::mem::take(&mut parts.backend_reason)));
-        parts.outbox.push(OUT_SIDE, &[]);
+        let _ = parts.outlet.side.send(Side::Backend(backend.kind(), std::mem::take(&mut parts.backend_reason)));
+        parts.outlet.ring.push(OUT_SIDE, &[]);
         *parts.shared.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend.waker());
         let max_datagram = parts.endpoint.config().max_datagram;
-        let inline_max = parts.outbox.max_record() - OUT_HEADER;
+        let inline_max = parts.outlet.ring.max_record() - OUT_HEADER;
+        debug_assert!(parts.ring_bytes >= parts.outlet.ring.max_record());
+        parts.inlet.shared.attached.store(true, Ordering::SeqCst);
+        parts.outlet.shared.attached.store(true, Ordering::SeqCst);
         Engine {
             backend,
             endpoint: parts.endpoint,
-            inbox: parts.inbox,
-            inbox_side: parts.inbox_side,
-            large_pending: None,
-            outbox: parts.outbox,
-            outbox_side: parts.outbox_side,
+            inlets: vec![parts.inlet],
+            outlets: vec![parts.outlet],
+            commands: parts.commands,
+            local_delivery: parts.local_delivery,
             inline_max: inline_max.min(64 * 1024),
             shared: parts.shared,
             group: parts.group,
             buf: vec![0u8; max_datagram.max(2048)].into_boxed_slice(),
             loss: parts.loss,
-            datagrams_in: 0,
-            injected_drops: 0,
+            counters: EngineCounters::default(),
             stats_at: Instant::now(),
+            members_changed: false,
         }
     }
 
@@ -236,13 +303,13 @@ impl Engine {
         let now = Instant::now();
         let ep = &mut self.endpoint;
         let loss = &mut self.loss;
-        let (count, drops) = (&mut self.datagrams_in, &mut self.injected_drops);
+        let c = &mut self.counters;
         self.backend.receive(timeout, &mut |from, bytes| {
-            *count += 1;
+            c.datagrams_in += 1;
             if let Some(l) = loss.as_mut()
                 && l.rng.unit() < l.probability
             {
-                *drops += 1;
+                c.injected_drops += 1;
                 return;
             }
             ep.handle_datagram(now, from, bytes);
@@ -250,7 +317,8 @@ impl Engine {
     }
 
     fn poll_once(&mut self) -> io::Result<usize> {
-        let mut work = self.receive(Some(Duration::ZERO))?;
+        let mut work = self.run_commands();
+        work += self.receive(Some(Duration::ZERO))?;
         let now = Instant::now();
         if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
             self.endpoint.handle_timeout(now);
@@ -258,75 +326,154 @@ impl Engine {
         work += self.take_messages(now);
         work += self.deliver();
         work += self.transmit(now)?;
-        if now >= self.stats_at {
+        if now >= self.stats_at || self.members_changed {
             self.publish_stats();
             self.stats_at = now + STATS_INTERVAL;
         }
         Ok(work)
     }
 
-    /// Moves messages from the application's ring into the protocol until the window refuses.
+    /// Takes new publishers and subscribers into the loop, and forgets dropped ones.
+    fn run_commands(&mut self) -> usize {
+        let mut n = 0;
+        if self.shared.command_pending.swap(false, Ordering::SeqCst) {
+            while let Ok(cmd) = self.commands.try_recv() {
+                match cmd {
+                    Command::AddInlet(i) => {
+                        i.shared.attached.store(true, Ordering::SeqCst);
+                        i.shared.waiter.notify();
+                        self.inlets.push(i);
+                    }
+                    Command::AddOutlet(o) => {
+                        o.shared.attached.store(true, Ordering::SeqCst);
+                        o.shared.waiter.notify();
+                        self.outlets.push(o);
+                    }
+                }
+                n += 1;
+            }
+        }
+        // A dropped publisher's last messages are still taken before it is forgotten.
+        self.inlets
+            .retain_mut(|i| !(i.shared.gone.load(Ordering::Acquire) && i.ring.is_empty() && i.pending.is_none()));
+        self.outlets.retain(|o| !o.shared.gone.load(Ordering::Acquire));
+        n
+    }
+
+    /// Whether every subscriber has room for the largest inline record (a delivery may go to all of them).
+    fn outlets_have_room(&mut self) -> bool {
+        let mut room = true;
+        for o in &mut self.outlets {
+            if !o.ring.has_room(OUT_HEADER + self.inline_max) {
+                o.shared.blocked.store(true, Ordering::SeqCst);
+                room = false;
+            }
+        }
+        room
+    }
+
+    /// Moves messages from the publishers' rings into the protocol until the window refuses.
     fn take_messages(&mut self, now: Instant) -> usize {
         let mut n = 0;
-        while let Some(rec) = self.inbox.peek() {
-            let result = match rec.tag() {
-                IN_LARGE => {
-                    let Some(msg) = self.large_pending.take().or_else(|| self.inbox_side.try_recv().ok()) else {
+        for k in 0..self.inlets.len() {
+            let mut taken = 0;
+            loop {
+                if self.local_delivery && !self.outlets_have_room() {
+                    break;
+                }
+                let inlet = &mut self.inlets[k];
+                let Some(rec) = inlet.ring.peek() else { break };
+                let seq = self.endpoint.stats().messages_sent;
+                let large = rec.tag() == IN_LARGE;
+                let result = if large {
+                    let Some(msg) = inlet.pending.take().or_else(|| inlet.side.try_recv().ok()) else {
                         break; // the publisher sends on the channel before the marker, so this cannot happen
                     };
                     let r = self.endpoint.send(now, &msg);
-                    if r == Err(SendError::WouldBlock) {
-                        self.large_pending = Some(msg);
+                    match r {
+                        Err(SendError::WouldBlock) => inlet.pending = Some(msg),
+                        Ok(()) if self.local_delivery => {
+                            let session = self.endpoint.session();
+                            route(
+                                &mut self.outlets,
+                                &mut self.counters,
+                                self.endpoint.config().node_id,
+                                self.inline_max,
+                                session,
+                                seq,
+                                &msg,
+                            );
+                            self.counters.local_deliveries += 1;
+                        }
+                        _ => {}
                     }
                     r
-                }
-                _ => self.endpoint.send(now, &rec),
-            };
-            match result {
-                Err(SendError::WouldBlock) => break,
-                // Ok, or TooLarge (the publisher checks the size first, so only a misuse gets here).
-                _ => {
-                    rec.release();
-                    n += 1;
+                } else {
+                    let r = self.endpoint.send(now, &rec);
+                    if r.is_ok() && self.local_delivery {
+                        let session = self.endpoint.session();
+                        route(
+                            &mut self.outlets,
+                            &mut self.counters,
+                            self.endpoint.config().node_id,
+                            self.inline_max,
+                            session,
+                            seq,
+                            &rec,
+                        );
+                        self.counters.local_deliveries += 1;
+                    }
+                    r
+                };
+                match result {
+                    Err(SendError::WouldBlock) => break,
+                    // Ok, or TooLarge (the publisher checks the size first, so only a misuse gets here).
+                    _ => {
+                        rec.release();
+                        taken += 1;
+                    }
                 }
             }
+            if taken > 0 {
+                self.inlets[k].shared.waiter.notify();
+                n += taken;
+            }
         }
-        if n > 0 {
-            self.shared.publisher.notify();
+        if n > 0 && self.local_delivery {
+            self.notify_outlets();
         }
         n
     }
 
-    /// Hands deliveries and events to the application while its ring has room.
+    fn notify_outlets(&self) {
+        for o in &self.outlets {
+            o.shared.waiter.notify();
+        }
+    }
+
+    /// Hands deliveries and events to the subscribers while their rings have room.
     fn deliver(&mut self) -> usize {
         let mut n = 0;
-        if self.shared.subscriber_gone.load(Ordering::Relaxed) {
+        if self.outlets.is_empty() {
+            // Nobody listens: deliveries are consumed and discarded, so this node never holds senders back.
             while self.endpoint.recv().is_some() {
                 n += 1;
             }
-            while self.endpoint.poll_event().is_some() {
+            while let Some(e) = self.endpoint.poll_event() {
+                self.members_changed |= is_membership(&e);
                 n += 1;
             }
             return n;
         }
+        let node_id = self.endpoint.config().node_id;
         loop {
-            if !self.outbox.has_room(OUT_HEADER + self.inline_max) {
-                self.shared.deliver_blocked.store(true, Ordering::SeqCst);
+            if !self.outlets_have_room() {
                 break;
             }
             let Some(d) = self.endpoint.recv() else { break };
             match d {
-                Delivery::Message(m) if m.payload.len() <= self.inline_max => {
-                    let mut c = self.outbox.claim(OUT_HEADER + m.payload.len()).expect("room checked");
-                    c[..8].copy_from_slice(&m.session.to_ne_bytes());
-                    c[8..16].copy_from_slice(&m.seq.to_ne_bytes());
-                    c[OUT_HEADER..].copy_from_slice(m.payload);
-                    c.commit(OUT_MESSAGE);
-                }
                 Delivery::Message(m) => {
-                    let side = Side::Message { session: m.session, seq: m.seq, payload: m.payload.to_vec() };
-                    let _ = self.outbox_side.send(side);
-                    self.outbox.push(OUT_SIDE, &[]);
+                    route(&mut self.outlets, &mut self.counters, node_id, self.inline_max, m.session, m.seq, m.payload)
                 }
                 Delivery::Loss { session, datagrams, messages } => {
                     let (has, m) = match messages {
@@ -338,19 +485,24 @@ impl Engine {
                     {
                         rec[i * 8..i * 8 + 8].copy_from_slice(&v.to_ne_bytes());
                     }
-                    self.outbox.push(OUT_LOSS, &rec);
+                    for o in &mut self.outlets {
+                        o.ring.push(OUT_LOSS, &rec);
+                    }
                 }
             }
             n += 1;
         }
-        while self.outbox.has_room(0) {
+        while self.outlets.iter_mut().all(|o| o.ring.has_room(0)) {
             let Some(e) = self.endpoint.poll_event() else { break };
-            let _ = self.outbox_side.send(Side::Event(e));
-            self.outbox.push(OUT_SIDE, &[]);
+            self.members_changed |= is_membership(&e);
+            for o in &mut self.outlets {
+                let _ = o.side.send(Side::Event(e.clone()));
+                o.ring.push(OUT_SIDE, &[]);
+            }
             n += 1;
         }
         if n > 0 {
-            self.shared.subscriber.notify();
+            self.notify_outlets();
         }
         n
     }
@@ -382,22 +534,41 @@ impl Engine {
         };
         self.shared.engine_parked.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        let app_ready = !self.inbox.is_empty()
+        let inline_max = self.inline_max;
+        let app_ready = self.inlets.iter_mut().any(|i| !i.ring.is_empty() || i.shared.gone.load(Ordering::SeqCst))
             || self.shared.shutdown.load(Ordering::SeqCst)
-            || (self.shared.deliver_blocked.load(Ordering::SeqCst)
-                && self.outbox.has_room(OUT_HEADER + self.inline_max));
+            || self.shared.command_pending.load(Ordering::SeqCst)
+            || self.outlets.iter_mut().any(|o| {
+                o.shared.gone.load(Ordering::SeqCst)
+                    || (o.shared.blocked.load(Ordering::SeqCst) && o.ring.has_room(OUT_HEADER + inline_max))
+            });
         let n = if app_ready { 0 } else { self.receive(timeout)? };
         self.shared.engine_parked.store(false, Ordering::SeqCst);
-        self.shared.deliver_blocked.store(false, Ordering::SeqCst);
+        for o in &self.outlets {
+            o.shared.blocked.store(false, Ordering::SeqCst);
+        }
         Ok(n)
     }
 
     pub(crate) fn publish_stats(&mut self) {
-        let mut s = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
-        s.protocol.clone_from(self.endpoint.stats());
-        s.datagrams_in = self.datagrams_in;
-        s.injected_drops = self.injected_drops;
-        s.send_errors = self.backend.send_errors();
+        {
+            let mut s = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+            s.protocol.clone_from(self.endpoint.stats());
+            let c = &self.counters;
+            s.datagrams_in = c.datagrams_in;
+            s.injected_drops = c.injected_drops;
+            s.send_errors = self.backend.send_errors();
+            s.unmatched = c.unmatched;
+            s.not_addressed = c.not_addressed;
+            s.bad_envelope = c.bad_envelope;
+            s.local_deliveries = c.local_deliveries;
+        }
+        if self.members_changed {
+            self.members_changed = false;
+            let mut m = self.shared.members.lock().unwrap_or_else(|e| e.into_inner());
+            m.clear();
+            m.extend_from_slice(self.endpoint.members());
+        }
     }
 
     /// The engine thread's loop until shutdown.
@@ -441,7 +612,60 @@ impl Engine {
         let _ = self.transmit(now);
         self.publish_stats();
         self.shared.closed.store(true, Ordering::SeqCst);
-        self.shared.subscriber.notify();
-        self.shared.publisher.notify();
+        self.notify_outlets();
+        for i in &self.inlets {
+            i.shared.waiter.notify();
+        }
+    }
+}
+
+fn is_membership(e: &Event) -> bool {
+    matches!(
+        e,
+        Event::PeerJoined { .. } | Event::PeerLeft { .. } | Event::PeerExpired { .. } | Event::PeerRestarted { .. }
+    )
+}
+
+/// Copies one message to every subscriber whose filter selects it. The caller has checked that each
+/// subscriber ring has room for an inline record.
+fn route(
+    outlets: &mut [Outlet],
+    counters: &mut EngineCounters,
+    node_id: u64,
+    inline_max: usize,
+    session: u64,
+    seq: u64,
+    msg: &[u8],
+) {
+    let env = match Envelope::parse(msg) {
+        Ok((env, _)) => env,
+        Err(_) => {
+            counters.bad_envelope += 1;
+            return;
+        }
+    };
+    if env.target.is_some_and(|t| t != node_id) {
+        counters.not_addressed += 1;
+        return;
+    }
+    let mut matched = false;
+    for o in outlets.iter_mut() {
+        if !o.accepts(env.topic, node_id) {
+            continue;
+        }
+        matched = true;
+        if msg.len() <= inline_max {
+            let mut c = o.ring.claim(OUT_HEADER + msg.len()).expect("room checked");
+            c[..8].copy_from_slice(&session.to_ne_bytes());
+            c[8..16].copy_from_slice(&seq.to_ne_bytes());
+            c[OUT_HEADER..].copy_from_slice(msg);
+            c.commit(OUT_MESSAGE);
+        } else {
+            let _ = o.side.send(Side::Message { session, seq, payload: msg.to_vec() });
+            o.ring.push(OUT_SIDE, &[]);
+        }
+    }
+    if !matched {
+        counters.unmatched += 1;
     }
 }
