@@ -189,6 +189,14 @@ impl NodeBuilder {
         self.protocol.node_id = id;
         self
     }
+    /// How often this node announces itself, and how long a silent peer is kept before it is reported
+    /// expired (defaults in docs/PROTOCOL.md section 8).
+    pub fn membership(mut self, announce_interval: Duration, member_timeout: Duration) -> Self {
+        self.protocol.announce_interval = announce_interval;
+        self.protocol.member_timeout = member_timeout;
+        self
+    }
+
     /// This node's name, announced to the group (at most 64 bytes).
     pub fn name(mut self, name: &str) -> Self {
         self.protocol.node_name = name.to_owned();
