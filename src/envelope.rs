@@ -256,8 +256,14 @@ mod tests {
 
     proptest! {
         #[test]
-        fn parse_is_total(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
-            let _ = Envelope::parse(&bytes);
+        fn parse_is_total_and_canonical(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            if let Ok((env, payload)) = Envelope::parse(&bytes) {
+                let len = bytes.len() - payload.len();
+                prop_assert_eq!(env.len(), len);
+                let mut out = vec![0u8; len];
+                env.emit(&mut out);
+                prop_assert_eq!(&out[..], &bytes[..len]);
+            }
         }
 
         #[test]
