@@ -230,17 +230,32 @@ fn membership_join_leave_expire_restart(backend: BackendChoice) {
     wait_peers(&watcher, 0);
     drop(silent);
 
-    // The same node id with a new session is a restart.
-    let first = fast(builder(backend, group)).node_id(0x4).build().unwrap();
+    // A node that crashes (falls silent without saying goodbye: a driven node no longer driven) and comes
+    // back with the same id before it expires is a restart: a new incarnation with a new session.
+    // A watcher with a long member timeout, so the crashed incarnation cannot expire first on a slow machine.
+    let patient = |b: blip::NodeBuilder| b.membership(Duration::from_millis(50), Duration::from_secs(20));
+    let mut watcher = patient(builder(backend, group)).node_id(0x5).build().unwrap();
+    let mut events = watcher.subscriber().unwrap();
+    let mut first = fast(builder(backend, group)).node_id(0x4).build_driven().unwrap();
     let first_session = first.info().session;
-    wait_peers(&watcher, 1);
-    drop(first);
+    let deadline = Instant::now() + WAIT;
+    while !watcher.peers().iter().any(|p| p.node_id == 4) {
+        assert!(Instant::now() < deadline, "first incarnation never announced itself");
+        first.duty_cycle(Some(Duration::from_millis(5))).unwrap();
+    }
     let second = fast(builder(backend, group)).node_id(0x4).build().unwrap();
     let second_session = second.info().session;
-    poll_until(&mut events, "restart or rejoin", || {
+    assert_ne!(first_session, second_session);
+    wait_events(&mut events, 1, WAIT, "restart", |e| {
+        matches!(e, Event::PeerRestarted { node_id: 4, old_session, new_session }
+            if *old_session == first_session && *new_session == second_session)
+    });
+    poll_until(&mut events, "the new incarnation listed", || {
         watcher.peers().iter().any(|p| p.node_id == 4 && p.session == second_session)
     });
-    assert_ne!(first_session, second_session);
+    drop(first); // its goodbye names the old session: the new incarnation stays listed
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(watcher.peers().iter().any(|p| p.node_id == 4 && p.session == second_session), "{:?}", watcher.peers());
 }
 
 macro_rules! suite {
