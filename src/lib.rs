@@ -5,6 +5,7 @@
 //! come out), and [`sim`] a deterministic network simulator that drives it under any loss pattern.
 #![warn(missing_docs)]
 
+pub mod counters;
 pub mod engine;
 pub mod net;
 mod node;

@@ -9,8 +9,9 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use super::backend::{Backend, Wake};
+use crate::counters::MemberInfo;
 use crate::proto::rng::Rng;
-use crate::proto::{Delivery, Destination, Endpoint, Event, SendError, Stats};
+use crate::proto::{Delivery, Destination, Endpoint, Event, PeerStats, SendError, Stats};
 use crate::ring::{Consumer, Producer};
 
 /// Ring record tags, application to engine.
@@ -68,6 +69,13 @@ pub struct NodeStats {
     pub send_errors: u64,
 }
 
+/// The per-peer half of the published counters.
+#[derive(Default)]
+pub(crate) struct PeerTable {
+    pub(crate) peers: Vec<PeerStats>,
+    pub(crate) members: Vec<MemberInfo>,
+}
+
 /// State shared between the engine and the application handles.
 pub(crate) struct Shared {
     pub(crate) shutdown: AtomicBool,
@@ -81,6 +89,8 @@ pub(crate) struct Shared {
     pub(crate) subscriber: Waiter,
     pub(crate) publisher: Waiter,
     pub(crate) stats: Mutex<NodeStats>,
+    /// Refreshed at the stats cadence (not when going idle: it walks every peer).
+    pub(crate) peers: Mutex<PeerTable>,
     pub(crate) error: Mutex<Option<String>>,
 }
 
@@ -135,6 +145,7 @@ impl Shared {
             subscriber: Waiter::default(),
             publisher: Waiter::default(),
             stats: Mutex::new(NodeStats::default()),
+            peers: Mutex::new(PeerTable::default()),
             error: Mutex::new(None),
         }
     }
@@ -260,6 +271,7 @@ impl Engine {
         work += self.transmit(now)?;
         if now >= self.stats_at {
             self.publish_stats();
+            self.publish_peers();
             self.stats_at = now + STATS_INTERVAL;
         }
         Ok(work)
@@ -400,6 +412,14 @@ impl Engine {
         s.send_errors = self.backend.send_errors();
     }
 
+    /// Copies the per-peer counters out, reusing the table's buffers (no allocation once they are sized).
+    fn publish_peers(&mut self) {
+        let mut t = self.shared.peers.lock().unwrap_or_else(|e| e.into_inner());
+        t.peers.clear();
+        t.peers.extend(self.endpoint.peer_stats());
+        crate::counters::sync_members(&mut t.members, self.endpoint.members());
+    }
+
     /// The engine thread's loop until shutdown.
     pub(crate) fn run(mut self, idle: IdleStrategy) {
         let mut last_work = Instant::now();
@@ -440,6 +460,7 @@ impl Engine {
         self.endpoint.close(now);
         let _ = self.transmit(now);
         self.publish_stats();
+        self.publish_peers();
         self.shared.closed.store(true, Ordering::SeqCst);
         self.shared.subscriber.notify();
         self.shared.publisher.notify();
