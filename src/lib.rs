@@ -24,3 +24,8 @@ pub use proto::Message;
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The counters guide's example, compiled as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/COUNTERS.md")]
+pub struct CountersDoctests;
