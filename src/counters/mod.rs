@@ -34,11 +34,11 @@
 //!
 //! - Line 1 names the format and its version; a reader rejects versions it does not know.
 //! - `key value` lines: the identity keys above (ids in hex, `uptime_ms` in milliseconds), then one line
-//!   per node counter with a decimal value (the fields of [`Stats`](crate::proto::Stats) and
-//!   [`NodeStats`](crate::NodeStats), under their field names). A reader keeps counter keys it does not
+//!   per node counter with a decimal value (the fields of [`Stats`] and
+//!   [`NodeStats`], under their field names). A reader keeps counter keys it does not
 //!   know in [`Snapshot::extra`] and skips other unknown lines, so counters can be added within version 1.
 //! - `member <node id> <session> <name>`: a node that announced itself. `peer <role> <session> node=<id|->
-//!   addr=<address|-> key=value...`: one row of [`PeerStats`](crate::proto::PeerStats).
+//!   addr=<address|-> key=value...`: one row of [`PeerStats`].
 //! - `name` and member names escape `\` as `\\`, newline as `\n` and carriage return as `\r`.
 //! - `end` closes the snapshot; a reply without it is [`CountersError::Truncated`].
 
