@@ -5,6 +5,7 @@
 //! come out), and [`sim`] a deterministic network simulator that drives it under any loss pattern.
 #![warn(missing_docs)]
 
+pub mod counters;
 pub mod engine;
 pub mod envelope;
 pub mod net;
@@ -28,3 +29,8 @@ pub use request::{Expect, Gathered, Reply, Requester};
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The counters guide's example, compiled as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/COUNTERS.md")]
+pub struct CountersDoctests;

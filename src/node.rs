@@ -24,11 +24,13 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::counters::{self, CountersError, Identity, Snapshot};
 use crate::engine::poll::{PollBackend, PollOptions};
 use crate::engine::{
     Backend, BackendKind, Command, Engine, EngineParts, HandleShared, IN_LARGE, IN_MESSAGE, IdleStrategy, Inlet,
@@ -36,7 +38,7 @@ use crate::engine::{
 };
 use crate::envelope::{self, Envelope, RequestId};
 use crate::net::{self, Interface, NetError, SocketConfig, SocketReport};
-use crate::proto::{Config, ConfigError, Endpoint, Event, LateJoin, Member, SlowReceiverPolicy};
+use crate::proto::{Config, ConfigError, Endpoint, Event, LateJoin, Member, PeerStats, SlowReceiverPolicy};
 use crate::request::Requester;
 use crate::ring;
 use crate::topic::{self, Filter, FilterError};
@@ -93,6 +95,9 @@ pub enum Error {
     /// The node is shut down or its engine failed.
     #[error("node closed")]
     Closed,
+    /// The counters socket could not be set up (see [`NodeBuilder::export_counters`]).
+    #[error("counters export: {0}")]
+    Counters(#[from] CountersError),
 }
 
 /// What a node set up, for the record.
@@ -128,6 +133,8 @@ pub struct NodeBuilder {
     session: Option<u64>,
     local_delivery: bool,
     local_only: bool,
+    /// Where to serve counters; an empty path means the default directory.
+    counters_dir: Option<PathBuf>,
 }
 
 impl Default for NodeBuilder {
@@ -144,6 +151,7 @@ impl Default for NodeBuilder {
             session: None,
             local_delivery: false,
             local_only: false,
+            counters_dir: None,
         }
     }
 }
@@ -285,6 +293,38 @@ impl NodeBuilder {
         self
     }
 
+    /// Serves this node's live counters on a Unix socket `<dir>/<pid>-<node id>.sock`, for `blip-stat` and
+    /// [`counters::read`] (see the [`counters`] module and `docs/COUNTERS.md`). The directory is created
+    /// with mode 0700 if needed. Costs one thread that blocks in `accept`; the socket is removed when the
+    /// node shuts down. Without this call, the environment variable `BLIP_COUNTERS_DIR` turns the export on
+    /// (empty: the default directory).
+    pub fn export_counters(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.counters_dir = Some(dir.into());
+        self
+    }
+    /// Like [`export_counters`](Self::export_counters), in [`counters::default_dir`]:
+    /// `$XDG_RUNTIME_DIR/blip`, else `/tmp/blip-<uid>`.
+    pub fn export_counters_default(mut self) -> Self {
+        self.counters_dir = Some(PathBuf::new());
+        self
+    }
+
+    fn counters_dir(&self) -> Option<PathBuf> {
+        let dir = match &self.counters_dir {
+            Some(d) => d.clone(),
+            None => PathBuf::from(std::env::var_os(counters::ENV_DIR)?),
+        };
+        Some(if dir.as_os_str().is_empty() { counters::default_dir() } else { dir })
+    }
+
+    /// Starts the counters server of a node just assembled (dropping the node on failure stops it).
+    fn finish(&self, mut node: Node) -> Result<Node, Error> {
+        if let Some(dir) = self.counters_dir() {
+            node.counters = Some(counters::Server::start(&dir, node.identity.clone(), node.shared.clone())?);
+        }
+        Ok(node)
+    }
+
     fn prepare(&self) -> Result<(Config, BackendKind, String, u64), Error> {
         let mut protocol = self.protocol.clone();
         let ip_overhead = if self.sockets.group.is_ipv4() { 28 } else { 48 };
@@ -377,7 +417,8 @@ impl NodeBuilder {
             pinned_core: core,
             sockets: report,
         };
-        Ok(Node::assemble(info, handles, Some(thread), None))
+        let identity = identity(&info, &protocol);
+        self.finish(Node::assemble(info, identity, handles, Some(thread), None))
     }
 
     fn build_local(self) -> Result<Node, Error> {
@@ -406,7 +447,8 @@ impl NodeBuilder {
             pinned_core: None,
             sockets: report,
         };
-        Ok(Node::assemble(info, handles, Some(thread), None))
+        let identity = identity(&info, &protocol);
+        self.finish(Node::assemble(info, identity, handles, Some(thread), None))
     }
 
     /// Like [`build`](Self::build), but spawns no thread: the caller drives the engine with
@@ -429,7 +471,8 @@ impl NodeBuilder {
             pinned_core: None,
             sockets: report,
         };
-        Ok(Node::assemble(info, handles, None, Some(engine)))
+        let identity = identity(&info, &protocol);
+        self.finish(Node::assemble(info, identity, handles, None, Some(engine)))
     }
 
     fn channels(&self, protocol: Config, session: u64) -> Result<(EngineParts, Handles), Error> {
@@ -459,6 +502,18 @@ impl NodeBuilder {
             backend_reason: String::new(),
         };
         Ok((parts, Handles { publisher, subscriber, factory }))
+    }
+}
+
+fn identity(info: &NodeInfo, protocol: &Config) -> Identity {
+    Identity {
+        node_id: info.node_id,
+        session: info.session,
+        name: protocol.node_name.clone(),
+        backend: info.backend.to_string(),
+        group: info.group,
+        stream: protocol.stream,
+        started: Instant::now(),
     }
 }
 
@@ -637,6 +692,8 @@ pub struct Node {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
     engine: Option<Engine>,
+    identity: Identity,
+    counters: Option<counters::Server>,
 }
 
 impl Node {
@@ -645,7 +702,13 @@ impl Node {
         NodeBuilder::default()
     }
 
-    fn assemble(info: NodeInfo, h: Handles, thread: Option<JoinHandle<()>>, engine: Option<Engine>) -> Node {
+    fn assemble(
+        info: NodeInfo,
+        identity: Identity,
+        h: Handles,
+        thread: Option<JoinHandle<()>>,
+        engine: Option<Engine>,
+    ) -> Node {
         Node {
             info,
             publisher: Some(h.publisher),
@@ -654,6 +717,8 @@ impl Node {
             factory: h.factory,
             thread,
             engine,
+            identity,
+            counters: None,
         }
     }
 
@@ -720,6 +785,22 @@ impl Node {
         self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Per-peer counters (refreshed by the engine every 50 ms): one row per sender this node follows and
+    /// one per receiver of its stream.
+    pub fn peer_stats(&self) -> Vec<PeerStats> {
+        self.shared.peers.lock().unwrap_or_else(|e| e.into_inner()).peers.clone()
+    }
+
+    /// Everything the counters socket serves, taken in this process: identity, node and per-peer counters.
+    pub fn counters(&self) -> Snapshot {
+        self.identity.snapshot(&self.shared)
+    }
+
+    /// The counters socket, if [`NodeBuilder::export_counters`] (or `BLIP_COUNTERS_DIR`) turned it on.
+    pub fn counters_path(&self) -> Option<&Path> {
+        self.counters.as_ref().and_then(|c| c.path())
+    }
+
     /// For a node built with [`NodeBuilder::build_driven`]: does one pass of engine work and, if there was
     /// none, waits at most `wait` for some. Returns the amount of work done. A threaded node returns 0.
     pub fn duty_cycle(&mut self, wait: Option<Duration>) -> Result<usize, Error> {
@@ -745,6 +826,8 @@ impl Node {
     }
 
     fn stop(&mut self) {
+        // The socket goes first, so that a listed socket always belongs to a running node.
+        self.counters = None;
         self.shared.shutdown.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             // Wake it until it has seen the flag; the wait is bounded by its own timers otherwise.

@@ -368,3 +368,45 @@ fn reassembly_budget_turns_an_oversized_message_into_a_reported_loss() {
     assert_eq!(got, ["msg 0 of 30000 bytes", "loss Some(1..2)", "msg 2 of 30000 bytes"]);
     assert_eq!(net.nodes[0].1.stats().oversized_messages, 1);
 }
+
+/// Per-peer counters follow one sender's stream on both sides: the receiver's row for the sender, and the
+/// sender's row for the receiver, including a NAK and its repair.
+#[test]
+fn peer_stats_count_both_sides_of_a_repair() {
+    use blip::proto::PeerRole;
+    let mut net = Net::new();
+    let rx = net.add(1, 100);
+    let tx = net.add(2, 200);
+    net.advance(Duration::from_millis(5));
+    net.send(tx, b"first");
+    net.pump();
+    // The second datagram is lost on the way: only the sender's endpoint sees it.
+    net.send(tx, &[7; 1400]);
+    while net.nodes[tx].1.poll_transmit(net.now, &mut net.buf).is_some() {}
+    net.send(tx, b"third");
+    net.advance(Duration::from_millis(200));
+    assert_eq!(net.messages(rx).len(), 3);
+
+    let rows: Vec<_> = net.nodes[rx].1.peer_stats().collect();
+    let s = rows.iter().find(|p| p.role == PeerRole::Sender && p.session == 200).expect("sender row");
+    assert_eq!(s.node_id, Some(2));
+    assert_eq!(s.addr, Some(net.nodes[tx].0));
+    assert_eq!(s.counters.messages_delivered, 3);
+    assert!(s.counters.naks_sent >= 1, "{s:?}");
+    assert_eq!(s.counters.repairs_received, 1, "{s:?}");
+    assert_eq!(s.counters.position, 3);
+    assert_eq!(s.counters.lost_datagrams, 0);
+    assert!(s.counters.datagrams >= 3 && s.counters.bytes > 1400, "{s:?}");
+
+    let rows: Vec<_> = net.nodes[tx].1.peer_stats().collect();
+    let r = rows.iter().find(|p| p.role == PeerRole::Receiver && p.session == 100).expect("receiver row");
+    assert_eq!(r.node_id, Some(1));
+    assert!(r.counters.naks_received >= 1 && r.counters.retransmits >= 1, "{r:?}");
+    assert!(r.counters.status_received >= 1);
+    // Its position arrives with its next periodic STATUS.
+    net.advance(Config::default().status_interval);
+    let rows: Vec<_> = net.nodes[tx].1.peer_stats().collect();
+    let r = rows.iter().find(|p| p.role == PeerRole::Receiver && p.session == 100).expect("receiver row");
+    assert_eq!(r.counters.position, 3, "{r:?}");
+    assert_eq!(net.nodes[tx].1.stats().naks_received, r.counters.naks_received);
+}

@@ -76,11 +76,12 @@ fn zero_allocation(backend: BackendChoice) {
     let mut sub = rx.subscriber().unwrap();
     let mut publisher = tx.publisher().unwrap();
     let mut own = tx.subscriber().unwrap();
-    handshake(&mut publisher, &mut own, 1, 64);
-    // Joining the membership table allocates once per peer; let the sender hear the receiver's next
-    // announcement (up to a second away) before measuring, so only steady-state traffic is counted.
-    wait_events(&mut own, 1, Duration::from_secs(5), "the receiver's announcement", |e| {
-        matches!(e, blip::proto::Event::PeerJoined { .. })
+    // Joining the membership table allocates once per peer; let the sender hear the receiver's
+    // announcement (up to a second away) before measuring, so only steady-state traffic is counted. Both
+    // events are awaited together: the announcement may arrive before the receiver's first STATUS.
+    publisher.send(&[0u8; 64]).expect("send message 0");
+    wait_events(&mut own, 2, Duration::from_secs(5), "the receiver's STATUS and announcement", |e| {
+        matches!(e, blip::proto::Event::ReceiverJoined { .. } | blip::proto::Event::PeerJoined { .. })
     });
     let mut buf = [0u8; 64];
     // Message 0 went in the handshake; the subscriber sees it first.

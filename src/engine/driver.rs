@@ -9,9 +9,10 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use super::backend::{Backend, Wake};
+use crate::counters::MemberInfo;
 use crate::envelope::Envelope;
 use crate::proto::rng::Rng;
-use crate::proto::{Delivery, Destination, Endpoint, Event, Member, SendError, Stats};
+use crate::proto::{Delivery, Destination, Endpoint, Event, Member, PeerStats, SendError, Stats};
 use crate::ring::{Consumer, Producer};
 use crate::topic::{self, Filter};
 
@@ -78,6 +79,13 @@ pub struct NodeStats {
     pub local_deliveries: u64,
 }
 
+/// The per-peer half of the published counters.
+#[derive(Default)]
+pub(crate) struct PeerTable {
+    pub(crate) peers: Vec<PeerStats>,
+    pub(crate) members: Vec<MemberInfo>,
+}
+
 /// State shared between the engine and the application handles.
 pub(crate) struct Shared {
     pub(crate) shutdown: AtomicBool,
@@ -89,6 +97,8 @@ pub(crate) struct Shared {
     pub(crate) stats: Mutex<NodeStats>,
     /// Live members, refreshed by the engine when membership changes.
     pub(crate) members: Mutex<Vec<Member>>,
+    /// Refreshed at the stats cadence (not when going idle: it walks every peer).
+    pub(crate) peers: Mutex<PeerTable>,
     pub(crate) error: Mutex<Option<String>>,
 }
 
@@ -187,6 +197,7 @@ impl Shared {
             command_pending: AtomicBool::new(false),
             stats: Mutex::new(NodeStats::default()),
             members: Mutex::new(Vec::new()),
+            peers: Mutex::new(PeerTable::default()),
             error: Mutex::new(None),
         }
     }
@@ -328,6 +339,7 @@ impl Engine {
         work += self.transmit(now)?;
         if now >= self.stats_at || self.members_changed {
             self.publish_stats();
+            self.publish_peers();
             self.stats_at = now + STATS_INTERVAL;
         }
         Ok(work)
@@ -571,6 +583,14 @@ impl Engine {
         }
     }
 
+    /// Copies the per-peer counters out, reusing the table's buffers (no allocation once they are sized).
+    fn publish_peers(&mut self) {
+        let mut t = self.shared.peers.lock().unwrap_or_else(|e| e.into_inner());
+        t.peers.clear();
+        t.peers.extend(self.endpoint.peer_stats());
+        crate::counters::sync_members(&mut t.members, self.endpoint.members());
+    }
+
     /// The engine thread's loop until shutdown.
     pub(crate) fn run(mut self, idle: IdleStrategy) {
         let mut last_work = Instant::now();
@@ -611,6 +631,7 @@ impl Engine {
         self.endpoint.close(now);
         let _ = self.transmit(now);
         self.publish_stats();
+        self.publish_peers();
         self.shared.closed.store(true, Ordering::SeqCst);
         self.notify_outlets();
         for i in &self.inlets {

@@ -20,6 +20,7 @@
 mod access;
 mod config;
 mod membership;
+mod peers;
 mod ratelimit;
 mod receiver;
 pub(crate) mod rng;
@@ -34,6 +35,7 @@ use std::time::Instant;
 pub use access::{AccessList, Action, Cidr, CidrError};
 pub use config::*;
 pub use membership::Member;
+pub use peers::{PeerCounters, PeerRole, PeerStats};
 pub use sender::STRANGER_SHARE;
 
 use crate::wire::{Header, Kind, MAX_NAK_RANGES, MemberRepr, NakRepr, Packet, SeqRange, StatusRepr};
@@ -301,6 +303,27 @@ impl Endpoint {
     /// Live receivers tracked by this endpoint's sender.
     pub fn receivers(&self) -> usize {
         self.sender.live_receivers()
+    }
+
+    /// Counters per peer: one row per sender followed, then one per receiver of this endpoint's stream.
+    /// Allocates nothing; the engine copies the rows out at its stats cadence, not per packet.
+    pub fn peer_stats(&self) -> impl Iterator<Item = PeerStats> + '_ {
+        let node_id = |session: u64| self.members().iter().find(|m| m.session == session).map(|m| m.node_id);
+        let senders = self.streams.iter().map(move |s| PeerStats {
+            session: s.session,
+            role: PeerRole::Sender,
+            node_id: node_id(s.session),
+            addr: Some(s.addr),
+            counters: s.peer_counters(),
+        });
+        let receivers = self.sender.receiver_counters().map(move |(session, counters)| PeerStats {
+            session,
+            role: PeerRole::Receiver,
+            node_id: node_id(session),
+            addr: None,
+            counters,
+        });
+        senders.chain(receivers)
     }
 
     /// Queues a message. Small messages are packed together into the open datagram, which goes out at the

@@ -8,6 +8,7 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use super::config::{Config, LateJoin};
+use super::peers::PeerCounters;
 use super::rng::Rng;
 use super::{Stats, earliest};
 use crate::wire::{DATA_HEADER_LEN, DataPacket, HeartbeatRepr, MAX_NAK_RANGES, NakPacket, SeqRange, data::frame_at};
@@ -72,6 +73,8 @@ pub(crate) struct Stream {
     now: Instant,
     status_at: Instant,
     status_pos: u64,
+    /// What was exchanged with this sender, for `Endpoint::peer_stats`.
+    pub(crate) peer: PeerCounters,
 }
 
 impl Stream {
@@ -102,6 +105,7 @@ impl Stream {
             now,
             status_at: now, // report at once: the sender must know us before it evicts what we need
             status_pos: start,
+            peer: PeerCounters::default(),
         }
     }
 
@@ -164,9 +168,12 @@ impl Stream {
         self.last_heard = now;
         self.gone = false;
         self.note_sender_low(pkt.low);
+        self.peer.datagrams += 1;
+        self.peer.bytes += bytes.len() as u64;
         let seq = pkt.seq;
         if seq < self.next_deliver {
             stats.duplicates += 1;
+            self.peer.duplicates += 1;
             return;
         }
         if seq >= self.high {
@@ -182,6 +189,7 @@ impl Stream {
         debug_assert_eq!(slot.seq, seq);
         if slot.filled {
             stats.duplicates += 1;
+            self.peer.duplicates += 1;
             return;
         }
         slot.filled = true;
@@ -190,6 +198,7 @@ impl Stream {
         stats.datagrams_received += 1;
         if pkt.is_retransmit() {
             stats.repairs_received += 1;
+            self.peer.repairs_received += 1;
         }
     }
 
@@ -199,6 +208,8 @@ impl Stream {
         self.gone = false;
         self.note_sender_low(hb.low);
         self.sender_receivers = hb.receivers;
+        self.peer.datagrams += 1;
+        self.peer.bytes += crate::wire::HEARTBEAT_LEN as u64;
         self.sender_next_msg = Some(hb.next_msg);
         if hb.next_seq > self.high {
             self.high = hb.next_seq;
@@ -278,6 +289,9 @@ impl Stream {
             next_due = earliest(next_due, Some(retry_at));
         }
         self.nak_due = next_due;
+        if count > 0 {
+            self.peer.naks_sent += 1;
+        }
         count
     }
 
@@ -296,6 +310,7 @@ impl Stream {
                 {
                     // Nothing will ever follow the lost tail of a sender that is gone.
                     stats.loss_events += 1;
+                    self.peer.loss_events += 1;
                     let messages = from_msg.zip(self.sender_next_msg).map(|(a, b)| a..b.max(a));
                     return Some(Step::Loss { datagrams: start..nd, messages });
                 }
@@ -344,12 +359,14 @@ impl Stream {
                 self.next_msg = Some(lost + 1);
                 stats.malformed += 1;
                 stats.loss_events += 1;
+                self.peer.loss_events += 1;
                 return Some(Step::Loss { datagrams: self.reassembly_start..nd + 1, messages: Some(lost..lost + 1) });
             }
             match (first, last) {
                 (true, true) => {
                     self.next_msg = Some(msg + 1);
                     stats.messages_delivered += 1;
+                    self.peer.messages_delivered += 1;
                     return Some(Step::Message { slot: i, range, seq: msg });
                 }
                 (true, false) => {
@@ -370,12 +387,14 @@ impl Stream {
                         if self.oversized {
                             self.oversized = false;
                             stats.loss_events += 1;
+                            self.peer.loss_events += 1;
                             return Some(Step::Loss {
                                 datagrams: self.reassembly_start..nd + 1,
                                 messages: Some(msg..msg + 1),
                             });
                         }
                         stats.messages_delivered += 1;
+                        self.peer.messages_delivered += 1;
                         return Some(Step::Reassembled { seq: msg });
                     }
                 }
@@ -477,6 +496,7 @@ impl Stream {
         let from_msg = self.next_msg;
         self.pending_loss = Some(self.pending_loss.unwrap_or((start, from_msg)));
         stats.lost_datagrams += end - start;
+        self.peer.lost_datagrams += end - start;
         self.next_deliver = end;
         self.cursor = 0;
         self.marked = self.marked.max(end);
@@ -501,6 +521,7 @@ impl Stream {
             }
         }
         stats.loss_events += 1;
+        self.peer.loss_events += 1;
         self.status_at = self.now;
         Step::Loss { datagrams: start..self.next_deliver, messages }
     }
@@ -536,6 +557,11 @@ impl Stream {
     pub(crate) fn mark_gone(&mut self) {
         self.gone = true;
         self.sender_low = self.high;
+    }
+
+    /// This sender's counters, with the current position.
+    pub(crate) fn peer_counters(&self) -> PeerCounters {
+        PeerCounters { position: self.next_deliver, ..self.peer }
     }
 
     pub(crate) fn buffer_capacity(&self) -> u32 {

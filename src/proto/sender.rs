@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::config::{Config, SlowReceiverPolicy};
+use super::peers::PeerCounters;
 use super::ratelimit::TokenBucket;
 use super::window::Window;
 use super::{Event, SendError, Stats};
@@ -27,6 +28,8 @@ struct RemoteReceiver {
     dropped: bool,
     /// Its retransmission budget.
     budget: TokenBucket,
+    /// What it asked of this sender, for `Endpoint::peer_stats`.
+    peer: PeerCounters,
 }
 
 /// Requesters that never reported STATUS share `1 / STRANGER_SHARE` of one receiver's retransmission budget.
@@ -284,6 +287,7 @@ impl Sender {
     ) -> bool {
         if let Some(r) = self.receivers.iter_mut().find(|r| r.session == from) {
             r.last_heard = now;
+            r.peer.status_received += 1;
             r.capacity = status.buffer_capacity as u64;
             if status.next_expected > r.next_expected {
                 r.next_expected = status.next_expected;
@@ -305,6 +309,7 @@ impl Sender {
             blocking_since: None,
             dropped: false,
             budget: TokenBucket::full(self.retransmit_burst),
+            peer: PeerCounters { status_received: 1, ..PeerCounters::default() },
         });
         events.push_back(Event::ReceiverJoined { session: from });
         true
@@ -314,8 +319,13 @@ impl Sender {
         stats.naks_received += 1;
         let end = self.sealed_end().min(self.sent);
         let cost = self.max_datagram as u64;
+        let mut peer = None;
         let (budget, rate, burst) = match self.receivers.iter_mut().find(|r| r.session == requester) {
-            Some(r) => (&mut r.budget, self.retransmit_rate, self.retransmit_burst),
+            Some(r) => {
+                r.peer.naks_received += 1;
+                peer = Some(&mut r.peer);
+                (&mut r.budget, self.retransmit_rate, self.retransmit_burst)
+            }
             // Real receivers report STATUS on first contact, so strangers (forged, or a receiver whose first
             // STATUS was lost) need little: they share a sixteenth of one receiver's budget.
             None => {
@@ -339,10 +349,19 @@ impl Sender {
             }
             let granted = budget.take(now, rate, burst, stop - start, cost);
             stats.retransmits_rate_limited += stop - start - granted;
+            if let Some(p) = peer.as_mut() {
+                p.retransmits_rate_limited += stop - start - granted;
+                p.retransmits += granted;
+            }
             if granted > 0 {
                 self.retransmit.push_back((start, start + granted));
             }
         }
+    }
+
+    /// Each tracked receiver's session and counters, with its reported position.
+    pub(crate) fn receiver_counters(&self) -> impl Iterator<Item = (u64, PeerCounters)> + '_ {
+        self.receivers.iter().map(|r| (r.session, PeerCounters { position: r.next_expected, ..r.peer }))
     }
 
     pub(crate) fn expire_receivers(&mut self, now: Instant, events: &mut VecDeque<Event>) {

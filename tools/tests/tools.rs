@@ -1,0 +1,143 @@
+//! The counters and tap tools run as separate processes against a node of this test, the way an operator
+//! runs them.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use blip::{BackendChoice, Node, NodeBuilder};
+
+/// A group and port of this test binary alone (loopback, 239.255.0.0/16, TTL 0 by default).
+fn unique_group() -> (IpAddr, u16) {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id() as u16;
+    (IpAddr::V4(Ipv4Addr::new(239, 255, 251, ((pid % 200) + n % 50 + 1) as u8)), 60_000 + (pid % 50) * 10 + n % 10)
+}
+
+fn builder(group: (IpAddr, u16)) -> NodeBuilder {
+    Node::builder().backend(BackendChoice::Poll).group(group.0).port(group.1)
+}
+
+/// Waits for a child this test started, killing it (by its handle) if it overruns; returns status and stdout.
+fn finish(mut child: Child, limit: Duration, what: &str) -> (std::process::ExitStatus, String) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            let mut out = String::new();
+            child.stdout.take().expect("piped stdout").read_to_string(&mut out).expect("read output");
+            return (status, out);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish in time");
+        }
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn blip_stat_once_shows_a_running_nodes_counters() {
+    let dir = std::env::temp_dir().join(format!("blip-stat-test-{}", std::process::id()));
+    let mut node = builder(unique_group()).name("stat-test").export_counters(&dir).build().unwrap();
+    let mut publisher = node.publisher().unwrap();
+    for _ in 0..7 {
+        publisher.send(b"counted").unwrap();
+    }
+    // The engine publishes every 50 ms; wait (bounded) until the socket shows all seven.
+    let path: PathBuf = node.counters_path().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while blip::counters::read(&path).unwrap().counter("messages_sent") != Some(7) {
+        assert!(Instant::now() < deadline, "the node never counted its messages");
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+    let id = format!("{:016x}", node.info().node_id);
+
+    let child = Command::new(env!("CARGO_BIN_EXE_blip-stat"))
+        .arg("--once")
+        .arg("--socket")
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start blip-stat");
+    let (status, out) = finish(child, Duration::from_secs(20), "blip-stat --once");
+    assert!(status.success(), "blip-stat failed: {out}");
+    assert!(out.contains(&format!("node {id} \"stat-test\"")), "{out}");
+    assert!(out.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["messages_sent", "7", "-"]), "{out}");
+
+    // The whole directory, as JSON.
+    let child = Command::new(env!("CARGO_BIN_EXE_blip-stat"))
+        .args(["--count", "2", "--interval", "0.1", "--json", "--dir"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start blip-stat");
+    let (status, out) = finish(child, Duration::from_secs(20), "blip-stat --json");
+    assert!(status.success(), "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].contains(&format!("\"node_id\":\"{id}\"")) && lines[0].contains("\"messages_sent\":7"), "{out}");
+    assert!(lines[1].contains("\"rates\":{"), "the second read has rates: {out}");
+
+    drop(publisher);
+    drop(node);
+    assert!(!path.exists());
+    let child = Command::new(env!("CARGO_BIN_EXE_blip-stat"))
+        .arg("--once")
+        .arg("--socket")
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start blip-stat");
+    let (status, out) = finish(child, Duration::from_secs(20), "blip-stat on a gone node");
+    assert!(!status.success(), "reading a gone node must fail: {out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn blip_tap_prints_a_senders_data() {
+    let group = unique_group();
+    let mut tap = Command::new(env!("CARGO_BIN_EXE_blip-tap"))
+        .args(["--group", &group.0.to_string(), "--port", &group.1.to_string()])
+        .args(["--kinds", "data", "--count", "3", "--seconds", "20"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start blip-tap");
+    // The tap says when it has joined; nothing it could print is sent before that.
+    let mut ready = String::new();
+    BufReader::new(tap.stderr.take().unwrap()).read_line(&mut ready).expect("tap stderr");
+    assert!(ready.contains("listening on"), "blip-tap: {ready}");
+
+    let mut node = builder(group).build().unwrap();
+    let session = format!("{:016x}", node.info().session);
+    let mut publisher = node.publisher().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut i = 0u32;
+    let out = loop {
+        if let Some(status) = tap.try_wait().expect("try_wait") {
+            assert!(status.success(), "blip-tap failed");
+            let mut out = String::new();
+            tap.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+            break out;
+        }
+        if Instant::now() > deadline {
+            let _ = tap.kill();
+            let _ = tap.wait();
+            panic!("blip-tap did not stop after --count 3");
+        }
+        publisher.publish("tap.test", format!("hello tap {i}").as_bytes()).unwrap();
+        i += 1;
+        std::thread::park_timeout(Duration::from_millis(20));
+    };
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[0].contains(&format!("DATA      session={session}")), "{out}");
+    assert!(lines[0].contains("seq=0 msg_seq=0 low=0") && lines[0].contains("\"hello tap 0\""), "{out}");
+    assert!(lines[0].contains("topic=tap.test 11B"), "the envelope is decoded: {out}");
+    assert!(lines.iter().all(|l| l.contains(" DATA ") && l.contains(&session)), "{out}");
+}
