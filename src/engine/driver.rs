@@ -229,16 +229,14 @@ pub(crate) struct Engine {
     pub(crate) backend: Box<dyn Backend>,
     endpoint: Endpoint,
     inlets: Vec<Inlet>,
-    outlets: Vec<Outlet>,
+    router: Router,
     commands: mpsc::Receiver<Command>,
     /// Deliver this node's own messages to its subscribers too.
     local_delivery: bool,
-    inline_max: usize,
     shared: Arc<Shared>,
     group: SocketAddr,
     buf: Box<[u8]>,
     loss: Option<LossInjector>,
-    counters: EngineCounters,
     stats_at: Instant,
     /// Membership events since the member list was last published.
     members_changed: bool,
@@ -279,6 +277,7 @@ impl Engine {
         *parts.shared.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend.waker());
         let max_datagram = parts.endpoint.config().max_datagram;
         let inline_max = parts.outlet.ring.max_record() - OUT_HEADER;
+        let node_id = parts.endpoint.config().node_id;
         debug_assert!(parts.ring_bytes >= parts.outlet.ring.max_record());
         parts.inlet.shared.attached.store(true, Ordering::SeqCst);
         parts.outlet.shared.attached.store(true, Ordering::SeqCst);
@@ -286,15 +285,18 @@ impl Engine {
             backend,
             endpoint: parts.endpoint,
             inlets: vec![parts.inlet],
-            outlets: vec![parts.outlet],
+            router: Router {
+                outlets: vec![parts.outlet],
+                counters: EngineCounters::default(),
+                node_id,
+                inline_max: inline_max.min(64 * 1024),
+            },
             commands: parts.commands,
             local_delivery: parts.local_delivery,
-            inline_max: inline_max.min(64 * 1024),
             shared: parts.shared,
             group: parts.group,
             buf: vec![0u8; max_datagram.max(2048)].into_boxed_slice(),
             loss: parts.loss,
-            counters: EngineCounters::default(),
             stats_at: Instant::now(),
             members_changed: false,
         }
@@ -314,7 +316,7 @@ impl Engine {
         let now = Instant::now();
         let ep = &mut self.endpoint;
         let loss = &mut self.loss;
-        let c = &mut self.counters;
+        let c = &mut self.router.counters;
         self.backend.receive(timeout, &mut |from, bytes| {
             c.datagrams_in += 1;
             if let Some(l) = loss.as_mut()
@@ -359,7 +361,7 @@ impl Engine {
                     Command::AddOutlet(o) => {
                         o.shared.attached.store(true, Ordering::SeqCst);
                         o.shared.waiter.notify();
-                        self.outlets.push(o);
+                        self.router.outlets.push(o);
                     }
                 }
                 n += 1;
@@ -368,20 +370,8 @@ impl Engine {
         // A dropped publisher's last messages are still taken before it is forgotten.
         self.inlets
             .retain_mut(|i| !(i.shared.gone.load(Ordering::Acquire) && i.ring.is_empty() && i.pending.is_none()));
-        self.outlets.retain(|o| !o.shared.gone.load(Ordering::Acquire));
+        self.router.outlets.retain(|o| !o.shared.gone.load(Ordering::Acquire));
         n
-    }
-
-    /// Whether every subscriber has room for the largest inline record (a delivery may go to all of them).
-    fn outlets_have_room(&mut self) -> bool {
-        let mut room = true;
-        for o in &mut self.outlets {
-            if !o.ring.has_room(OUT_HEADER + self.inline_max) {
-                o.shared.blocked.store(true, Ordering::SeqCst);
-                room = false;
-            }
-        }
-        room
     }
 
     /// Moves messages from the publishers' rings into the protocol until the window refuses.
@@ -390,7 +380,7 @@ impl Engine {
         for k in 0..self.inlets.len() {
             let mut taken = 0;
             loop {
-                if self.local_delivery && !self.outlets_have_room() {
+                if self.local_delivery && !self.router.has_room() {
                     break;
                 }
                 let inlet = &mut self.inlets[k];
@@ -404,36 +394,14 @@ impl Engine {
                     let r = self.endpoint.send(now, &msg);
                     match r {
                         Err(SendError::WouldBlock) => inlet.pending = Some(msg),
-                        Ok(()) if self.local_delivery => {
-                            let session = self.endpoint.session();
-                            route(
-                                &mut self.outlets,
-                                &mut self.counters,
-                                self.endpoint.config().node_id,
-                                self.inline_max,
-                                session,
-                                seq,
-                                &msg,
-                            );
-                            self.counters.local_deliveries += 1;
-                        }
+                        Ok(()) if self.local_delivery => self.router.deliver_own(self.endpoint.session(), seq, &msg),
                         _ => {}
                     }
                     r
                 } else {
                     let r = self.endpoint.send(now, &rec);
                     if r.is_ok() && self.local_delivery {
-                        let session = self.endpoint.session();
-                        route(
-                            &mut self.outlets,
-                            &mut self.counters,
-                            self.endpoint.config().node_id,
-                            self.inline_max,
-                            session,
-                            seq,
-                            &rec,
-                        );
-                        self.counters.local_deliveries += 1;
+                        self.router.deliver_own(self.endpoint.session(), seq, &rec);
                     }
                     r
                 };
@@ -458,7 +426,7 @@ impl Engine {
     }
 
     fn notify_outlets(&self) {
-        for o in &self.outlets {
+        for o in &self.router.outlets {
             o.shared.waiter.notify();
         }
     }
@@ -466,7 +434,7 @@ impl Engine {
     /// Hands deliveries and events to the subscribers while their rings have room.
     fn deliver(&mut self) -> usize {
         let mut n = 0;
-        if self.outlets.is_empty() {
+        if self.router.outlets.is_empty() {
             // Nobody listens: deliveries are consumed and discarded, so this node never holds senders back.
             while self.endpoint.recv().is_some() {
                 n += 1;
@@ -477,16 +445,13 @@ impl Engine {
             }
             return n;
         }
-        let node_id = self.endpoint.config().node_id;
         loop {
-            if !self.outlets_have_room() {
+            if !self.router.has_room() {
                 break;
             }
             let Some(d) = self.endpoint.recv() else { break };
             match d {
-                Delivery::Message(m) => {
-                    route(&mut self.outlets, &mut self.counters, node_id, self.inline_max, m.session, m.seq, m.payload)
-                }
+                Delivery::Message(m) => self.router.route(m.session, m.seq, m.payload),
                 Delivery::Loss { session, datagrams, messages } => {
                     let (has, m) = match messages {
                         Some(m) => (1u64, m),
@@ -497,17 +462,17 @@ impl Engine {
                     {
                         rec[i * 8..i * 8 + 8].copy_from_slice(&v.to_ne_bytes());
                     }
-                    for o in &mut self.outlets {
+                    for o in &mut self.router.outlets {
                         o.ring.push(OUT_LOSS, &rec);
                     }
                 }
             }
             n += 1;
         }
-        while self.outlets.iter_mut().all(|o| o.ring.has_room(0)) {
+        while self.router.outlets.iter_mut().all(|o| o.ring.has_room(0)) {
             let Some(e) = self.endpoint.poll_event() else { break };
             self.members_changed |= is_membership(&e);
-            for o in &mut self.outlets {
+            for o in &mut self.router.outlets {
                 let _ = o.side.send(Side::Event(e.clone()));
                 o.ring.push(OUT_SIDE, &[]);
             }
@@ -546,17 +511,17 @@ impl Engine {
         };
         self.shared.engine_parked.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        let inline_max = self.inline_max;
+        let inline_max = self.router.inline_max;
         let app_ready = self.inlets.iter_mut().any(|i| !i.ring.is_empty() || i.shared.gone.load(Ordering::SeqCst))
             || self.shared.shutdown.load(Ordering::SeqCst)
             || self.shared.command_pending.load(Ordering::SeqCst)
-            || self.outlets.iter_mut().any(|o| {
+            || self.router.outlets.iter_mut().any(|o| {
                 o.shared.gone.load(Ordering::SeqCst)
                     || (o.shared.blocked.load(Ordering::SeqCst) && o.ring.has_room(OUT_HEADER + inline_max))
             });
         let n = if app_ready { 0 } else { self.receive(timeout)? };
         self.shared.engine_parked.store(false, Ordering::SeqCst);
-        for o in &self.outlets {
+        for o in &self.router.outlets {
             o.shared.blocked.store(false, Ordering::SeqCst);
         }
         Ok(n)
@@ -566,7 +531,7 @@ impl Engine {
         {
             let mut s = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
             s.protocol.clone_from(self.endpoint.stats());
-            let c = &self.counters;
+            let c = &self.router.counters;
             s.datagrams_in = c.datagrams_in;
             s.injected_drops = c.injected_drops;
             s.send_errors = self.backend.send_errors();
@@ -647,46 +612,67 @@ fn is_membership(e: &Event) -> bool {
     )
 }
 
-/// Copies one message to every subscriber whose filter selects it. The caller has checked that each
-/// subscriber ring has room for an inline record.
-fn route(
-    outlets: &mut [Outlet],
-    counters: &mut EngineCounters,
+/// The subscribers' rings and what routing to them counts.
+struct Router {
+    outlets: Vec<Outlet>,
+    counters: EngineCounters,
     node_id: u64,
+    /// Largest message copied into a ring record; larger ones go through the side channel.
     inline_max: usize,
-    session: u64,
-    seq: u64,
-    msg: &[u8],
-) {
-    let env = match Envelope::parse(msg) {
-        Ok((env, _)) => env,
-        Err(_) => {
-            counters.bad_envelope += 1;
+}
+
+impl Router {
+    /// Whether every subscriber has room for the largest inline record (a delivery may go to all of them).
+    fn has_room(&mut self) -> bool {
+        let mut room = true;
+        for o in &mut self.outlets {
+            if !o.ring.has_room(OUT_HEADER + self.inline_max) {
+                o.shared.blocked.store(true, Ordering::SeqCst);
+                room = false;
+            }
+        }
+        room
+    }
+
+    /// Routes one of this node's own messages (local delivery).
+    fn deliver_own(&mut self, session: u64, seq: u64, msg: &[u8]) {
+        self.route(session, seq, msg);
+        self.counters.local_deliveries += 1;
+    }
+
+    /// Copies one message to every subscriber whose filter selects it. The caller has checked
+    /// [`has_room`](Self::has_room).
+    fn route(&mut self, session: u64, seq: u64, msg: &[u8]) {
+        let env = match Envelope::parse(msg) {
+            Ok((env, _)) => env,
+            Err(_) => {
+                self.counters.bad_envelope += 1;
+                return;
+            }
+        };
+        if env.target.is_some_and(|t| t != self.node_id) {
+            self.counters.not_addressed += 1;
             return;
         }
-    };
-    if env.target.is_some_and(|t| t != node_id) {
-        counters.not_addressed += 1;
-        return;
-    }
-    let mut matched = false;
-    for o in outlets.iter_mut() {
-        if !o.accepts(env.topic, node_id) {
-            continue;
+        let mut matched = false;
+        for o in self.outlets.iter_mut() {
+            if !o.accepts(env.topic, self.node_id) {
+                continue;
+            }
+            matched = true;
+            if msg.len() <= self.inline_max {
+                let mut c = o.ring.claim(OUT_HEADER + msg.len()).expect("room checked");
+                c[..8].copy_from_slice(&session.to_ne_bytes());
+                c[8..16].copy_from_slice(&seq.to_ne_bytes());
+                c[OUT_HEADER..].copy_from_slice(msg);
+                c.commit(OUT_MESSAGE);
+            } else {
+                let _ = o.side.send(Side::Message { session, seq, payload: msg.to_vec() });
+                o.ring.push(OUT_SIDE, &[]);
+            }
         }
-        matched = true;
-        if msg.len() <= inline_max {
-            let mut c = o.ring.claim(OUT_HEADER + msg.len()).expect("room checked");
-            c[..8].copy_from_slice(&session.to_ne_bytes());
-            c[8..16].copy_from_slice(&seq.to_ne_bytes());
-            c[OUT_HEADER..].copy_from_slice(msg);
-            c.commit(OUT_MESSAGE);
-        } else {
-            let _ = o.side.send(Side::Message { session, seq, payload: msg.to_vec() });
-            o.ring.push(OUT_SIDE, &[]);
+        if !matched {
+            self.counters.unmatched += 1;
         }
-    }
-    if !matched {
-        counters.unmatched += 1;
     }
 }

@@ -23,6 +23,16 @@ fn builder(group: (IpAddr, u16)) -> NodeBuilder {
 }
 
 /// Waits for a child this test started, killing it (by its handle) if it overruns; returns status and stdout.
+/// Runs blip-stat with `args` to completion (at most 20 s); returns its status and stdout.
+fn blip_stat(args: &[&std::ffi::OsStr], what: &str) -> (std::process::ExitStatus, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_blip-stat"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start blip-stat");
+    finish(child, Duration::from_secs(20), what)
+}
+
 fn finish(mut child: Child, limit: Duration, what: &str) -> (std::process::ExitStatus, String) {
     let deadline = Instant::now() + limit;
     loop {
@@ -57,26 +67,14 @@ fn blip_stat_once_shows_a_running_nodes_counters() {
     }
     let id = format!("{:016x}", node.info().node_id);
 
-    let child = Command::new(env!("CARGO_BIN_EXE_blip-stat"))
-        .arg("--once")
-        .arg("--socket")
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start blip-stat");
-    let (status, out) = finish(child, Duration::from_secs(20), "blip-stat --once");
+    let (status, out) = blip_stat(&["--once".as_ref(), "--socket".as_ref(), path.as_os_str()], "blip-stat --once");
     assert!(status.success(), "blip-stat failed: {out}");
     assert!(out.contains(&format!("node {id} \"stat-test\"")), "{out}");
     assert!(out.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["messages_sent", "7", "-"]), "{out}");
 
     // The whole directory, as JSON.
-    let child = Command::new(env!("CARGO_BIN_EXE_blip-stat"))
-        .args(["--count", "2", "--interval", "0.1", "--json", "--dir"])
-        .arg(&dir)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start blip-stat");
-    let (status, out) = finish(child, Duration::from_secs(20), "blip-stat --json");
+    let args = ["--count", "2", "--interval", "0.1", "--json", "--dir"].map(std::ffi::OsStr::new);
+    let (status, out) = blip_stat(&[&args[..], &[dir.as_os_str()]].concat(), "blip-stat --json");
     assert!(status.success(), "{out}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 2, "{out}");
@@ -86,14 +84,8 @@ fn blip_stat_once_shows_a_running_nodes_counters() {
     drop(publisher);
     drop(node);
     assert!(!path.exists());
-    let child = Command::new(env!("CARGO_BIN_EXE_blip-stat"))
-        .arg("--once")
-        .arg("--socket")
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start blip-stat");
-    let (status, out) = finish(child, Duration::from_secs(20), "blip-stat on a gone node");
+    let (status, out) =
+        blip_stat(&["--once".as_ref(), "--socket".as_ref(), path.as_os_str()], "blip-stat on a gone node");
     assert!(!status.success(), "reading a gone node must fail: {out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
