@@ -148,7 +148,13 @@ struct Stream {
 
 /// Receives until every selected line of every logger arrived, checking filter, order and completeness; then
 /// listens a little longer to catch anything extra.
-fn collect(mut sub: Subscriber, filter: &Filter, loggers: usize, lines: u64, deadline: Instant) -> Result<Report, String> {
+fn collect(
+    mut sub: Subscriber,
+    filter: &Filter,
+    loggers: usize,
+    lines: u64,
+    deadline: Instant,
+) -> Result<Report, String> {
     let expected: Vec<Vec<u64>> = (0..loggers)
         .map(|i| (0..lines).filter(|&n| filter.matches(&format!("log.{}.{}", app(i), level(i, n)))).collect())
         .collect();
