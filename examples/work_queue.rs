@@ -92,7 +92,7 @@ fn run() -> Result<(), String> {
         .membership(ANNOUNCE, MEMBER_TIMEOUT)
         .build()
         .map_err(|e| format!("dispatcher: {e}"))?;
-    let workers: Vec<(u64, JoinHandle<Result<Vec<u64>, String>>)> =
+    let workers: Vec<_> =
         (1..=s.workers).map(|id| (id, worker(net, id, id == FAULTY_ID, s.work, s.deadline))).collect();
     let dispatched = dispatch(&mut node, &s);
     // Told to stop even after a failure, so that the workers end before their deadline.
