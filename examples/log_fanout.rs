@@ -92,8 +92,8 @@ fn run() -> Result<(), String> {
     for i in 0..loggers {
         let name = format!("logger-{}", app(i));
         let mut node = net.builder().name(&name).build().map_err(|e| format!("{name}: {e}"))?;
-        // A publish-only node drops its catch-all subscriber: kept but never polled, it would fill with the
-        // other loggers' lines and end up holding every sender back.
+        // A publish-only node drops its catch-all subscriber: nobody would read the other loggers' lines it
+        // collects.
         drop(node.subscriber());
         let mut publisher = node.publisher().ok_or("logger node closed")?;
         logger_threads.push(thread::spawn(move || -> Result<_, String> {
