@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 use crate::counters::{self, CountersError, Identity, Snapshot};
 use crate::engine::poll::{PollBackend, PollOptions};
 use crate::engine::{
-    Backend, BackendKind, Command, Engine, EngineParts, HandleShared, IN_LARGE, IN_MESSAGE, IdleStrategy, Inlet,
-    LossInjector, NodeStats, OUT_HEADER, OUT_LOSS, OUT_MESSAGE, Outlet, Shared, Side,
+    Backend, BackendKind, Command, Engine, EngineParts, HELD, HandleShared, IN_LARGE, IN_MESSAGE, IdleStrategy, Inlet,
+    LossInjector, NodeStats, OUT_HEADER, OUT_LOSS, OUT_MESSAGE, Outlet, Shared, Side, TAKEN,
 };
 use crate::envelope::{self, Envelope, RequestId};
 use crate::net::{self, Interface, NetError, SocketConfig, SocketReport};
@@ -489,6 +489,7 @@ impl NodeBuilder {
         };
         let (publisher, inlet) = factory.publisher_pair();
         let (subscriber, outlet) = factory.subscriber_pair(None);
+        subscriber.handle.custody.store(HELD, Ordering::SeqCst);
         let parts = EngineParts {
             endpoint,
             inlet,
@@ -744,8 +745,13 @@ impl Node {
     /// private topics, every loss and every event, from the node's start. It may move to another thread.
     /// Poll it, or drop it to receive nothing: a subscriber that is kept but never polled fills its ring, and
     /// then this node, like any slow receiver, holds senders back (under the default policy).
+    ///
+    /// Until it is taken, nobody can poll it, so it never holds senders back: if its ring fills first (a node
+    /// that only publishes), the engine stops delivering to it and this returns `None`.
     pub fn subscriber(&mut self) -> Option<Subscriber> {
-        self.subscriber.take()
+        let subscriber = self.subscriber.take()?;
+        let custody = &subscriber.handle.custody;
+        custody.compare_exchange(HELD, TAKEN, Ordering::SeqCst, Ordering::SeqCst).ok().map(|_| subscriber)
     }
 
     /// A new subscriber for the topics `filter` selects (see [`topic`](crate::topic) for the rules);

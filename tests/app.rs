@@ -351,3 +351,31 @@ fn local_delivery_on_a_networked_node() {
     assert_eq!(take_messages(&mut looped_sub, 1, "other node's message")[0].0, "t.y");
     assert_eq!(count_messages(&mut plain_sub), 0, "no local delivery unless asked");
 }
+
+/// A node whose application only publishes never takes its catch-all subscriber, so nobody polls it; once
+/// its ring is full the engine gives it up instead of holding every sender of the group back for it.
+#[test]
+fn a_node_that_never_subscribes_does_not_hold_senders_back() {
+    let group = unique_group();
+    let mut quiet = builder(BackendChoice::Poll, group).build().unwrap();
+    let _only_publishes = quiet.publisher().unwrap();
+    let mut listener = builder(BackendChoice::Poll, group).build().unwrap();
+    let mut sub = listener.subscribe("bulk.>").unwrap();
+    let mut sender = builder(BackendChoice::Poll, group).build().unwrap();
+    drop(sender.subscriber());
+    let mut publisher = sender.publisher().unwrap();
+    // 12 MB, three times what the quiet node's catch-all ring holds.
+    const N: usize = 12_000;
+    let payload = [7u8; 1000];
+    let deadline = Instant::now() + WAIT;
+    let (mut sent, mut got) = (0, 0);
+    while got < N {
+        assert!(Instant::now() < deadline, "senders held back: sent {sent}, received {got} of {N}");
+        while sent < N && publisher.try_publish("bulk.x", &payload).is_ok() {
+            sent += 1;
+        }
+        sub.wait(Duration::from_millis(5));
+        got += count_messages(&mut sub);
+    }
+    assert!(quiet.subscriber().is_none(), "the abandoned catch-all is not handed out");
+}

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering, fence};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
@@ -112,7 +112,17 @@ pub(crate) struct HandleShared {
     pub(crate) blocked: AtomicBool,
     /// The engine has taken the handle into its loop.
     pub(crate) attached: AtomicBool,
+    /// Who has a subscriber: [`TAKEN`] (the application; every handle but the node's catch-all starts so),
+    /// [`HELD`] (the node, not yet taken) or [`ABANDONED`] (the engine gave it up).
+    pub(crate) custody: AtomicU8,
 }
+
+/// A subscriber in the application's hands.
+pub(crate) const TAKEN: u8 = 0;
+/// The catch-all subscriber while the node still holds it: nobody polls it.
+pub(crate) const HELD: u8 = 1;
+/// A held catch-all whose ring filled: the engine stopped delivering to it.
+pub(crate) const ABANDONED: u8 = 2;
 
 /// The engine's end of a publisher.
 pub(crate) struct Inlet {
@@ -625,11 +635,23 @@ impl Router {
     /// Whether every subscriber has room for the largest inline record (a delivery may go to all of them).
     fn has_room(&mut self) -> bool {
         let mut room = true;
+        let mut abandoned = false;
         for o in &mut self.outlets {
             if !o.ring.has_room(OUT_HEADER + self.inline_max) {
+                // Nobody can poll a catch-all the node still holds (an application that only publishes never
+                // takes it): give it up rather than hold every sender of the group back for it.
+                let held = o.shared.custody.compare_exchange(HELD, ABANDONED, Ordering::SeqCst, Ordering::SeqCst);
+                if held.is_ok() {
+                    log::debug!("blip: catch-all subscriber never taken and full; no longer delivered to");
+                    abandoned = true;
+                    continue;
+                }
                 o.shared.blocked.store(true, Ordering::SeqCst);
                 room = false;
             }
+        }
+        if abandoned {
+            self.outlets.retain(|o| o.shared.custody.load(Ordering::SeqCst) != ABANDONED);
         }
         room
     }
