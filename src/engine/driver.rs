@@ -82,6 +82,8 @@ pub(crate) struct Shared {
     pub(crate) publisher: Waiter,
     pub(crate) stats: Mutex<NodeStats>,
     pub(crate) error: Mutex<Option<String>>,
+    /// Key rotation requests for the endpoint.
+    pub(crate) keys: super::keys::KeyChannel,
 }
 
 /// An application thread that may park waiting for the engine.
@@ -136,6 +138,7 @@ impl Shared {
             publisher: Waiter::default(),
             stats: Mutex::new(NodeStats::default()),
             error: Mutex::new(None),
+            keys: Default::default(),
         }
     }
 
@@ -250,7 +253,8 @@ impl Engine {
     }
 
     fn poll_once(&mut self) -> io::Result<usize> {
-        let mut work = self.receive(Some(Duration::ZERO))?;
+        let mut work = self.shared.keys.apply(&mut self.endpoint);
+        work += self.receive(Some(Duration::ZERO))?;
         let now = Instant::now();
         if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
             self.endpoint.handle_timeout(now);

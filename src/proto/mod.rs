@@ -23,7 +23,7 @@ mod membership;
 mod ratelimit;
 mod receiver;
 pub(crate) mod rng;
-mod seal;
+pub(crate) mod seal;
 mod sender;
 mod window;
 
