@@ -607,7 +607,7 @@ mod tests {
     fn full_table_evicts_the_least_recently_heard() {
         let keys = Keyring::new(1, [0x11; KEY_LEN]);
         let mut rx = Sealer::new(keys.clone(), RECEIVER, 2);
-        let mut seal_from = |session: u64| {
+        let seal_from = |session: u64| {
             let mut tx = Sealer::new(keys.clone(), session, 2);
             let mut b = packet(b"hi", 0);
             b[8..16].copy_from_slice(&session.to_be_bytes());
