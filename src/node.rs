@@ -31,6 +31,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::counters::{self, CountersError, Identity, Snapshot};
+use crate::engine::keys::KeyOp;
 use crate::engine::poll::{PollBackend, PollOptions};
 use crate::engine::{
     Backend, BackendKind, Command, Engine, EngineParts, HELD, HandleShared, IN_LARGE, IN_MESSAGE, IdleStrategy, Inlet,
@@ -240,6 +241,13 @@ impl NodeBuilder {
     /// counted (`Stats::denied`).
     pub fn access(mut self, list: crate::proto::AccessList) -> Self {
         self.protocol.access = list;
+        self
+    }
+    /// Seals every packet with authenticated encryption under these pre-shared keys (default: off). Every
+    /// node of the group needs the same keys; packets that are not sealed under one of them are dropped and
+    /// counted. Rotate keys at run time with [`Node::add_key`], [`Node::use_key`] and [`Node::remove_key`].
+    pub fn encryption(mut self, keys: crate::proto::Keyring) -> Self {
+        self.protocol.encryption = Some(keys);
         self
     }
     /// Replaces the whole protocol configuration (sizes, timers, policies).
@@ -490,6 +498,7 @@ impl NodeBuilder {
         let (publisher, inlet) = factory.publisher_pair();
         let (subscriber, outlet) = factory.subscriber_pair(None);
         subscriber.handle.custody.store(HELD, Ordering::SeqCst);
+        shared.keys.init(protocol.encryption.clone());
         let parts = EngineParts {
             endpoint,
             inlet,
@@ -814,6 +823,29 @@ impl Node {
             Some(e) => e.duty_cycle(wait).map_err(|e| Error::Engine(e.to_string())),
             None => Ok(0),
         }
+    }
+
+    /// Adds a key to the node's keyring: packets sealed under it are accepted from the engine's next pass on.
+    /// Rotation, done on every node: add the new key, then [`use_key`](Self::use_key) it once every node
+    /// has it, then [`remove_key`](Self::remove_key) the old one once every node sends under the new one.
+    pub fn add_key(&self, key_id: u8, secret: [u8; crate::proto::KEY_LEN]) -> Result<(), crate::proto::KeyError> {
+        self.key_op(KeyOp::Add(key_id, secret))
+    }
+
+    /// Seals this node's packets under the held key `key_id` from the engine's next pass on.
+    pub fn use_key(&self, key_id: u8) -> Result<(), crate::proto::KeyError> {
+        self.key_op(KeyOp::Use(key_id))
+    }
+
+    /// Removes a key that is not the sending key: packets sealed under it are dropped from then on.
+    pub fn remove_key(&self, key_id: u8) -> Result<(), crate::proto::KeyError> {
+        self.key_op(KeyOp::Remove(key_id))
+    }
+
+    fn key_op(&self, op: KeyOp) -> Result<(), crate::proto::KeyError> {
+        self.shared.keys.request(op)?;
+        self.shared.wake_engine();
+        Ok(())
     }
 
     /// Whether the engine has stopped (shut down or failed; see [`error`](Self::error)).

@@ -10,6 +10,7 @@
 //! The application on each sender sends numbered messages; the application on each receiver checks that
 //! they arrive in order, exactly once, with no gap that was not reported by a loss event.
 
+use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::proto::rng::Rng;
 use crate::proto::{Config, Delivery, Destination, Endpoint, Event, SendError};
-use crate::wire::{DataPacket, Kind};
+use crate::wire::{DataPacket, FLAG_SEALED, Kind};
 
 /// Behaviour of one direction of a node's attachment to the network.
 #[derive(Debug, Clone)]
@@ -552,7 +553,18 @@ impl<'c> Sim<'c> {
         if self.is_receiver(src) || self.cfg.drop_datagrams.is_empty() {
             return false;
         }
-        matches!(DataPacket::parse(bytes), Ok(d) if !d.is_retransmit() && self.cfg.drop_datagrams.contains(&d.seq))
+        let bytes = self.clear(bytes);
+        matches!(DataPacket::parse(&bytes), Ok(d) if !d.is_retransmit() && self.cfg.drop_datagrams.contains(&d.seq))
+    }
+
+    /// The packet as the protocol sees it: opened, when encryption is configured.
+    fn clear<'b>(&self, bytes: &'b [u8]) -> Cow<'b, [u8]> {
+        match &self.cfg.protocol.encryption {
+            Some(keys) if bytes.len() > 3 && u16::from_be_bytes([bytes[2], bytes[3]]) & FLAG_SEALED != 0 => {
+                crate::proto::seal::peek(keys, bytes).map_or(Cow::Borrowed(&[][..]), Cow::Owned)
+            }
+            _ => Cow::Borrowed(bytes),
+        }
     }
 
     fn delay(&mut self, src: usize, dst: usize) -> u64 {
@@ -584,7 +596,8 @@ impl<'c> Sim<'c> {
         if !self.is_receiver(dst) || bytes.get(1) != Some(&(Kind::Data as u8)) {
             return;
         }
-        if let Ok(d) = DataPacket::parse(bytes) {
+        let bytes = self.clear(bytes);
+        if let Ok(d) = DataPacket::parse(&bytes) {
             self.lost_at.entry((dst, d.header.session, d.seq)).or_insert(t);
             self.lost_distinct.insert((d.header.session, d.seq));
         }
@@ -594,7 +607,8 @@ impl<'c> Sim<'c> {
         if self.lost_at.is_empty() || bytes.get(1) != Some(&(Kind::Data as u8)) {
             return;
         }
-        if let Ok(d) = DataPacket::parse(bytes)
+        let bytes = self.clear(bytes);
+        if let Ok(d) = DataPacket::parse(&bytes)
             && let Some(lost) = self.lost_at.remove(&(dst, d.header.session, d.seq))
         {
             self.repair_samples.push(t - lost);

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use blip::proto::Event;
+use blip::proto::{Event, KEY_LEN, KeyError, Keyring};
 use blip::{BackendChoice, BackendKind, Received};
 use common::*;
 
@@ -221,6 +221,77 @@ fn dropped_subscriber_never_holds_back(backend: BackendChoice) {
     }
 }
 
+const KEY_A: [u8; KEY_LEN] = [0x3C; KEY_LEN];
+const KEY_B: [u8; KEY_LEN] = [0xC3; KEY_LEN];
+
+/// Sealed traffic with 2% injected loss (so NAKs and retransmissions are sealed too), and a key rotation
+/// through the node API half-way: everything arrives, in order.
+fn sealed_with_rotation(backend: BackendChoice) {
+    let group = unique_group();
+    let keys = Keyring::new(1, KEY_A);
+    let mut sub_node = builder(backend, group).encryption(keys.clone()).inject_loss(0.02, 7).build().unwrap();
+    let mut pub_node = builder(backend, group).encryption(keys).build().unwrap();
+    let mut sub = sub_node.subscriber().unwrap();
+    const N: u64 = 20_000;
+    let c = std::thread::spawn(move || collect(&mut sub, 1, N, WAIT));
+    let mut publisher = pub_node.publisher().unwrap();
+    let mut own = pub_node.subscriber().unwrap();
+    handshake(&mut publisher, &mut own, 1, 1024);
+    let mut buf = Vec::new();
+    for i in 1..N {
+        if i == N / 2 {
+            // Rotation: the new key everywhere, then sent under everywhere, then the old one gone.
+            for node in [&sub_node, &pub_node] {
+                node.add_key(2, KEY_B).unwrap();
+            }
+            for node in [&pub_node, &sub_node] {
+                node.use_key(2).unwrap();
+            }
+            for node in [&sub_node, &pub_node] {
+                node.remove_key(1).unwrap();
+                assert_eq!(node.remove_key(2), Err(KeyError::SendingKey(2)));
+            }
+        }
+        payload(i, 1024, &mut buf);
+        publisher.send(&buf).expect("send");
+    }
+    assert_perfect(&c.join().unwrap(), N);
+    let s = sub_node.stats().protocol;
+    assert!(s.retransmits + s.repairs_received > 0, "the injected loss must have been repaired: {s:?}");
+    drop(own);
+}
+
+/// A node with another key hears the traffic, delivers nothing, and counts authentication failures; a node
+/// with the right key beside it gets everything.
+fn wrong_key_delivers_nothing(backend: BackendChoice) {
+    let group = unique_group();
+    let mut wrong = builder(backend, group).encryption(Keyring::new(1, KEY_B)).build().unwrap();
+    let mut good = builder(backend, group).encryption(Keyring::new(1, KEY_A)).build().unwrap();
+    let mut pub_node = builder(backend, group).encryption(Keyring::new(1, KEY_A)).build().unwrap();
+    let mut wrong_sub = wrong.subscriber().unwrap();
+    let mut good_sub = good.subscriber().unwrap();
+    let collector = std::thread::spawn(move || collect(&mut good_sub, 1, 1000, WAIT));
+    let mut publisher = pub_node.publisher().unwrap();
+    let mut own = pub_node.subscriber().unwrap();
+    handshake(&mut publisher, &mut own, 1, 64);
+    send_rest(&mut publisher, 1000, 64);
+    assert_perfect(&collector.join().unwrap(), 1000);
+    let deadline = std::time::Instant::now() + WAIT;
+    while wrong.stats().protocol.auth_failed < 10 {
+        assert!(std::time::Instant::now() < deadline, "the node with the wrong key counted no authentication failures");
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+    let s = wrong.stats().protocol;
+    assert_eq!((s.datagrams_received, s.messages_delivered), (0, 0), "a packet under the wrong key got through: {s:?}");
+    let mut delivered = 0;
+    wrong_sub.poll(usize::MAX, |r| {
+        if let Received::Message(_) = r {
+            delivered += 1;
+        }
+    });
+    assert_eq!(delivered, 0);
+}
+
 macro_rules! suite {
     ($name:ident, $choice:expr, $kind:expr, $available:expr) => {
         mod $name {
@@ -271,6 +342,18 @@ macro_rules! suite {
             fn engine_driven_from_the_callers_thread() {
                 if $available {
                     driven_by_caller($choice)
+                }
+            }
+            #[test]
+            fn sealed_traffic_survives_loss_and_key_rotation() {
+                if $available {
+                    sealed_with_rotation($choice)
+                }
+            }
+            #[test]
+            fn wrong_key_delivers_nothing_and_counts() {
+                if $available {
+                    wrong_key_delivers_nothing($choice)
                 }
             }
         }

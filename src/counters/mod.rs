@@ -214,6 +214,12 @@ counter_fields!(
         oversized_messages,
         loss_events,
         lost_datagrams,
+        unsealed_dropped,
+        sealed_dropped,
+        auth_failed,
+        replayed,
+        seal_evicted,
+        seal_failed,
     ]
 );
 

@@ -100,6 +100,8 @@ pub(crate) struct Shared {
     /// Refreshed at the stats cadence (not when going idle: it walks every peer).
     pub(crate) peers: Mutex<PeerTable>,
     pub(crate) error: Mutex<Option<String>>,
+    /// Key rotation requests for the endpoint.
+    pub(crate) keys: super::keys::KeyChannel,
 }
 
 /// State one application handle (publisher or subscriber) shares with the engine.
@@ -209,6 +211,7 @@ impl Shared {
             members: Mutex::new(Vec::new()),
             peers: Mutex::new(PeerTable::default()),
             error: Mutex::new(None),
+            keys: Default::default(),
         }
     }
 
@@ -341,6 +344,7 @@ impl Engine {
 
     fn poll_once(&mut self) -> io::Result<usize> {
         let mut work = self.run_commands();
+        work += self.shared.keys.apply(&mut self.endpoint);
         work += self.receive(Some(Duration::ZERO))?;
         let now = Instant::now();
         if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {

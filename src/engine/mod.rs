@@ -6,6 +6,7 @@ pub mod uring;
 
 pub use backend::{Backend, BackendKind, Wake};
 mod driver;
+pub(crate) mod keys;
 pub(crate) mod local;
 pub(crate) mod offload;
 pub mod poll;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::wire::{DATA_HEADER_LEN, FRAME_HEADER_LEN, MAX_NAME_LEN, MEMBER_HEADER_LEN};
+use crate::wire::{DATA_HEADER_LEN, FRAME_HEADER_LEN, MAX_NAME_LEN, MEMBER_HEADER_LEN, SEAL_OVERHEAD};
 
 /// Largest UDP payload over IPv4 (65,535 − 20 − 8).
 pub const MAX_UDP_PAYLOAD: usize = 65_507;
@@ -128,6 +128,10 @@ pub struct Config {
     pub retransmit_burst: u64,
     /// Which sources are heard at all (default: every source).
     pub access: super::AccessList,
+    /// Authenticated encryption of every packet under these pre-shared keys (default: off). With it on,
+    /// unsealed packets are dropped, and every packet sent is sealed, [`SEAL_OVERHEAD`] bytes larger, still
+    /// within `max_datagram`. The keys given here are those at creation; rotate them through the endpoint.
+    pub encryption: Option<super::Keyring>,
 }
 
 impl Default for Config {
@@ -160,6 +164,7 @@ impl Default for Config {
             retransmit_rate: DEFAULT_RETRANSMIT_RATE,
             retransmit_burst: DEFAULT_RETRANSMIT_BURST,
             access: super::AccessList::default(),
+            encryption: None,
         }
     }
 }
@@ -181,6 +186,9 @@ pub enum ConfigError {
     /// `node_name` is longer than 64 bytes.
     #[error("node_name is {0} bytes; at most 64 are allowed")]
     NameTooLong(usize),
+    /// Encryption is on and `max_datagram` cannot hold the largest control packet and a seal.
+    #[error("max_datagram {0} too small with encryption on: must be at least {min} (MIN_DATAGRAM + SEAL_OVERHEAD)", min = MIN_DATAGRAM + SEAL_OVERHEAD)]
+    SealedDatagramSize(usize),
     /// A timer is zero where it must be positive, or `heartbeat_min` exceeds `heartbeat_max`.
     #[error("timer {0} must be positive (and heartbeat_min <= heartbeat_max)")]
     Timer(&'static str),
@@ -196,10 +204,19 @@ pub const MIN_DATAGRAM: usize = MEMBER_HEADER_LEN + MAX_NAME_LEN;
 const _: () = assert!(MIN_DATAGRAM > DATA_HEADER_LEN + FRAME_HEADER_LEN);
 
 impl Config {
+    /// Largest packet before sealing: `max_datagram`, less [`SEAL_OVERHEAD`] when encryption is on, so
+    /// that every sealed datagram still fits `max_datagram`.
+    pub fn packet_limit(&self) -> usize {
+        if self.encryption.is_some() { self.max_datagram - SEAL_OVERHEAD } else { self.max_datagram }
+    }
+
     /// Checks every value; [`Endpoint::new`](super::Endpoint::new) calls this.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !(MIN_DATAGRAM..=MAX_UDP_PAYLOAD).contains(&self.max_datagram) {
             return Err(ConfigError::DatagramSize(self.max_datagram));
+        }
+        if self.encryption.is_some() && self.max_datagram < MIN_DATAGRAM + SEAL_OVERHEAD {
+            return Err(ConfigError::SealedDatagramSize(self.max_datagram));
         }
         for (name, value) in [("window", self.window), ("receive_buffer", self.receive_buffer)] {
             if !(2..=1 << 20).contains(&value) {

@@ -24,6 +24,7 @@ mod peers;
 mod ratelimit;
 mod receiver;
 pub(crate) mod rng;
+pub(crate) mod seal;
 mod sender;
 mod window;
 
@@ -36,9 +37,10 @@ pub use access::{AccessList, Action, Cidr, CidrError};
 pub use config::*;
 pub use membership::Member;
 pub use peers::{PeerCounters, PeerRole, PeerStats};
+pub use seal::{KEY_LEN, KeyError, Keyring, MAX_KEYS, REPLAY_WINDOW};
 pub use sender::STRANGER_SHARE;
 
-use crate::wire::{Header, Kind, MAX_NAK_RANGES, MemberRepr, NakRepr, Packet, SeqRange, StatusRepr};
+use crate::wire::{FLAG_SEALED, Header, Kind, MAX_NAK_RANGES, MemberRepr, NakRepr, Packet, SeqRange, StatusRepr};
 use receiver::{Step, Stream};
 use rng::Rng;
 use sender::Sender;
@@ -231,6 +233,19 @@ pub struct Stats {
     pub loss_events: u64,
     /// Datagrams covered by loss events.
     pub lost_datagrams: u64,
+    /// Unsealed packets dropped because encryption is on.
+    pub unsealed_dropped: u64,
+    /// Sealed packets dropped because encryption is off.
+    pub sealed_dropped: u64,
+    /// Sealed packets that did not authenticate: wrong key, unknown key id, altered or truncated.
+    pub auth_failed: u64,
+    /// Sealed packets that authenticated but were seen before, or fell behind the session's replay window.
+    pub replayed: u64,
+    /// Peer sessions whose replay state was forgotten (least recently heard first) to make room for a new
+    /// authentic session, the table being full (`max_senders + max_receivers + max_members` sessions).
+    pub seal_evicted: u64,
+    /// Packets not sent because sealing failed (the session's packet counter is exhausted).
+    pub seal_failed: u64,
 }
 
 /// One node's protocol state for one stream. See the [module docs](self) for the driving loop.
@@ -249,6 +264,10 @@ pub struct Endpoint {
     nak_ranges: [SeqRange; MAX_NAK_RANGES],
     /// Bytes all streams' reassemblies hold (bounded by `Config::max_reassembly`).
     reassembly_in_use: usize,
+    /// Keys, counters and peers' replay windows, when encryption is on.
+    sealer: Option<seal::Sealer>,
+    /// Where a sealed datagram is copied and opened: allocated once (empty when encryption is off).
+    scratch: Box<[u8]>,
 }
 
 /// How often silent senders, receivers and members are looked for.
@@ -259,7 +278,13 @@ impl Endpoint {
     /// timer jitter. Allocates the retransmission window (`window × max_datagram` bytes) here, once.
     pub fn new(config: Config, session: u64, seed: u64, now: Instant) -> Result<Endpoint, ConfigError> {
         config.validate()?;
+        let sealer = config.encryption.clone().map(|keys| {
+            seal::Sealer::new(keys, session, config.max_senders + config.max_receivers + config.max_members)
+        });
+        let scratch = if sealer.is_some() { vec![0u8; MAX_UDP_PAYLOAD].into_boxed_slice() } else { Box::default() };
         Ok(Endpoint {
+            sealer,
+            scratch,
             sender: Sender::new(&config, session),
             members: membership::Membership::new(&config, now),
             config,
@@ -347,12 +372,88 @@ impl Endpoint {
         self.members.leave(now);
     }
 
+    /// Adds a key to the keyring: packets sealed under it are accepted from now on. Rotation is: add the
+    /// new key on every node, then [`use_key`](Self::use_key) it everywhere, then remove the old one.
+    pub fn add_key(&mut self, key_id: u8, secret: [u8; KEY_LEN]) -> Result<(), KeyError> {
+        let sealer = self.sealer.as_mut().ok_or(KeyError::NotEnabled)?;
+        sealer.add_key(key_id, secret)?;
+        self.config.encryption = Some(sealer.keyring().clone());
+        Ok(())
+    }
+
+    /// Seals every packet from now on under the key `key_id`, which must be held.
+    pub fn use_key(&mut self, key_id: u8) -> Result<(), KeyError> {
+        let sealer = self.sealer.as_mut().ok_or(KeyError::NotEnabled)?;
+        sealer.use_key(key_id)?;
+        self.config.encryption = Some(sealer.keyring().clone());
+        Ok(())
+    }
+
+    /// Removes a key (not the sending key): packets sealed under it are rejected from now on.
+    pub fn remove_key(&mut self, key_id: u8) -> Result<(), KeyError> {
+        let sealer = self.sealer.as_mut().ok_or(KeyError::NotEnabled)?;
+        sealer.remove_key(key_id)?;
+        self.config.encryption = Some(sealer.keyring().clone());
+        Ok(())
+    }
+
     /// Processes one received datagram. Never panics on any input; bad packets are counted and dropped.
+    ///
+    /// With encryption on, the datagram is opened (authenticated, checked against replay, decrypted) in an
+    /// endpoint-owned buffer before anything else than the access list and the clear header looks at it.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         if !self.config.access.allows_all() && self.config.access.check(from) == Action::Deny {
             self.stats.denied += 1;
             return;
         }
+        let header = match Header::parse(bytes) {
+            Ok(h) => h,
+            Err(_) => {
+                self.stats.malformed += 1;
+                return;
+            }
+        };
+        // Own packets looped back are not worth opening: at full rate that would double the sender's work.
+        if header.session == self.session {
+            self.stats.own_packets += 1;
+            return;
+        }
+        let sealed = header.flags & FLAG_SEALED != 0;
+        let Some(sealer) = self.sealer.as_mut() else {
+            if sealed {
+                self.stats.sealed_dropped += 1;
+            } else {
+                self.dispatch(now, from, bytes);
+            }
+            return;
+        };
+        if !sealed {
+            self.stats.unsealed_dropped += 1;
+            return;
+        }
+        if bytes.len() > self.scratch.len() {
+            self.stats.malformed += 1; // larger than any UDP payload: not a datagram this endpoint can receive
+            return;
+        }
+        // Taken out for the call so that the plaintext can borrow it while `dispatch` borrows the endpoint.
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let buf = &mut scratch[..bytes.len()];
+        buf.copy_from_slice(bytes);
+        match sealer.open(header.session, buf) {
+            Ok(opened) => {
+                if opened.evicted {
+                    self.stats.seal_evicted += 1;
+                }
+                self.dispatch(now, from, &buf[..opened.len]);
+            }
+            Err(seal::OpenError::Replay) => self.stats.replayed += 1,
+            Err(_) => self.stats.auth_failed += 1,
+        }
+        self.scratch = scratch;
+    }
+
+    /// Handles a datagram in clear (opened, if encryption is on).
+    fn dispatch(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         let packet = match Packet::parse(bytes) {
             Ok(p) => p,
             Err(_) => {
@@ -361,10 +462,6 @@ impl Endpoint {
             }
         };
         let header = packet.header();
-        if header.session == self.session {
-            self.stats.own_packets += 1;
-            return;
-        }
         if header.stream != self.config.stream {
             self.stats.foreign_stream += 1;
             return;
@@ -462,8 +559,24 @@ impl Endpoint {
     }
 
     /// Writes the next datagram to send into `buf` (at least `max_datagram` bytes), or returns `None` when
-    /// nothing is due. Priority: NAKs, retransmissions, new data, heartbeats, STATUS, announcements.
+    /// nothing is due. Priority: NAKs, retransmissions, new data, heartbeats, STATUS, announcements. With
+    /// encryption on, the datagram is sealed in place in `buf`.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        let mut t = self.poll_plain(now, buf)?;
+        if let Some(sealer) = self.sealer.as_mut() {
+            match sealer.seal(buf, t.len) {
+                Ok(len) => t.len = len,
+                Err(_) => {
+                    self.stats.seal_failed += 1;
+                    return None;
+                }
+            }
+        }
+        Some(t)
+    }
+
+    /// The next datagram to send, in clear.
+    fn poll_plain(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
         for i in 0..self.streams.len() {
             let count = self.streams[i].collect_naks(now, &self.config, &mut self.rng, &mut self.nak_ranges);
             if count > 0 {

@@ -262,7 +262,7 @@ impl Stream {
         let mut count = 0usize;
         // As many ranges as fit one datagram (at most MAX_NAK_RANGES).
         let max_ranges =
-            ((cfg.max_datagram - crate::wire::NAK_HEADER_LEN) / crate::wire::NAK_RANGE_LEN).min(MAX_NAK_RANGES);
+            ((cfg.packet_limit() - crate::wire::NAK_HEADER_LEN) / crate::wire::NAK_RANGE_LEN).min(MAX_NAK_RANGES);
         let mut next_due: Option<Instant> = None;
         let retry_at = now + cfg.nak_retry + self.nak_delay(cfg, rng);
         let first = self.next_deliver.max(self.sender_low);

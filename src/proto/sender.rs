@@ -81,9 +81,9 @@ impl Sender {
     pub(crate) fn new(config: &Config, session: u64) -> Sender {
         Sender {
             header: Header { kind: Kind::Data, flags: 0, stream: config.stream, session },
-            max_datagram: config.max_datagram,
+            max_datagram: config.packet_limit(),
             max_message: config.max_message,
-            window: Window::new(config.window, config.max_datagram),
+            window: Window::new(config.window, config.packet_limit()),
             next_seq: 0,
             open_len: 0,
             open_frames: 0,

@@ -29,6 +29,12 @@ pub const HEADER_LEN: usize = 16;
 pub const MAX_SEQ: u64 = 1 << 63;
 /// Header flag on DATA: this datagram is a retransmission answering a NAK.
 pub const FLAG_RETRANSMIT: u16 = 0x0001;
+/// Header flag on any kind: the body is encrypted and a seal trailer follows it (docs/PROTOCOL.md, section 10).
+pub const FLAG_SEALED: u16 = 0x8000;
+/// Length of the authentication tag at the end of a sealed packet.
+pub const SEAL_TAG_LEN: usize = 16;
+/// Bytes a seal adds to a packet: the trailer of key id (1), packet counter (8) and tag ([`SEAL_TAG_LEN`]).
+pub const SEAL_OVERHEAD: usize = 1 + 8 + SEAL_TAG_LEN;
 
 /// Why a packet was rejected by a parser or could not be emitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use blip::engine::Backend;
 use blip::engine::poll::PollBackend;
 use blip::net::{Interface, SocketConfig};
-use blip::proto::Event;
+use blip::proto::{Event, KEY_LEN, Keyring};
 use blip::{BackendChoice, IdleStrategy, Node, NodeBuilder, Received};
 use clap::{Args, Parser, Subcommand};
 use hdrhistogram::Histogram;
@@ -64,6 +64,12 @@ struct Common {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// Seal every packet (authenticated encryption) under a random key shared by this run's nodes.
+    #[arg(long, global = true)]
+    encrypt: bool,
+    /// Seal every packet under the 32-byte key in this file (implies --encrypt).
+    #[arg(long, global = true)]
+    key_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -140,7 +146,20 @@ struct CompareArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let c = cli.common;
+    let mut c = cli.common;
+    let mut generated_key = None;
+    if c.encrypt && c.key_file.is_none() {
+        match random_key_file() {
+            Ok(path) => {
+                c.key_file = Some(path.clone());
+                generated_key = Some(path);
+            }
+            Err(e) => {
+                eprintln!("blip-bench: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     if !(0.0..=1.0).contains(&c.loss) {
         eprintln!("blip-bench: --loss must be between 0 and 1");
         return ExitCode::from(2);
@@ -168,6 +187,9 @@ fn main() -> ExitCode {
         Cmd::Compare(a) => compare(&c, &a).map(|rows| report(&c, &rows)),
         Cmd::SubscriberChild(a) => subscriber_child(&c, &a),
     };
+    if let Some(path) = generated_key {
+        let _ = std::fs::remove_file(path);
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -197,6 +219,35 @@ struct Row {
     ratio: Option<f64>,
 }
 
+/// Writes a random 32-byte key to a new private file in the temporary directory, for `--encrypt`.
+fn random_key_file() -> Result<std::path::PathBuf> {
+    use std::io::Read;
+    let mut key = [0u8; KEY_LEN];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .map_err(|e| format!("cannot read a random key from /dev/urandom: {e}"))?;
+    let path = std::env::temp_dir().join(format!("blip-bench-key-{}", std::process::id()));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+        .open(&path)
+        .and_then(|mut f| f.write_all(&key))
+        .map_err(|e| format!("cannot write the key file {}: {e}", path.display()))?;
+    Ok(path)
+}
+
+/// The keyring of `--key-file`, if given.
+fn keyring(c: &Common) -> Result<Option<Keyring>> {
+    let Some(path) = &c.key_file else { return Ok(None) };
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read --key-file {}: {e}", path.display()))?;
+    let key: [u8; KEY_LEN] = bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| format!("--key-file {} holds {} bytes; a key is {KEY_LEN}", path.display(), b.len()))?;
+    Ok(Some(Keyring::new(1, key)))
+}
+
 fn backend_choice(s: &str) -> Result<BackendChoice> {
     match s {
         "auto" => Ok(BackendChoice::Auto),
@@ -216,6 +267,9 @@ fn builder(c: &Common, port_offset: u16) -> Result<NodeBuilder> {
         .idle(IdleStrategy::BusySpin);
     if let Some(i) = &c.interface {
         b = b.interface(Interface::Name(i.clone()));
+    }
+    if let Some(keys) = keyring(c)? {
+        b = b.encryption(keys);
     }
     Ok(b)
 }
@@ -505,6 +559,9 @@ fn spawn_subscriber_process(c: &Common, index: usize, messages: u64) -> Result<s
     }
     if c.threads {
         cmd.arg("--threads");
+    }
+    if let Some(path) = &c.key_file {
+        cmd.arg("--key-file").arg(path);
     }
     cmd.spawn().map_err(|e| format!("cannot start a subscriber process: {e}"))
 }
@@ -838,10 +895,11 @@ fn report(c: &Common, rows: &[Row]) {
     let where_ = c.interface.clone().unwrap_or_else(|| "loopback".into());
     if c.json {
         let mut out = format!(
-            "{{\n  \"kernel\": \"{}\",\n  \"cpus\": {},\n  \"pinning\": \"{cores}\",\n  \"interface\": \"{where_}\",\n  \"loss\": {},\n  \"results\": [\n",
+            "{{\n  \"kernel\": \"{}\",\n  \"cpus\": {},\n  \"pinning\": \"{cores}\",\n  \"interface\": \"{where_}\",\n  \"loss\": {},\n  \"encrypted\": {},\n  \"results\": [\n",
             kernel(),
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-            c.loss
+            c.loss,
+            c.key_file.is_some()
         );
         for (i, r) in rows.iter().enumerate() {
             let lat = r.latency.map(|l| {
@@ -873,10 +931,11 @@ fn report(c: &Common, rows: &[Row]) {
         return;
     }
     println!(
-        "blip-bench: kernel {}, {} cpus, pinning {cores}, interface {where_}, injected loss {}",
+        "blip-bench: kernel {}, {} cpus, pinning {cores}, interface {where_}, injected loss {}, encryption {}",
         kernel(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        c.loss
+        c.loss,
+        if c.key_file.is_some() { "on (AES-256-GCM)" } else { "off" }
     );
     println!(
         "{:<30} {:<18} {:>12} {:>9} {:>11} {:>9} {:>7} {:>8} {:>9} {:>7}",
