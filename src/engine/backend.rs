@@ -55,7 +55,7 @@ pub trait Backend {
     /// Calls `sink(from, bytes)` for each datagram received on either socket. If none is ready, waits up to
     /// `timeout` (`None`: until one arrives or [`Wake::wake`]; `Some(ZERO)`: do not wait). Returns the number
     /// of datagrams delivered. Queued sends are flushed first.
-    fn receive(&mut self, timeout: Option<Duration>, sink: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize>;
+    fn receive(&mut self, timeout: Option<Duration>, sink: &mut dyn FnMut(SocketAddr, &mut [u8])) -> io::Result<usize>;
 
     /// A handle other threads use to interrupt `receive`.
     fn waker(&self) -> Arc<dyn Wake>;

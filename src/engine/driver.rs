@@ -338,7 +338,7 @@ impl Engine {
                 c.injected_drops += 1;
                 return;
             }
-            ep.handle_datagram(now, from, bytes);
+            ep.handle_datagram_mut(now, from, bytes);
         })
     }
 

@@ -45,7 +45,11 @@ impl Backend for LocalBackend {
         Ok(())
     }
 
-    fn receive(&mut self, timeout: Option<Duration>, _sink: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+    fn receive(
+        &mut self,
+        timeout: Option<Duration>,
+        _sink: &mut dyn FnMut(SocketAddr, &mut [u8]),
+    ) -> io::Result<usize> {
         if timeout == Some(Duration::ZERO) {
             return Ok(0);
         }

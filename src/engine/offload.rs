@@ -101,14 +101,14 @@ pub(crate) fn gro_segment(mut control: &[u8]) -> Option<usize> {
 /// shorter) when the kernel coalesced it (`Some(segment)`), whole otherwise. Returns the datagrams delivered.
 pub(crate) fn split(
     from: SocketAddr,
-    payload: &[u8],
+    payload: &mut [u8],
     segment: Option<usize>,
-    sink: &mut dyn FnMut(SocketAddr, &[u8]),
+    sink: &mut dyn FnMut(SocketAddr, &mut [u8]),
 ) -> usize {
     match segment {
         Some(s) if payload.len() > s => {
             let mut n = 0;
-            for chunk in payload.chunks(s) {
+            for chunk in payload.chunks_mut(s) {
                 sink(from, chunk);
                 n += 1;
             }
@@ -338,14 +338,14 @@ mod tests {
 
     #[test]
     fn split_cuts_at_the_segment_size() {
-        let payload: Vec<u8> = (0..10u8).collect();
+        let mut payload: Vec<u8> = (0..10u8).collect();
         let mut got = Vec::new();
-        let n = split(a(1), &payload, Some(4), &mut |_, c| got.push(c.to_vec()));
+        let n = split(a(1), &mut payload, Some(4), &mut |_, c| got.push(c.to_vec()));
         assert_eq!(n, 3);
         assert_eq!(got, vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7], vec![8, 9]]);
         got.clear();
-        assert_eq!(split(a(1), &payload, None, &mut |_, c| got.push(c.to_vec())), 1);
-        assert_eq!(split(a(1), &payload, Some(10), &mut |_, c| got.push(c.to_vec())), 1);
+        assert_eq!(split(a(1), &mut payload, None, &mut |_, c| got.push(c.to_vec())), 1);
+        assert_eq!(split(a(1), &mut payload, Some(10), &mut |_, c| got.push(c.to_vec())), 1);
         assert_eq!(got, vec![payload.clone(), payload]);
     }
 

@@ -169,7 +169,7 @@ impl PollBackend {
     }
 
     /// Receives everything ready on one socket (bounded rounds).
-    fn drain(&mut self, which: usize, sink: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+    fn drain(&mut self, which: usize, sink: &mut dyn FnMut(SocketAddr, &mut [u8])) -> io::Result<usize> {
         let sock = if which == KEY_GROUP { &self.group } else { &self.unicast };
         #[cfg(target_os = "linux")]
         if self.gro {
@@ -177,7 +177,7 @@ impl PollBackend {
             for _ in 0..GRO_READS {
                 match linux::recv_one(sock, &mut self.recv_bufs, &mut self.mmsg)? {
                     Some((from, len, segment)) => {
-                        let n = offload::split(from, &self.recv_bufs[..len], segment, sink);
+                        let n = offload::split(from, &mut self.recv_bufs[..len], segment, sink);
                         self.gro_batches += u64::from(n > 1);
                         total += n;
                     }
@@ -283,7 +283,7 @@ impl Backend for PollBackend {
         self.send_queued()
     }
 
-    fn receive(&mut self, timeout: Option<Duration>, sink: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+    fn receive(&mut self, timeout: Option<Duration>, sink: &mut dyn FnMut(SocketAddr, &mut [u8])) -> io::Result<usize> {
         self.flush()?;
         let mut n = self.drain(KEY_GROUP, sink)? + self.drain(KEY_UNICAST, sink)?;
         if n == 0 && timeout != Some(Duration::ZERO) {
@@ -308,13 +308,13 @@ impl Backend for PollBackend {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn recv_batch(sock: &UdpSocket, bufs: &mut [u8], sink: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+fn recv_batch(sock: &UdpSocket, bufs: &mut [u8], sink: &mut dyn FnMut(SocketAddr, &mut [u8])) -> io::Result<usize> {
     let buf = &mut bufs[..RECV_SIZE];
     let mut n = 0;
     while n < BATCH {
         match sock.recv_from(buf) {
             Ok((len, from)) => {
-                sink(from, &buf[..len]);
+                sink(from, &mut buf[..len]);
                 n += 1;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -430,7 +430,7 @@ mod linux {
         sock: &UdpSocket,
         bufs: &mut [u8],
         mmsg: &mut Mmsg,
-        sink: &mut dyn FnMut(SocketAddr, &[u8]),
+        sink: &mut dyn FnMut(SocketAddr, &mut [u8]),
     ) -> io::Result<usize> {
         let count = {
             let mut chunks = bufs.chunks_exact_mut(RECV_SIZE);
@@ -457,7 +457,7 @@ mod linux {
         };
         for (i, &(len, from)) in mmsg.results[..count].iter().enumerate() {
             if let Some(from) = from {
-                sink(from, &bufs[i * RECV_SIZE..i * RECV_SIZE + len]);
+                sink(from, &mut bufs[i * RECV_SIZE..i * RECV_SIZE + len]);
             }
         }
         Ok(count)

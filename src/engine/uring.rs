@@ -66,7 +66,7 @@ pub const GRO_BUFFERS: u16 = 256;
 pub const GSO_SLOTS: usize = 32;
 
 /// Where received datagrams go: `(source, payload)`.
-type Sink<'a> = dyn FnMut(SocketAddr, &[u8]) + 'a;
+type Sink<'a> = dyn FnMut(SocketAddr, &mut [u8]) + 'a;
 
 /// Size of the kernel's `struct io_uring_recvmsg_out` (namelen, controllen, payloadlen, flags: four u32).
 const RECVMSG_OUT_HEADER: usize = 16;
@@ -581,7 +581,7 @@ impl State {
     /// Hands the datagram in buffer `bid` (`len` bytes written by the kernel) to the sink (cut into its
     /// datagrams if it holds a GRO batch), then gives the buffer back to the ring (published at the end of
     /// the reap). Returns the datagrams delivered.
-    fn deliver(&mut self, bid: u16, len: u32, sink: &mut dyn FnMut(SocketAddr, &[u8])) -> usize {
+    fn deliver(&mut self, bid: u16, len: u32, sink: &mut dyn FnMut(SocketAddr, &mut [u8])) -> usize {
         if bid >= self.buffers || len as usize > self.recv_size {
             self.stats.malformed += 1;
             return 0;
@@ -590,25 +590,38 @@ impl State {
         {
             // SAFETY: buffer `bid` lies inside recv_bufs (bid < buffers, buffers * recv_size bytes) and
             // `len` <= recv_size bytes of it were written by the kernel. The completion handed the buffer
-            // to us: the kernel will not write it again until `recycle` below puts it back in the ring, and
-            // the slice does not outlive this block.
+            // to us: the kernel will not write it again until `recycle` below puts it back in the ring, no
+            // other reference to it exists (each buffer id is completed once per use), and the slice does not
+            // outlive this block. Mutable so that the sink may decrypt in place.
             let buf = unsafe {
-                std::slice::from_raw_parts(self.recv_bufs.as_ptr().add(usize::from(bid) * self.recv_size), len as usize)
+                std::slice::from_raw_parts_mut(
+                    self.recv_bufs.as_ptr().add(usize::from(bid) * self.recv_size),
+                    len as usize,
+                )
             };
-            match types::RecvMsgOut::parse(buf, &self.recv_msg[0]) {
-                Ok(out) if out.is_payload_truncated() => self.stats.truncated += 1,
+            // Parsed on a shared reborrow; what the sink gets is the payload's place, reborrowed mutably.
+            let parsed = match types::RecvMsgOut::parse(buf, &self.recv_msg[0]) {
+                Ok(out) if out.is_payload_truncated() => Err(true),
                 Ok(out) => match addr::decode(out.name_data()) {
                     Some(from) => {
                         let segment = if self.gro { offload::gro_segment(out.control_data()) } else { None };
-                        delivered = offload::split(from, out.payload_data(), segment, sink);
-                        self.stats.received += delivered as u64;
-                        if delivered > 1 {
-                            self.stats.gro_batches += 1;
-                        }
+                        let start = out.payload_data().as_ptr() as usize - buf.as_ptr() as usize;
+                        Ok((from, segment, start..start + out.payload_data().len()))
                     }
-                    None => self.stats.malformed += 1,
+                    None => Err(false),
                 },
-                Err(()) => self.stats.malformed += 1,
+                Err(()) => Err(false),
+            };
+            match parsed {
+                Ok((from, segment, payload)) => {
+                    delivered = offload::split(from, &mut buf[payload], segment, sink);
+                    self.stats.received += delivered as u64;
+                    if delivered > 1 {
+                        self.stats.gro_batches += 1;
+                    }
+                }
+                Err(true) => self.stats.truncated += 1,
+                Err(false) => self.stats.malformed += 1,
             }
         }
         self.recycle(bid);
@@ -974,7 +987,7 @@ impl UringBackend {
     }
 
     /// Delivers the receive completions stashed by `queue_send`.
-    fn deliver_stash(&mut self, sink: &mut dyn FnMut(SocketAddr, &[u8])) -> usize {
+    fn deliver_stash(&mut self, sink: &mut dyn FnMut(SocketAddr, &mut [u8])) -> usize {
         if self.st.stash.is_empty() {
             return 0;
         }
@@ -1125,7 +1138,7 @@ impl Backend for UringBackend {
         }
     }
 
-    fn receive(&mut self, timeout: Option<Duration>, sink: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+    fn receive(&mut self, timeout: Option<Duration>, sink: &mut dyn FnMut(SocketAddr, &mut [u8])) -> io::Result<usize> {
         self.close_batch()?;
         let mut delivered = self.deliver_stash(sink);
         self.enter_nowait()?;

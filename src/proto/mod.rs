@@ -402,44 +402,64 @@ impl Endpoint {
     /// With encryption on, the datagram is opened (authenticated, checked against replay, decrypted) in an
     /// endpoint-owned buffer before anything else than the access list and the clear header looks at it.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
-        if !self.config.access.allows_all() && self.config.access.check(from) == Action::Deny {
-            self.stats.denied += 1;
-            return;
-        }
-        let header = match Header::parse(bytes) {
-            Ok(h) => h,
-            Err(_) => {
-                self.stats.malformed += 1;
-                return;
-            }
-        };
-        // Own packets looped back are not worth opening: at full rate that would double the sender's work.
-        if header.session == self.session {
-            self.stats.own_packets += 1;
-            return;
-        }
-        let sealed = header.flags & FLAG_SEALED != 0;
-        let Some(sealer) = self.sealer.as_mut() else {
-            if sealed {
-                self.stats.sealed_dropped += 1;
-            } else {
-                self.dispatch(now, from, bytes);
-            }
-            return;
-        };
-        if !sealed {
-            self.stats.unsealed_dropped += 1;
+        let Some(header) = self.admit(from, bytes) else { return };
+        if header.flags & FLAG_SEALED == 0 || self.sealer.is_none() {
+            self.dispatch(now, from, bytes);
             return;
         }
         if bytes.len() > self.scratch.len() {
             self.stats.malformed += 1; // larger than any UDP payload: not a datagram this endpoint can receive
             return;
         }
-        // Taken out for the call so that the plaintext can borrow it while `dispatch` borrows the endpoint.
+        // Opened in a copy, since `bytes` is the caller's. Taken out for the call so that the plaintext can
+        // borrow it while `dispatch` borrows the endpoint.
         let mut scratch = std::mem::take(&mut self.scratch);
         let buf = &mut scratch[..bytes.len()];
         buf.copy_from_slice(bytes);
-        match sealer.open(header.session, buf) {
+        self.open_and_dispatch(now, from, header.session, buf);
+        self.scratch = scratch;
+    }
+
+    /// Like [`handle_datagram`](Self::handle_datagram), but a sealed datagram is opened in place, in the
+    /// caller's buffer (which is left holding the plaintext or garbage): one copy fewer per datagram.
+    pub fn handle_datagram_mut(&mut self, now: Instant, from: SocketAddr, bytes: &mut [u8]) {
+        let Some(header) = self.admit(from, bytes) else { return };
+        if header.flags & FLAG_SEALED == 0 || self.sealer.is_none() {
+            self.dispatch(now, from, bytes);
+            return;
+        }
+        self.open_and_dispatch(now, from, header.session, bytes);
+    }
+
+    /// The checks every datagram passes before it is opened or parsed: the access list, a header, not our
+    /// own, and sealed exactly when encryption is on. Returns the header, or `None` (counted) to drop it.
+    fn admit(&mut self, from: SocketAddr, bytes: &[u8]) -> Option<Header> {
+        if !self.config.access.allows_all() && self.config.access.check(from) == Action::Deny {
+            self.stats.denied += 1;
+            return None;
+        }
+        let Ok(header) = Header::parse(bytes) else {
+            self.stats.malformed += 1;
+            return None;
+        };
+        // Own packets looped back are not worth opening: at full rate that would double the sender's work.
+        if header.session == self.session {
+            self.stats.own_packets += 1;
+            return None;
+        }
+        let sealed = header.flags & FLAG_SEALED != 0;
+        match (self.sealer.is_some(), sealed) {
+            (false, true) => self.stats.sealed_dropped += 1,
+            (true, false) => self.stats.unsealed_dropped += 1,
+            _ => return Some(header),
+        }
+        None
+    }
+
+    /// Opens a sealed datagram in place and handles the plaintext.
+    fn open_and_dispatch(&mut self, now: Instant, from: SocketAddr, session: u64, buf: &mut [u8]) {
+        let Some(sealer) = self.sealer.as_mut() else { return };
+        match sealer.open(session, buf) {
             Ok(opened) => {
                 if opened.evicted {
                     self.stats.seal_evicted += 1;
@@ -449,7 +469,6 @@ impl Endpoint {
             Err(seal::OpenError::Replay) => self.stats.replayed += 1,
             Err(_) => self.stats.auth_failed += 1,
         }
-        self.scratch = scratch;
     }
 
     /// Handles a datagram in clear (opened, if encryption is on).

@@ -29,7 +29,7 @@ pub const MAX_KEYS: usize = 2;
 
 /// HKDF salt of the per-session subkeys; a new wire version would change it.
 const SUBKEY_SALT: &[u8] = b"blip v1";
-const WINDOW_WORDS: usize = (REPLAY_WINDOW / 64) as usize;
+const WINDOW_WORDS: usize = (REPLAY_WINDOW / 64) as usize + 1;
 /// Offsets in the trailer that follows the ciphertext.
 const TRAILER_KEY_ID: usize = 0;
 const TRAILER_COUNTER: usize = 1;
@@ -180,43 +180,48 @@ impl Master {
 #[derive(Clone, Debug)]
 struct ReplayWindow {
     top: u64,
-    /// Bit `d` (word `d / 64`, bit `d % 64`) is set when counter `top - d` was accepted.
+    /// A circular bitmap: the bit of counter `c` is bit `c % 64` of word `(c / 64) % WINDOW_WORDS`. One word
+    /// more than the window covers, so advancing only ever clears whole words (RFC 6479): O(1) per packet.
     bits: [u64; WINDOW_WORDS],
 }
 
 impl ReplayWindow {
     fn starting_at(counter: u64) -> ReplayWindow {
         let mut w = ReplayWindow { top: counter, bits: [0; WINDOW_WORDS] };
-        w.bits[0] = 1;
+        w.set(counter);
         w
+    }
+
+    fn word(counter: u64) -> usize {
+        ((counter / 64) % WINDOW_WORDS as u64) as usize
+    }
+
+    fn set(&mut self, counter: u64) {
+        self.bits[Self::word(counter)] |= 1 << (counter % 64);
     }
 
     fn accepts(&self, counter: u64) -> bool {
         if counter > self.top {
             return true;
         }
-        let d = self.top - counter;
-        d < REPLAY_WINDOW && self.bits[(d / 64) as usize] & (1 << (d % 64)) == 0
+        self.top - counter < REPLAY_WINDOW && self.bits[Self::word(counter)] & (1 << (counter % 64)) == 0
     }
 
     /// Records an accepted counter (`accepts` returned true for it).
     fn mark(&mut self, counter: u64) {
         if counter > self.top {
-            let shift = counter - self.top;
-            self.top = counter;
-            if shift >= REPLAY_WINDOW {
+            let (from, to) = (self.top / 64, counter / 64);
+            if to - from >= WINDOW_WORDS as u64 {
                 self.bits = [0; WINDOW_WORDS];
             } else {
-                let (words, bits) = ((shift / 64) as usize, (shift % 64) as u32);
-                for i in (0..WINDOW_WORDS).rev() {
-                    let hi = if i >= words { self.bits[i - words] } else { 0 };
-                    let lo = if i > words { self.bits[i - words - 1] } else { 0 };
-                    self.bits[i] = if bits == 0 { hi } else { (hi << bits) | (lo >> (64 - bits)) };
+                // The words entered now held counters a whole bitmap older: stale.
+                for w in from + 1..=to {
+                    self.bits[Self::word(w * 64)] = 0;
                 }
             }
+            self.top = counter;
         }
-        let d = self.top - counter;
-        self.bits[(d / 64) as usize] |= 1 << (d % 64);
+        self.set(counter);
     }
 }
 
