@@ -191,6 +191,9 @@ fn responder(
             // A status question only makes sense live: a joiner must not answer the requests it finds still
             // retained by the querier (their replies would be discarded anyway).
             .late_join(LateJoin::Next)
+            // Subscribed from the start, so a query that arrives while this thread is still setting up is
+            // answered rather than lost (the node is a member, and so expected to answer, from its start).
+            .subscribe("status.query")
             .build()
             .map_err(|e| e.to_string())?;
         let mut sub = node.subscribe("status.query").map_err(|e| e.to_string())?;

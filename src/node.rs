@@ -134,6 +134,8 @@ pub struct NodeBuilder {
     session: Option<u64>,
     local_delivery: bool,
     local_only: bool,
+    /// Filters subscribed from the start.
+    subscriptions: Vec<String>,
     /// Where to serve counters; an empty path means the default directory.
     counters_dir: Option<PathBuf>,
 }
@@ -152,6 +154,7 @@ impl Default for NodeBuilder {
             session: None,
             local_delivery: false,
             local_only: false,
+            subscriptions: Vec::new(),
             counters_dir: None,
         }
     }
@@ -290,6 +293,15 @@ impl NodeBuilder {
     /// off). They arrive with this node's session, in the order they were published.
     pub fn local_delivery(mut self, on: bool) -> Self {
         self.local_delivery = on;
+        self
+    }
+
+    /// Subscribes to `filter` from the node's start, before it announces itself to the group, so that no
+    /// message on those topics can arrive before the subscription exists (a request to every member, for
+    /// example). Take the subscriber with [`Node::subscribe`] and the same filter. A filter that is not
+    /// valid makes `build` fail.
+    pub fn subscribe(mut self, filter: &str) -> Self {
+        self.subscriptions.push(filter.to_owned());
         self
     }
 
@@ -498,11 +510,21 @@ impl NodeBuilder {
         let (publisher, inlet) = factory.publisher_pair();
         let (subscriber, outlet) = factory.subscriber_pair(None);
         subscriber.handle.custody.store(HELD, Ordering::SeqCst);
+        let mut preset = Vec::new();
+        let mut preset_outlets = Vec::new();
+        for f in &self.subscriptions {
+            let filter = parse_filter(f, protocol.node_id)?;
+            let (sub, outlet) = factory.subscriber_pair(Some(filter));
+            sub.handle.custody.store(HELD, Ordering::SeqCst);
+            preset.push((f.clone(), sub));
+            preset_outlets.push(outlet);
+        }
         shared.keys.init(protocol.encryption.clone());
         let parts = EngineParts {
             endpoint,
             inlet,
             outlet,
+            preset: preset_outlets,
             commands: commands_rx,
             local_delivery: self.local_delivery,
             ring_bytes: self.ring_bytes,
@@ -511,7 +533,7 @@ impl NodeBuilder {
             loss: self.loss.map(|(p, seed)| LossInjector::new(p, seed)),
             backend_reason: String::new(),
         };
-        Ok((parts, Handles { publisher, subscriber, factory }))
+        Ok((parts, Handles { publisher, subscriber, preset, factory }))
     }
 }
 
@@ -530,7 +552,17 @@ fn identity(info: &NodeInfo, protocol: &Config) -> Identity {
 struct Handles {
     publisher: Publisher,
     subscriber: Subscriber,
+    preset: Vec<(String, Subscriber)>,
     factory: HandleFactory,
+}
+
+/// Parses a subscription filter and refuses another node's private topics.
+fn parse_filter(filter: &str, node_id: u64) -> Result<Filter, Error> {
+    let filter = Filter::new(filter)?;
+    if filter.names_foreign_private(node_id) {
+        return Err(FilterError::Private(filter.as_str().to_owned()).into());
+    }
+    Ok(filter)
 }
 
 /// Makes publisher and subscriber handles with their engine ends, and hands new ones to a running engine.
@@ -698,6 +730,8 @@ pub struct Node {
     info: NodeInfo,
     publisher: Option<Publisher>,
     subscriber: Option<Subscriber>,
+    /// Subscribers made by `NodeBuilder::subscribe`, not yet taken.
+    preset: Vec<(String, Subscriber)>,
     factory: HandleFactory,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
@@ -723,6 +757,7 @@ impl Node {
             info,
             publisher: Some(h.publisher),
             subscriber: Some(h.subscriber),
+            preset: h.preset,
             shared: h.factory.shared.clone(),
             factory: h.factory,
             thread,
@@ -763,17 +798,20 @@ impl Node {
         custody.compare_exchange(HELD, TAKEN, Ordering::SeqCst, Ordering::SeqCst).ok().map(|_| subscriber)
     }
 
-    /// A new subscriber for the topics `filter` selects (see [`topic`](crate::topic) for the rules);
-    /// filtering happens in the engine. It also receives every loss and event. Messages that arrive after
-    /// this returns are delivered to it (on a node built with `build_driven`: after the next duty cycle).
-    /// If the catch-all [`subscriber`](Self::subscriber) has not been taken by then, it is dropped, since
-    /// nobody would ever poll it.
+    /// A subscriber for the topics `filter` selects (see [`topic`](crate::topic) for the rules); filtering
+    /// happens in the engine. It also receives every loss and event. If the builder subscribed to the same
+    /// filter ([`NodeBuilder::subscribe`]), that subscriber is returned, holding everything since the
+    /// node's start. Otherwise a new one receives the messages that arrive after this returns (on a node
+    /// built with `build_driven`: after the next duty cycle).
     pub fn subscribe(&mut self, filter: &str) -> Result<Subscriber, Error> {
-        let filter = Filter::new(filter)?;
-        if filter.names_foreign_private(self.info.node_id) {
-            return Err(FilterError::Private(filter.as_str().to_owned()).into());
+        if let Some(i) = self.preset.iter().position(|(f, _)| f == filter) {
+            let (_, sub) = self.preset.swap_remove(i);
+            // A preset nobody took while its ring filled was given up: make a fresh one instead.
+            if sub.handle.custody.compare_exchange(HELD, TAKEN, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                return Ok(sub);
+            }
         }
-        self.subscriber = None;
+        let filter = parse_filter(filter, self.info.node_id)?;
         let (subscriber, outlet) = self.factory.subscriber_pair(Some(filter));
         let handle = subscriber.handle.clone();
         self.factory.attach(Command::AddOutlet(outlet), &handle, self.engine.is_none())?;

@@ -40,8 +40,9 @@ pub struct Gathered {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expect {
     /// When every node alive on the group (as known at that moment, so late joiners count) has replied.
-    /// A node is a member from its start, a moment before its application can subscribe to the request's
-    /// topic: a request that reaches it in between is not delivered, and the node is reported missing.
+    /// A node is a member from its start: responders should subscribe on the builder
+    /// ([`NodeBuilder::subscribe`](crate::NodeBuilder::subscribe)), or a request that reaches one before its
+    /// application subscribed is not delivered to it, and it is reported missing.
     AllPeers,
     /// When this many distinct nodes have replied.
     Count(usize),

@@ -64,6 +64,7 @@ fn topics_are_filtered_in_the_engine(backend: BackendChoice) {
     let mut errors = rx.subscribe("logs.*.error").unwrap();
     let mut metrics = rx.subscribe("metrics.*").unwrap();
     let mut deaf_node = builder(backend, group).build().unwrap();
+    drop(deaf_node.subscriber()); // no catch-all: only the filter below
     let _deaf = deaf_node.subscribe("nothing.matches.this").unwrap();
 
     let mut tx = builder(backend, group).build().unwrap();
@@ -378,4 +379,40 @@ fn a_node_that_never_subscribes_does_not_hold_senders_back() {
         got += count_messages(&mut sub);
     }
     assert!(quiet.subscriber().is_none(), "the abandoned catch-all is not handed out");
+}
+
+/// A subscription made on the builder exists before the node announces itself: a request that arrives
+/// before the application takes the subscriber is held for it and answered.
+#[test]
+fn builder_subscriptions_hold_what_arrives_before_they_are_taken() {
+    let group = unique_group();
+    assert!(matches!(Node::builder().subscribe("a..b").build(), Err(blip::Error::Topic(_))));
+    let mut responder = builder(BackendChoice::Poll, group).node_id(0x21).subscribe("status.query").build().unwrap();
+    let mut asker = builder(BackendChoice::Poll, group).node_id(0x22).build().unwrap();
+    let mut requester = asker.requester().unwrap();
+    wait_peers(&asker, 1);
+    let gather = std::thread::spawn(move || requester.scatter("status.query", b"?", Expect::AllPeers, WAIT).unwrap());
+    // The request reached the responder's engine and was routed into the preset subscriber's ring.
+    let deadline = Instant::now() + WAIT;
+    while responder.stats().protocol.messages_delivered == 0 || responder.stats().unmatched > 0 {
+        assert!(Instant::now() < deadline, "request never arrived: {:?}", responder.stats());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut sub = responder.subscribe("status.query").unwrap();
+    let mut publisher = responder.publisher().unwrap();
+    let deadline = Instant::now() + WAIT;
+    let mut answered = false;
+    while !answered {
+        assert!(Instant::now() < deadline, "the held request was never delivered");
+        sub.wait(Duration::from_millis(20));
+        sub.poll(usize::MAX, |r| {
+            if let Received::Message(m) = r {
+                publisher.reply(&m, b"here").unwrap();
+                answered = true;
+            }
+        });
+    }
+    let g = gather.join().unwrap();
+    assert!(g.complete && g.missing.is_empty(), "{g:?}");
+    assert_eq!(g.replies[0].from, 0x21);
 }

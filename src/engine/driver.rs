@@ -114,16 +114,17 @@ pub(crate) struct HandleShared {
     pub(crate) blocked: AtomicBool,
     /// The engine has taken the handle into its loop.
     pub(crate) attached: AtomicBool,
-    /// Who has a subscriber: [`TAKEN`] (the application; every handle but the node's catch-all starts so),
-    /// [`HELD`] (the node, not yet taken) or [`ABANDONED`] (the engine gave it up).
+    /// Who has a subscriber: [`TAKEN`] (the application; subscribers made by `Node::subscribe` start so),
+    /// [`HELD`] (the node: its catch-all and the builder's subscriptions until taken) or [`ABANDONED`] (the
+    /// engine gave it up).
     pub(crate) custody: AtomicU8,
 }
 
 /// A subscriber in the application's hands.
 pub(crate) const TAKEN: u8 = 0;
-/// The catch-all subscriber while the node still holds it: nobody polls it.
+/// A subscriber the node still holds (the catch-all, or a builder subscription): nobody polls it.
 pub(crate) const HELD: u8 = 1;
-/// A held catch-all whose ring filled: the engine stopped delivering to it.
+/// A held subscriber whose ring filled: the engine stopped delivering to it.
 pub(crate) const ABANDONED: u8 = 2;
 
 /// The engine's end of a publisher.
@@ -271,7 +272,10 @@ const STATS_INTERVAL: Duration = Duration::from_millis(50);
 pub(crate) struct EngineParts {
     pub(crate) endpoint: Endpoint,
     pub(crate) inlet: Inlet,
+    /// The catch-all subscriber's end.
     pub(crate) outlet: Outlet,
+    /// Subscriptions made on the builder, there from the start.
+    pub(crate) preset: Vec<Outlet>,
     pub(crate) commands: mpsc::Receiver<Command>,
     pub(crate) local_delivery: bool,
     /// Bytes of each subscriber ring (all rings have the same size).
@@ -294,12 +298,17 @@ impl Engine {
         debug_assert!(parts.ring_bytes >= parts.outlet.ring.max_record());
         parts.inlet.shared.attached.store(true, Ordering::SeqCst);
         parts.outlet.shared.attached.store(true, Ordering::SeqCst);
+        let mut outlets = vec![parts.outlet];
+        for o in parts.preset {
+            o.shared.attached.store(true, Ordering::SeqCst);
+            outlets.push(o);
+        }
         Engine {
             backend,
             endpoint: parts.endpoint,
             inlets: vec![parts.inlet],
             router: Router {
-                outlets: vec![parts.outlet],
+                outlets,
                 counters: EngineCounters::default(),
                 node_id,
                 inline_max: inline_max.min(64 * 1024),
