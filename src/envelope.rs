@@ -88,7 +88,16 @@ impl<'a> Envelope<'a> {
     pub const PLAIN: Envelope<'static> = Envelope { topic: "", target: None, kind: Kind::Plain };
 
     /// Splits a message into its envelope and payload. Total: never panics.
+    #[inline]
     pub fn parse(msg: &'a [u8]) -> Result<(Envelope<'a>, &'a [u8]), EnvelopeError> {
+        // Most messages carry no topic and no options: two zero bytes, checked before anything else.
+        if let [0, 0, payload @ ..] = msg {
+            return Ok((Envelope::PLAIN, payload));
+        }
+        Envelope::parse_full(msg)
+    }
+
+    fn parse_full(msg: &'a [u8]) -> Result<(Envelope<'a>, &'a [u8]), EnvelopeError> {
         let mut r = Reader(msg);
         let flags = r.u8()?;
         if flags & !(FLAG_DIRECTED | FLAG_REQUEST | FLAG_REPLY) != 0

@@ -962,13 +962,42 @@ pub struct Publisher {
 
 impl Publisher {
     /// Queues a message without topic, without blocking.
+    #[inline]
     pub fn try_send(&mut self, msg: &[u8]) -> Result<(), SendError> {
-        self.try_send_with(&Envelope::PLAIN, msg)
+        if self.shared.closed.load(Ordering::Relaxed) {
+            return Err(SendError::Closed);
+        }
+        let total = envelope::MIN_ENVELOPE_LEN + msg.len();
+        if total > self.ring.max_record() || total > self.max_message {
+            return self.try_send_with(&Envelope::PLAIN, msg);
+        }
+        // The common case, without the general envelope code: two zero bytes, then the message. A small one
+        // is assembled on the stack and pushed in one copy: measured here, writing the two bytes and then
+        // the message into the ring made the whole 64-byte pipeline about 20 % slower.
+        let ok = if total <= 256 {
+            let mut tmp = [0u8; 256];
+            tmp[envelope::MIN_ENVELOPE_LEN..total].copy_from_slice(msg);
+            self.ring.push(IN_MESSAGE, &tmp[..total])
+        } else {
+            let Some(mut c) = self.ring.claim(total) else { return Err(SendError::Full) };
+            c[..envelope::MIN_ENVELOPE_LEN].fill(0);
+            c[envelope::MIN_ENVELOPE_LEN..].copy_from_slice(msg);
+            c.commit(IN_MESSAGE);
+            true
+        };
+        if !ok {
+            return Err(SendError::Full);
+        }
+        self.shared.wake_engine();
+        Ok(())
     }
 
     /// Queues a message without topic, waiting while the ring is full (back-pressure).
     pub fn send(&mut self, msg: &[u8]) -> Result<(), SendError> {
-        self.send_with(&Envelope::PLAIN, msg)
+        match self.try_send(msg) {
+            Err(SendError::Full) => self.send_with(&Envelope::PLAIN, msg),
+            other => other,
+        }
     }
 
     /// Queues a message without topic, waiting at most `timeout` for room.
@@ -1144,22 +1173,36 @@ pub struct Message<'a> {
     pub topic: &'a str,
     /// The bytes, borrowed until the subscriber's handler returns.
     pub payload: &'a [u8],
-    /// Whether it was addressed to this node alone.
-    pub directed: bool,
-    /// Plain message, request or reply.
-    pub kind: envelope::Kind<'a>,
+    /// The whole message, envelope first: the rarely needed parts of the envelope are read from it on
+    /// demand, which keeps this value small on the hot path.
+    message: &'a [u8],
 }
 
 impl<'a> Message<'a> {
-    fn parse(session: u64, seq: u64, msg: &'a [u8]) -> Option<Message<'a>> {
+    #[inline]
+    fn parse(session: u64, seq: u64, message: &'a [u8]) -> Option<Message<'a>> {
         // The engine parsed the envelope before routing, so this does not fail.
-        let (env, payload) = Envelope::parse(msg).ok()?;
-        Some(Message { session, seq, topic: env.topic, payload, directed: env.target.is_some(), kind: env.kind })
+        let (env, payload) = Envelope::parse(message).ok()?;
+        Some(Message { session, seq, topic: env.topic, payload, message })
+    }
+
+    fn envelope(&self) -> Envelope<'a> {
+        Envelope::parse(self.message).map(|(env, _)| env).unwrap_or(Envelope::PLAIN)
+    }
+
+    /// Plain message, request or reply.
+    pub fn kind(&self) -> envelope::Kind<'a> {
+        self.envelope().kind
+    }
+
+    /// Whether it was addressed to this node alone.
+    pub fn is_directed(&self) -> bool {
+        self.envelope().target.is_some()
     }
 
     /// If this is a request: its identity and where replies go (answer with [`Publisher::reply`]).
     pub fn request(&self) -> Option<(RequestId, &'a str)> {
-        match self.kind {
+        match self.kind() {
             envelope::Kind::Request { id, reply_topic } => Some((id, reply_topic)),
             _ => None,
         }

@@ -119,7 +119,7 @@ impl Requester {
         let complete = loop {
             self.replies.poll(usize::MAX, |r| {
                 if let Received::Message(m) = r
-                    && let Kind::Reply { correlation: c, replier } = m.kind
+                    && let Kind::Reply { correlation: c, replier } = m.kind()
                     && c == correlation
                     && seen.insert(replier)
                 {

@@ -145,7 +145,11 @@ pub(crate) struct Outlet {
 }
 
 impl Outlet {
+    #[inline]
     fn accepts(&self, topic: &str, node_id: u64) -> bool {
+        if topic.is_empty() {
+            return self.filter.is_none();
+        }
         match &self.filter {
             None => topic::private_owner(topic).is_none_or(|owner| owner == node_id),
             Some(f) => !topic.is_empty() && f.matches(topic),
