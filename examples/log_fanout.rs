@@ -20,14 +20,17 @@
 //! Exit code 0 and a final `log_fanout: OK` line on success; a message and exit code 1 otherwise.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::process::ExitCode;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use blip::topic::Filter;
-use blip::{BackendChoice, Node, NodeBuilder, Received, Subscriber};
+use blip::{Received, Subscriber};
+
+#[path = "common/mod.rs"]
+mod common;
+use common::Args;
 
 const APPS: &[&str] = &["web", "db", "auth", "cache", "billing", "search", "mail", "queue"];
 /// One line in five is an error, so the error collectors see a real subset.
@@ -223,64 +226,4 @@ fn collect(
         });
     }
     Ok(Report { filter: filter.to_string(), lines: received as u64, loggers: streams.iter().flatten().count() })
-}
-
-/// Where the nodes meet: every node of the example joins this group on loopback with TTL 0.
-struct Net {
-    group: IpAddr,
-    port: u16,
-    backend: BackendChoice,
-}
-
-impl Net {
-    fn builder(&self) -> NodeBuilder {
-        Node::builder().group(self.group).port(self.port).backend(self.backend)
-    }
-}
-
-/// `--name value` pairs, std only.
-struct Args(Vec<(String, String)>);
-
-impl Args {
-    /// Parses the command line, accepting `--group`, `--port`, `--backend` and the `extra` names.
-    fn parse(extra: &[&str]) -> Result<Args, String> {
-        let mut it = std::env::args().skip(1);
-        let mut pairs = Vec::new();
-        while let Some(arg) = it.next() {
-            if arg == "--help" || arg == "-h" {
-                let names: Vec<String> = extra.iter().map(|n| format!("[--{n} N]")).collect();
-                println!("options: [--group ADDR] [--port N] [--backend auto|poll|uring] {}", names.join(" "));
-                std::process::exit(0);
-            }
-            let name = arg.strip_prefix("--").ok_or_else(|| format!("unexpected argument {arg:?}"))?;
-            if !["group", "port", "backend"].contains(&name) && !extra.contains(&name) {
-                return Err(format!("unknown option --{name} (try --help)"));
-            }
-            let value = it.next().ok_or_else(|| format!("--{name} needs a value"))?;
-            pairs.push((name.to_owned(), value));
-        }
-        Ok(Args(pairs))
-    }
-
-    fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, String> {
-        match self.0.iter().rev().find(|(k, _)| k == name) {
-            Some((_, v)) => v.parse().map_err(|_| format!("--{name}: cannot parse {v:?}")),
-            None => Ok(default),
-        }
-    }
-
-    fn net(&self, group: &str, port: u16) -> Result<Net, String> {
-        let group: IpAddr = self.get("group", group.parse().expect("default group"))?;
-        // Examples stay in the administratively scoped block; the node defaults keep TTL 0 and loopback.
-        if !matches!(group, IpAddr::V4(g) if g.octets()[..2] == [239, 255]) {
-            return Err(format!("--group {group}: use an address in 239.255.0.0/16"));
-        }
-        let backend = match self.get("backend", String::from("auto"))?.as_str() {
-            "auto" => BackendChoice::Auto,
-            "poll" => BackendChoice::Poll,
-            "uring" => BackendChoice::Uring,
-            other => return Err(format!("--backend {other}: expected auto, poll or uring")),
-        };
-        Ok(Net { group, port: self.get("port", port)?, backend })
-    }
 }

@@ -38,7 +38,6 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
-use std::net::IpAddr;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
@@ -46,7 +45,11 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use blip::proto::LateJoin;
-use blip::{BackendChoice, Expect, Node, NodeBuilder, Received, Subscriber};
+use blip::{Expect, Node, Received, Subscriber};
+
+#[path = "common/mod.rs"]
+mod common;
+use common::{Args, Net};
 
 const ANNOUNCE: Duration = Duration::from_millis(100);
 const MEMBER_TIMEOUT: Duration = Duration::from_secs(1);
@@ -421,66 +424,5 @@ impl Replica {
             }
         }
         Ok(r)
-    }
-}
-
-/// Where the nodes meet: every node of the example joins this group on loopback with TTL 0.
-#[derive(Clone, Copy)]
-struct Net {
-    group: IpAddr,
-    port: u16,
-    backend: BackendChoice,
-}
-
-impl Net {
-    fn builder(&self) -> NodeBuilder {
-        Node::builder().group(self.group).port(self.port).backend(self.backend)
-    }
-}
-
-/// `--name value` pairs, std only.
-struct Args(Vec<(String, String)>);
-
-impl Args {
-    /// Parses the command line, accepting `--group`, `--port`, `--backend` and the `extra` names.
-    fn parse(extra: &[&str]) -> Result<Args, String> {
-        let mut it = std::env::args().skip(1);
-        let mut pairs = Vec::new();
-        while let Some(arg) = it.next() {
-            if arg == "--help" || arg == "-h" {
-                let names: Vec<String> = extra.iter().map(|n| format!("[--{n} N]")).collect();
-                println!("options: [--group ADDR] [--port N] [--backend auto|poll|uring] {}", names.join(" "));
-                std::process::exit(0);
-            }
-            let name = arg.strip_prefix("--").ok_or_else(|| format!("unexpected argument {arg:?}"))?;
-            if !["group", "port", "backend"].contains(&name) && !extra.contains(&name) {
-                return Err(format!("unknown option --{name} (try --help)"));
-            }
-            let value = it.next().ok_or_else(|| format!("--{name} needs a value"))?;
-            pairs.push((name.to_owned(), value));
-        }
-        Ok(Args(pairs))
-    }
-
-    fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, String> {
-        match self.0.iter().rev().find(|(k, _)| k == name) {
-            Some((_, v)) => v.parse().map_err(|_| format!("--{name}: cannot parse {v:?}")),
-            None => Ok(default),
-        }
-    }
-
-    fn net(&self, group: &str, port: u16) -> Result<Net, String> {
-        let group: IpAddr = self.get("group", group.parse().expect("default group"))?;
-        // Examples stay in the administratively scoped block; the node defaults keep TTL 0 and loopback.
-        if !matches!(group, IpAddr::V4(g) if g.octets()[..2] == [239, 255]) {
-            return Err(format!("--group {group}: use an address in 239.255.0.0/16"));
-        }
-        let backend = match self.get("backend", String::from("auto"))?.as_str() {
-            "auto" => BackendChoice::Auto,
-            "poll" => BackendChoice::Poll,
-            "uring" => BackendChoice::Uring,
-            other => return Err(format!("--backend {other}: expected auto, poll or uring")),
-        };
-        Ok(Net { group, port: self.get("port", port)?, backend })
     }
 }
