@@ -378,6 +378,7 @@ impl NodeBuilder {
         }
         let (mut protocol, kind, reason, session) = self.prepare()?;
         let sockets = net::open(&self.sockets)?;
+        ignore_own_packets(&sockets, session);
         let report = sockets.report.clone();
         fit_receive_buffer(&mut protocol, &report);
         let (mut parts, handles) = self.channels(protocol.clone(), session)?;
@@ -476,6 +477,7 @@ impl NodeBuilder {
     pub fn build_driven(self) -> Result<Node, Error> {
         let (mut protocol, kind, reason, session) = self.prepare()?;
         let sockets = net::open(&self.sockets)?;
+        ignore_own_packets(&sockets, session);
         let report = sockets.report.clone();
         fit_receive_buffer(&mut protocol, &report);
         let (mut parts, handles) = self.channels(protocol.clone(), session)?;
@@ -639,6 +641,14 @@ fn fit_receive_buffer(protocol: &mut Config, sockets: &SocketReport) {
     if fits < protocol.receive_buffer {
         log::debug!("blip: receive_buffer {} lowered to {fits}, what the socket holds", protocol.receive_buffer);
         protocol.receive_buffer = fits;
+    }
+}
+
+/// Has the kernel drop this node's own multicast packets looped back to its group socket, so they are
+/// never copied out (the protocol would only drop them). Not fatal if the filter cannot be attached.
+fn ignore_own_packets(sockets: &net::NodeSockets, session: u64) {
+    if let Err(e) = net::drop_own_packets(&sockets.group, session) {
+        log::debug!("blip: own-packet socket filter not attached ({e}); the protocol drops them instead");
     }
 }
 

@@ -394,3 +394,22 @@ fn access_list_filters_by_source_network() {
     let s = deaf.stats().protocol;
     assert_eq!((s.datagrams_received, s.messages_delivered), (0, 0), "a denied source got through: {s:?}");
 }
+
+/// A node's own multicast packets, looped back to its group socket, are dropped by a socket filter in the
+/// kernel (never copied out): the protocol sees none of them, while another node hears everything.
+#[cfg(target_os = "linux")]
+#[test]
+fn own_packets_are_dropped_in_the_kernel() {
+    let group = unique_group();
+    let mut rx = builder(BackendChoice::Poll, group).build().unwrap();
+    let mut tx = builder(BackendChoice::Poll, group).build().unwrap();
+    let mut sub = rx.subscriber().unwrap();
+    let mut publisher = tx.publisher().unwrap();
+    let mut own = tx.subscriber().unwrap();
+    handshake(&mut publisher, &mut own, 1, 64);
+    send_rest(&mut publisher, 2_000, 64);
+    assert_perfect(&collect(&mut sub, 1, 2_000, WAIT), 2_000);
+    let stats = tx.stats().protocol;
+    assert!(stats.datagrams_sent > 50, "{stats:?}");
+    assert_eq!(stats.own_packets, 0, "own packets reached the protocol: {stats:?}");
+}

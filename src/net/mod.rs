@@ -186,6 +186,16 @@ pub fn open(cfg: &SocketConfig) -> Result<NodeSockets, NetError> {
 
 #[cfg(unix)]
 mod iface;
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod own_filter;
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub use own_filter::drop_own_packets;
+
+/// Without a socket filter, the protocol drops the node's own packets after they are read.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub fn drop_own_packets(_socket: &UdpSocket, _session: u64) -> std::io::Result<()> {
+    Ok(())
+}
 #[cfg(unix)]
 mod sockets;
 
