@@ -176,6 +176,23 @@ fn membership_join_and_leave() {
     assert!(net.nodes[a].1.members().is_empty());
 }
 
+/// A receiver that says goodbye stops counting for flow control at once, not after `receiver_timeout`.
+#[test]
+fn a_leaving_receiver_is_forgotten_by_the_sender_at_once() {
+    let mut net = Net::new();
+    let a = net.add(1, 10);
+    let b = net.add(2, 20);
+    net.send(a, b"hello");
+    net.advance(Duration::from_millis(300));
+    assert_eq!(net.messages(b).len(), 1);
+    assert!(net.events(a).contains(&Event::ReceiverJoined { session: 20 }));
+    assert_eq!(net.nodes[a].1.receivers(), 1);
+    net.nodes[b].1.close(net.now);
+    net.pump();
+    assert_eq!(net.nodes[a].1.receivers(), 0);
+    assert!(net.events(a).contains(&Event::ReceiverGone { session: 20 }));
+}
+
 #[test]
 fn silent_member_expires() {
     let mut net = Net::new();

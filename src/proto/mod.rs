@@ -40,7 +40,9 @@ pub use peers::{PeerCounters, PeerRole, PeerStats};
 pub use seal::{KEY_LEN, KeyError, Keyring, MAX_KEYS, REPLAY_WINDOW};
 pub use sender::STRANGER_SHARE;
 
-use crate::wire::{FLAG_SEALED, Header, Kind, MAX_NAK_RANGES, MemberRepr, NakRepr, Packet, SeqRange, StatusRepr};
+use crate::wire::{
+    FLAG_SEALED, Header, Kind, MAX_NAK_RANGES, MemberRepr, MemberState, NakRepr, Packet, SeqRange, StatusRepr,
+};
 use receiver::{Step, Stream};
 use rng::Rng;
 use sender::Sender;
@@ -512,6 +514,9 @@ impl Endpoint {
                 }
             }
             Packet::Member(m) => {
+                if m.repr.state == MemberState::Leaving {
+                    self.sender.forget_receiver(header.session, &mut self.events);
+                }
                 if !self.members.handle(now, header.session, &m.repr, &mut self.events) {
                     self.stats.over_limit += 1;
                 }

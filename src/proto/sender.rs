@@ -375,6 +375,16 @@ impl Sender {
         });
     }
 
+    /// Forgets a receiver that said it is leaving, so flow control stops waiting for it at once rather
+    /// than after `receiver_timeout`.
+    pub(crate) fn forget_receiver(&mut self, session: u64, events: &mut VecDeque<Event>) {
+        let before = self.receivers.len();
+        self.receivers.retain(|r| r.session != session);
+        if self.receivers.len() < before {
+            events.push_back(Event::ReceiverGone { session });
+        }
+    }
+
     /// Makes progress on a fragmented message (window space may have been freed by a STATUS).
     pub(crate) fn on_tick(&mut self, now: Instant, events: &mut VecDeque<Event>, stats: &mut Stats) {
         if self.staged_active {
