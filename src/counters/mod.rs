@@ -51,7 +51,7 @@ use std::time::Duration;
 use crate::engine::NodeStats;
 use crate::proto::{PeerCounters, PeerRole, PeerStats, Stats};
 
-pub(crate) use server::{Identity, Server, sync_members};
+pub(crate) use server::{Identity, Server};
 pub use server::{default_dir, list, read, read_timeout};
 
 /// First line of a version-1 snapshot.

@@ -24,10 +24,14 @@ impl Identity {
     /// The node's counters as the engine last published them.
     pub(crate) fn snapshot(&self, shared: &Shared) -> Snapshot {
         let stats = shared.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let (members, peers) = {
-            let t = shared.peers.lock().unwrap_or_else(|e| e.into_inner());
-            (t.members.clone(), t.peers.clone())
-        };
+        let peers = shared.peers.lock().unwrap_or_else(|e| e.into_inner()).peers.clone();
+        let members = shared
+            .members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|m| MemberInfo { node_id: m.node_id, session: m.session, name: m.name.clone() })
+            .collect();
         Snapshot {
             node_id: self.node_id,
             session: self.session,
@@ -41,24 +45,6 @@ impl Identity {
             extra: Vec::new(),
             members,
             peers,
-        }
-    }
-}
-
-/// The members list the engine publishes beside the per-peer rows.
-pub(crate) fn sync_members(out: &mut Vec<MemberInfo>, members: &[crate::proto::Member]) {
-    out.truncate(members.len());
-    for (i, m) in members.iter().enumerate() {
-        match out.get_mut(i) {
-            Some(x) => {
-                x.node_id = m.node_id;
-                x.session = m.session;
-                if x.name != m.name {
-                    // Reuses the string's buffer: publishing the same members again allocates nothing.
-                    x.name.clone_from(&m.name);
-                }
-            }
-            None => out.push(MemberInfo { node_id: m.node_id, session: m.session, name: m.name.clone() }),
         }
     }
 }

@@ -9,7 +9,6 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use super::backend::{Backend, Wake};
-use crate::counters::MemberInfo;
 use crate::envelope::Envelope;
 use crate::proto::rng::Rng;
 use crate::proto::{Delivery, Destination, Endpoint, Event, Member, PeerStats, SendError, Stats};
@@ -79,11 +78,10 @@ pub struct NodeStats {
     pub local_deliveries: u64,
 }
 
-/// The per-peer half of the published counters.
+/// The per-peer half of the published counters (the member list is `Shared::members`).
 #[derive(Default)]
 pub(crate) struct PeerTable {
     pub(crate) peers: Vec<PeerStats>,
-    pub(crate) members: Vec<MemberInfo>,
 }
 
 /// State shared between the engine and the application handles.
@@ -580,7 +578,6 @@ impl Engine {
         let mut t = self.shared.peers.lock().unwrap_or_else(|e| e.into_inner());
         t.peers.clear();
         t.peers.extend(self.endpoint.peer_stats());
-        crate::counters::sync_members(&mut t.members, self.endpoint.members());
     }
 
     /// The engine thread's loop until shutdown.
