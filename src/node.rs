@@ -402,13 +402,7 @@ impl NodeBuilder {
                     Ok(backend) => {
                         let engine = Engine::new(backend, parts);
                         let _ = ready_tx.send(Ok(()));
-                        let run = std::panic::AssertUnwindSafe(|| engine.run(idle));
-                        if std::panic::catch_unwind(run).is_err() {
-                            // Never leave the application waiting on an engine that is gone.
-                            *shared.error.lock().unwrap_or_else(|e| e.into_inner()) = Some("engine panicked".into());
-                            // Handles notice within a millisecond (their waits are bounded).
-                            shared.closed.store(true, Ordering::SeqCst);
-                        }
+                        run_engine(engine, idle, &shared);
                     }
                     Err(e) => {
                         shared.closed.store(true, Ordering::SeqCst);
@@ -447,9 +441,13 @@ impl NodeBuilder {
         let (mut parts, handles) = self.channels(protocol.clone(), session)?;
         parts.backend_reason = reason.clone();
         let idle = self.idle;
+        let shared = parts.shared.clone();
         let thread = std::thread::Builder::new()
             .name("blip-engine".into())
-            .spawn(move || Engine::new(Box::new(crate::engine::local::LocalBackend::new()), parts).run(idle))
+            .spawn(move || {
+                let engine = Engine::new(Box::new(crate::engine::local::LocalBackend::new()), parts);
+                run_engine(engine, idle, &shared);
+            })
             .map_err(|e| Error::Engine(format!("cannot spawn the engine thread: {e}")))?;
         let unspecified = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0);
         let report = SocketReport {
@@ -641,6 +639,17 @@ fn fit_receive_buffer(protocol: &mut Config, sockets: &SocketReport) {
     if fits < protocol.receive_buffer {
         log::debug!("blip: receive_buffer {} lowered to {fits}, what the socket holds", protocol.receive_buffer);
         protocol.receive_buffer = fits;
+    }
+}
+
+/// Runs an engine on the current thread until shutdown. A panic closes the node with an error instead of
+/// leaving the application waiting on an engine that is gone (handles notice within a millisecond: their
+/// waits are bounded).
+fn run_engine(engine: Engine, idle: IdleStrategy, shared: &Shared) {
+    let run = std::panic::AssertUnwindSafe(|| engine.run(idle));
+    if std::panic::catch_unwind(run).is_err() {
+        *shared.error.lock().unwrap_or_else(|e| e.into_inner()) = Some("engine panicked".into());
+        shared.closed.store(true, Ordering::SeqCst);
     }
 }
 
