@@ -73,7 +73,8 @@ pub fn handshake(publisher: &mut Publisher, own: &mut Subscriber, receivers: usi
     let mut buf = Vec::new();
     payload(0, size, &mut buf);
     publisher.send(&buf).expect("send message 0");
-    wait_events(own, receivers, Duration::from_secs(10), "receivers to report", |e| {
+    // Generous: the fault lab starts eleven scenarios of four processes each at once on two cores.
+    wait_events(own, receivers, Duration::from_secs(30), "receivers to report", |e| {
         matches!(e, Event::ReceiverJoined { .. })
     });
 }
