@@ -601,14 +601,21 @@ impl HandleFactory {
         (subscriber, Outlet { ring: tx, side: side_tx, filter, shared: handle })
     }
 
-    /// Sends a command to the engine; with `wait`, returns once the engine has taken the handle in.
-    fn attach(&self, cmd: Command, handle: &HandleShared, wait: bool) -> Result<(), Error> {
-        if self.shared.closed.load(Ordering::SeqCst) {
-            return Err(Error::Closed);
+    /// Sends a command to the engine and wakes it; false if the engine is gone.
+    fn send(&self, cmd: Command) -> bool {
+        if self.commands.send(cmd).is_err() {
+            return false;
         }
-        self.commands.send(cmd).map_err(|_| Error::Closed)?;
         self.shared.command_pending.store(true, Ordering::SeqCst);
         self.shared.wake_engine();
+        true
+    }
+
+    /// Sends a command to the engine; with `wait`, returns once the engine has taken the handle in.
+    fn attach(&self, cmd: Command, handle: &HandleShared, wait: bool) -> Result<(), Error> {
+        if self.shared.closed.load(Ordering::SeqCst) || !self.send(cmd) {
+            return Err(Error::Closed);
+        }
         if wait {
             let deadline = Instant::now() + Duration::from_secs(5);
             let closed = &self.shared.closed;
@@ -900,9 +907,10 @@ impl Node {
     }
 
     fn key_op(&self, op: KeyOp) -> Result<(), crate::proto::KeyError> {
-        self.shared.keys.request(op)?;
-        self.shared.wake_engine();
-        Ok(())
+        // A closed engine takes no more commands; the copy still says what would have been refused.
+        self.shared.keys.request(op, |op| {
+            self.factory.send(Command::Key(op));
+        })
     }
 
     /// Whether the engine has stopped (shut down or failed; see [`error`](Self::error)).

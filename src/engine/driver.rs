@@ -99,7 +99,7 @@ pub(crate) struct Shared {
     pub(crate) peers: Mutex<PeerTable>,
     pub(crate) error: Mutex<Option<String>>,
     /// Key rotation requests for the endpoint.
-    pub(crate) keys: super::keys::KeyChannel,
+    pub(crate) keys: super::keys::KeyCopy,
 }
 
 /// State one application handle (publisher or subscriber) shares with the engine.
@@ -161,6 +161,8 @@ pub(crate) enum Command {
     AddInlet(Inlet),
     /// A new subscriber.
     AddOutlet(Outlet),
+    /// A key rotation step (already checked against the application's copy of the keyring).
+    Key(super::keys::KeyOp),
 }
 
 /// An application thread that may park waiting for the engine.
@@ -355,7 +357,6 @@ impl Engine {
 
     fn poll_once(&mut self) -> io::Result<usize> {
         let mut work = self.run_commands();
-        work += self.shared.keys.apply(&mut self.endpoint);
         work += self.receive(Some(Duration::ZERO))?;
         let now = Instant::now();
         if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
@@ -372,7 +373,8 @@ impl Engine {
         Ok(work)
     }
 
-    /// Takes new publishers and subscribers into the loop, and forgets dropped ones.
+    /// Takes new publishers and subscribers into the loop, applies key operations, and forgets dropped
+    /// handles.
     fn run_commands(&mut self) -> usize {
         let mut n = 0;
         if self.shared.command_pending.swap(false, Ordering::SeqCst) {
@@ -388,6 +390,7 @@ impl Engine {
                         o.shared.waiter.notify();
                         self.router.outlets.push(o);
                     }
+                    Command::Key(op) => op.apply_to_endpoint(&mut self.endpoint),
                 }
                 n += 1;
             }
