@@ -527,7 +527,6 @@ impl NodeBuilder {
             preset: preset_outlets,
             commands: commands_rx,
             local_delivery: self.local_delivery,
-            ring_bytes: self.ring_bytes,
             shared,
             group: self.sockets.group,
             loss: self.loss.map(|(p, seed)| LossInjector::new(p, seed)),

@@ -282,8 +282,6 @@ pub(crate) struct EngineParts {
     pub(crate) preset: Vec<Outlet>,
     pub(crate) commands: mpsc::Receiver<Command>,
     pub(crate) local_delivery: bool,
-    /// Bytes of each subscriber ring (all rings have the same size).
-    pub(crate) ring_bytes: usize,
     pub(crate) shared: Arc<Shared>,
     pub(crate) group: SocketAddr,
     pub(crate) loss: Option<LossInjector>,
@@ -299,7 +297,6 @@ impl Engine {
         let max_datagram = parts.endpoint.config().max_datagram;
         let inline_max = parts.outlet.ring.max_record() - OUT_HEADER;
         let node_id = parts.endpoint.config().node_id;
-        debug_assert!(parts.ring_bytes >= parts.outlet.ring.max_record());
         parts.inlet.shared.attached.store(true, Ordering::SeqCst);
         parts.outlet.shared.attached.store(true, Ordering::SeqCst);
         let mut outlets = vec![parts.outlet];
