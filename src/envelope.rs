@@ -94,10 +94,21 @@ impl<'a> Envelope<'a> {
         if let [0, 0, payload @ ..] = msg {
             return Ok((Envelope::PLAIN, payload));
         }
-        Envelope::parse_full(msg)
+        Envelope::parse_full(msg, true)
     }
 
-    fn parse_full(msg: &'a [u8]) -> Result<(Envelope<'a>, &'a [u8]), EnvelopeError> {
+    /// Like [`parse`](Self::parse) for a message the engine has already parsed and routed: topic names are
+    /// not checked against the naming rules again (only as UTF-8), which saves a subscriber repeating the
+    /// engine's work on every message.
+    #[inline]
+    pub(crate) fn parse_routed(msg: &'a [u8]) -> Result<(Envelope<'a>, &'a [u8]), EnvelopeError> {
+        if let [0, 0, payload @ ..] = msg {
+            return Ok((Envelope::PLAIN, payload));
+        }
+        Envelope::parse_full(msg, false)
+    }
+
+    fn parse_full(msg: &'a [u8], check_names: bool) -> Result<(Envelope<'a>, &'a [u8]), EnvelopeError> {
         let mut r = Reader(msg);
         let flags = r.u8()?;
         if flags & !(FLAG_DIRECTED | FLAG_REQUEST | FLAG_REPLY) != 0
@@ -112,7 +123,7 @@ impl<'a> Envelope<'a> {
             let origin = r.u64()?;
             if flags & FLAG_REQUEST != 0 {
                 let len = r.u8()? as usize;
-                let reply_topic = topic_str(r.take(len)?)?;
+                let reply_topic = topic_str(r.take(len)?, check_names)?;
                 Kind::Request { id: RequestId { correlation, requester: origin }, reply_topic }
             } else {
                 Kind::Reply { correlation, replier: origin }
@@ -120,7 +131,7 @@ impl<'a> Envelope<'a> {
         } else {
             Kind::Plain
         };
-        let topic = if topic_len == 0 { "" } else { topic_str(r.take(topic_len)?)? };
+        let topic = if topic_len == 0 { "" } else { topic_str(r.take(topic_len)?, check_names)? };
         Ok((Envelope { topic, target, kind }, r.0))
     }
 
@@ -194,9 +205,11 @@ impl<'a> Envelope<'a> {
     }
 }
 
-fn topic_str(bytes: &[u8]) -> Result<&str, EnvelopeError> {
+fn topic_str(bytes: &[u8], check_name: bool) -> Result<&str, EnvelopeError> {
     let s = std::str::from_utf8(bytes).map_err(|_| EnvelopeError::Topic)?;
-    topic::validate_topic(s).map_err(|_| EnvelopeError::Topic)?;
+    if check_name {
+        topic::validate_topic(s).map_err(|_| EnvelopeError::Topic)?;
+    }
     Ok(s)
 }
 
@@ -235,6 +248,7 @@ mod tests {
         let (parsed, rest) = Envelope::parse(&buf).unwrap();
         assert_eq!(parsed, e);
         assert_eq!(rest, payload);
+        assert_eq!(Envelope::parse_routed(&buf), Ok((e, payload)));
     }
 
     #[test]

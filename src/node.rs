@@ -1208,12 +1208,12 @@ impl<'a> Message<'a> {
     #[inline]
     fn parse(session: u64, seq: u64, message: &'a [u8]) -> Option<Message<'a>> {
         // The engine parsed the envelope before routing, so this does not fail.
-        let (env, payload) = Envelope::parse(message).ok()?;
+        let (env, payload) = Envelope::parse_routed(message).ok()?;
         Some(Message { session, seq, topic: env.topic, payload, message })
     }
 
     fn envelope(&self) -> Envelope<'a> {
-        Envelope::parse(self.message).map(|(env, _)| env).unwrap_or(Envelope::PLAIN)
+        Envelope::parse_routed(self.message).map(|(env, _)| env).unwrap_or(Envelope::PLAIN)
     }
 
     /// Plain message, request or reply.
