@@ -505,7 +505,7 @@ impl NodeBuilder {
             ring_bytes: self.ring_bytes,
             max_message: protocol.max_message,
             node_id: protocol.node_id,
-            next_private: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            next_private: 0,
         };
         let (publisher, inlet) = factory.publisher_pair();
         let (subscriber, outlet) = factory.subscriber_pair(None);
@@ -565,7 +565,6 @@ fn parse_filter(filter: &str, node_id: u64) -> Result<Filter, Error> {
 }
 
 /// Makes publisher and subscriber handles with their engine ends, and hands new ones to a running engine.
-#[derive(Clone)]
 struct HandleFactory {
     shared: Arc<Shared>,
     commands: mpsc::Sender<Command>,
@@ -573,7 +572,7 @@ struct HandleFactory {
     max_message: usize,
     node_id: u64,
     /// Numbers the private reply topics of requesters.
-    next_private: Arc<std::sync::atomic::AtomicU64>,
+    next_private: u64,
 }
 
 impl HandleFactory {
@@ -845,7 +844,8 @@ impl Node {
 
     /// A scatter-gather and request/reply helper with its own publisher and a private reply topic.
     pub fn requester(&mut self) -> Result<Requester, Error> {
-        let k = self.factory.next_private.fetch_add(1, Ordering::Relaxed);
+        let k = self.factory.next_private;
+        self.factory.next_private += 1;
         let reply_topic = topic::private_topic(self.info.node_id, &format!("reply.{k}"))?;
         let replies = self.subscribe(&reply_topic)?;
         let publisher = self.publisher().ok_or(Error::Closed)?;

@@ -615,9 +615,9 @@ impl Endpoint {
         if let Some(len) = self.sender.poll_transmit(now, buf, &mut self.events, &mut self.stats) {
             return Some(Transmit { len, destination: Destination::Group });
         }
+        let header = self.header(Kind::Status);
         for s in self.streams.iter_mut() {
             if let Some(next_expected) = s.take_status(now, &self.config) {
-                let header = Header { kind: Kind::Status, flags: 0, stream: self.config.stream, session: self.session };
                 let status =
                     StatusRepr { target_session: s.session, next_expected, buffer_capacity: s.buffer_capacity() };
                 let len = status.emit(&header, buf).ok()?;
