@@ -5,7 +5,9 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use blip::proto::{Config, ConfigError, Delivery, Destination, Endpoint, KEY_LEN, KeyError, Keyring, MIN_DATAGRAM};
+use blip::proto::{
+    Cipher, Config, ConfigError, Delivery, Destination, Endpoint, KEY_LEN, KeyError, Keyring, MIN_DATAGRAM,
+};
 use blip::sim::{self, LinkConfig, SimConfig};
 use blip::wire::{DataWriter, FLAG_SEALED, FRAME_FIRST, FRAME_LAST, Header, Kind, SEAL_OVERHEAD};
 use proptest::prelude::*;
@@ -141,21 +143,24 @@ fn assert_all_in_order(net: &Net, rx: usize, session: u64, count: u64) {
 
 #[test]
 fn lossy_sealed_transfer_delivers_everything_in_order() {
-    let link = LinkConfig { loss: 0.05, jitter: Duration::from_micros(200), duplicate: 0.02, ..LinkConfig::default() };
-    let cfg = SimConfig {
-        seed: 21,
-        receivers: 4,
-        messages: 3000,
-        message_size: 300,
-        protocol: sealed_config(Keyring::new(1, KEY_A)),
-        receiver_downlink: link.clone(),
-        receiver_uplink: link,
-        ..SimConfig::default()
-    };
-    let r = sim::run(&cfg).unwrap_or_else(|e| panic!("simulation failed: {e}"));
-    assert!(r.in_order && r.duplicates == 0 && r.unreported_gaps == 0 && r.corrupt == 0, "{r:?}");
-    assert_eq!((r.delivered, r.loss_events), (r.expected, 0), "{r:?}");
-    assert!(r.lost_datagrams > 0 && r.retransmissions > 0, "the network must have dropped DATA: {r:?}");
+    for cipher in [Cipher::Aegis128L, Cipher::Aes256Gcm] {
+        let link =
+            LinkConfig { loss: 0.05, jitter: Duration::from_micros(200), duplicate: 0.02, ..LinkConfig::default() };
+        let cfg = SimConfig {
+            seed: 21,
+            receivers: 4,
+            messages: 3000,
+            message_size: 300,
+            protocol: sealed_config(Keyring::new(1, KEY_A).with_cipher(cipher)),
+            receiver_downlink: link.clone(),
+            receiver_uplink: link,
+            ..SimConfig::default()
+        };
+        let r = sim::run(&cfg).unwrap_or_else(|e| panic!("{cipher}: simulation failed: {e}"));
+        assert!(r.in_order && r.duplicates == 0 && r.unreported_gaps == 0 && r.corrupt == 0, "{cipher}: {r:?}");
+        assert_eq!((r.delivered, r.loss_events), (r.expected, 0), "{cipher}: {r:?}");
+        assert!(r.lost_datagrams > 0 && r.retransmissions > 0, "{cipher}: the network must have dropped DATA: {r:?}");
+    }
 }
 
 #[test]
@@ -166,6 +171,7 @@ fn receiver_with_the_wrong_key_delivers_nothing_and_counts() {
     let wrong = net.add(300, sealed_config(Keyring::new(1, KEY_B)));
     let other_id = net.add(400, sealed_config(Keyring::new(2, KEY_A)));
     let clear = net.add(500, Config::default());
+    let other_cipher = net.add(600, sealed_config(Keyring::new(1, KEY_A).with_cipher(Cipher::Aes256Gcm)));
     net.advance(Duration::from_millis(1));
     for i in 0..50 {
         net.send(tx, &payload(i));
@@ -173,7 +179,12 @@ fn receiver_with_the_wrong_key_delivers_nothing_and_counts() {
     }
     net.advance(Duration::from_millis(200));
     assert_all_in_order(&net, good, 100, 50);
-    for (node, what) in [(wrong, "wrong secret"), (other_id, "unknown key id"), (clear, "no encryption")] {
+    for (node, what) in [
+        (wrong, "wrong secret"),
+        (other_id, "unknown key id"),
+        (clear, "no encryption"),
+        (other_cipher, "another cipher"),
+    ] {
         assert!(net.delivered[node].is_empty(), "{what}: delivered {:?}", net.delivered[node].len());
         assert_eq!(net.stats(node).messages_delivered, 0, "{what}");
         assert_eq!(net.nodes[node].1.senders().count(), 0, "{what}: followed a sender it cannot authenticate");
@@ -181,6 +192,7 @@ fn receiver_with_the_wrong_key_delivers_nothing_and_counts() {
     }
     assert!(net.stats(wrong).auth_failed >= 50, "{:?}", net.stats(wrong));
     assert!(net.stats(other_id).auth_failed >= 50, "{:?}", net.stats(other_id));
+    assert!(net.stats(other_cipher).auth_failed >= 50, "{:?}", net.stats(other_cipher));
     assert!(net.stats(clear).sealed_dropped >= 50, "{:?}", net.stats(clear));
     // The sealed nodes drop each other's and the clear node's packets alike: nothing reaches the sender's
     // flow control or membership from them.

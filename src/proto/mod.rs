@@ -37,7 +37,7 @@ pub use access::{AccessList, Action, Cidr, CidrError};
 pub use config::*;
 pub use membership::Member;
 pub use peers::{PeerCounters, PeerRole, PeerStats};
-pub use seal::{KEY_LEN, KeyError, Keyring, MAX_KEYS, REPLAY_WINDOW};
+pub use seal::{Cipher, KEY_LEN, KeyError, Keyring, MAX_KEYS, REPLAY_WINDOW};
 pub use sender::STRANGER_SHARE;
 
 use crate::wire::{

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use blip::engine::Backend;
 use blip::engine::poll::PollBackend;
 use blip::net::{Interface, SocketConfig};
-use blip::proto::{Event, KEY_LEN, Keyring};
+use blip::proto::{Cipher, Event, KEY_LEN, Keyring};
 use blip::{BackendChoice, IdleStrategy, Node, NodeBuilder, Received};
 use clap::{Args, Parser, Subcommand};
 use hdrhistogram::Histogram;
@@ -70,6 +70,9 @@ struct Common {
     /// Seal every packet under the 32-byte key in this file (implies --encrypt).
     #[arg(long, global = true)]
     key_file: Option<std::path::PathBuf>,
+    /// The cipher of --encrypt / --key-file: aegis128l (the default) or aes256gcm.
+    #[arg(long, global = true, default_value = "aegis128l")]
+    cipher: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -245,7 +248,15 @@ fn keyring(c: &Common) -> Result<Option<Keyring>> {
     let key: [u8; KEY_LEN] = bytes
         .try_into()
         .map_err(|b: Vec<u8>| format!("--key-file {} holds {} bytes; a key is {KEY_LEN}", path.display(), b.len()))?;
-    Ok(Some(Keyring::new(1, key)))
+    Ok(Some(Keyring::new(1, key).with_cipher(cipher_choice(&c.cipher)?)))
+}
+
+fn cipher_choice(s: &str) -> Result<Cipher> {
+    match s {
+        "aegis128l" => Ok(Cipher::Aegis128L),
+        "aes256gcm" => Ok(Cipher::Aes256Gcm),
+        o => Err(format!("--cipher must be aegis128l or aes256gcm, not {o}")),
+    }
 }
 
 fn backend_choice(s: &str) -> Result<BackendChoice> {
@@ -561,7 +572,7 @@ fn spawn_subscriber_process(c: &Common, index: usize, messages: u64) -> Result<s
         cmd.arg("--threads");
     }
     if let Some(path) = &c.key_file {
-        cmd.arg("--key-file").arg(path);
+        cmd.arg("--key-file").arg(path).args(["--cipher", &c.cipher]);
     }
     cmd.spawn().map_err(|e| format!("cannot start a subscriber process: {e}"))
 }
@@ -891,15 +902,17 @@ fn kernel() -> String {
 }
 
 fn report(c: &Common, rows: &[Row]) {
+    let cipher = c.key_file.as_ref().and_then(|_| cipher_choice(&c.cipher).ok());
     let cores = if c.cores.is_empty() { "none".to_owned() } else { format!("{:?}", c.cores) };
     let where_ = c.interface.clone().unwrap_or_else(|| "loopback".into());
     if c.json {
         let mut out = format!(
-            "{{\n  \"kernel\": \"{}\",\n  \"cpus\": {},\n  \"pinning\": \"{cores}\",\n  \"interface\": \"{where_}\",\n  \"loss\": {},\n  \"encrypted\": {},\n  \"results\": [\n",
+            "{{\n  \"kernel\": \"{}\",\n  \"cpus\": {},\n  \"pinning\": \"{cores}\",\n  \"interface\": \"{where_}\",\n  \"loss\": {},\n  \"encrypted\": {},\n  \"cipher\": {},\n  \"results\": [\n",
             kernel(),
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             c.loss,
-            c.key_file.is_some()
+            c.key_file.is_some(),
+            cipher.map(|c| format!("\"{c}\"")).unwrap_or_else(|| "null".into())
         );
         for (i, r) in rows.iter().enumerate() {
             let lat = r.latency.map(|l| {
@@ -935,7 +948,7 @@ fn report(c: &Common, rows: &[Row]) {
         kernel(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         c.loss,
-        if c.key_file.is_some() { "on (AES-256-GCM)" } else { "off" }
+        cipher.map(|c| format!("on ({c})")).unwrap_or_else(|| "off".into())
     );
     println!(
         "{:<30} {:<18} {:>12} {:>9} {:>11} {:>9} {:>7} {:>8} {:>9} {:>7}",
