@@ -20,6 +20,7 @@ use std::fmt;
 use aegis::aegis128l::Aegis128L;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, Tag, UnboundKey};
 use ring::hkdf;
+use zeroize::Zeroize;
 
 use crate::wire::{FLAG_SEALED, HEADER_LEN, SEAL_OVERHEAD, SEAL_TAG_LEN};
 
@@ -132,12 +133,21 @@ pub enum OpenError {
 /// [`KEY_LEN`]-byte secret, one of them the key packets are sealed with, and the group's [`Cipher`]. Every
 /// key held is accepted.
 ///
-/// `Debug` shows the key ids and the cipher only, never a secret.
+/// `Debug` shows the key ids and the cipher only, never a secret. Secrets are wiped from memory when the
+/// keyring (or a removed key) is dropped; ring's HKDF and AES key schedules derived from them are not.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Keyring {
     keys: Vec<(u8, [u8; KEY_LEN])>,
     sending: u8,
     cipher: Cipher,
+}
+
+impl Drop for Keyring {
+    fn drop(&mut self) {
+        for k in &mut self.keys {
+            k.1.zeroize();
+        }
+    }
 }
 
 impl fmt::Debug for Keyring {
@@ -197,6 +207,9 @@ impl Keyring {
         if key_id == self.sending {
             return Err(KeyError::SendingKey(key_id));
         }
+        for k in self.keys.iter_mut().filter(|k| k.0 == key_id) {
+            k.1.zeroize();
+        }
         self.keys.retain(|k| k.0 != key_id);
         Ok(())
     }
@@ -231,16 +244,18 @@ impl Master {
     fn subkey(&self, session: u64, cipher: Cipher) -> SubKey {
         let session = session.to_be_bytes();
         let info = [&session[..], cipher.label()];
-        let mut okm = [0u8; 32];
-        let okm = &mut okm[..cipher.key_len()];
+        let mut bytes = [0u8; 32];
+        let okm = &mut bytes[..cipher.key_len()];
         // At most 32 bytes from SHA-256 is within HKDF's limit, so this cannot fail.
         self.prk.expand(&info, OkmLen(okm.len())).and_then(|o| o.fill(okm)).expect("HKDF output length is valid");
-        match cipher {
-            Cipher::Aegis128L => SubKey::Aegis(okm.try_into().expect("16-byte subkey")),
+        let key = match cipher {
+            Cipher::Aegis128L => SubKey::Aegis(okm[..].try_into().expect("16-byte subkey")),
             Cipher::Aes256Gcm => {
                 SubKey::Aes(Box::new(LessSafeKey::new(UnboundKey::new(&AES_256_GCM, okm).expect("32-byte subkey"))))
             }
-        }
+        };
+        bytes.zeroize();
+        key
     }
 }
 
@@ -258,6 +273,14 @@ impl hkdf::KeyType for OkmLen {
 enum SubKey {
     Aegis([u8; 16]),
     Aes(Box<LessSafeKey>),
+}
+
+impl Drop for SubKey {
+    fn drop(&mut self) {
+        if let SubKey::Aegis(key) = self {
+            key.zeroize();
+        }
+    }
 }
 
 /// The tag did not verify.
