@@ -253,7 +253,8 @@ pub(crate) struct Engine {
     local_delivery: bool,
     shared: Arc<Shared>,
     group: SocketAddr,
-    buf: Box<[u8]>,
+    /// Room lent for each datagram by the backend: the endpoint's largest datagram.
+    max_datagram: usize,
     loss: Option<LossInjector>,
     stats_at: Instant,
     /// Membership events since the member list was last published.
@@ -318,7 +319,7 @@ impl Engine {
             local_delivery: parts.local_delivery,
             shared: parts.shared,
             group: parts.group,
-            buf: vec![0u8; max_datagram.max(2048)].into_boxed_slice(),
+            max_datagram,
             loss: parts.loss,
             stats_at: Instant::now(),
             members_changed: false,
@@ -511,12 +512,16 @@ impl Engine {
 
     fn transmit(&mut self, now: Instant) -> io::Result<usize> {
         let mut n = 0;
-        while let Some(t) = self.endpoint.poll_transmit(now, &mut self.buf) {
+        // Each datagram is written straight into the backend's send batch (sealed there too, when encryption
+        // is on), not into a buffer of ours and then copied.
+        loop {
+            let buf = self.backend.send_buffer(self.max_datagram);
+            let Some(t) = self.endpoint.poll_transmit(now, buf) else { break };
             let dest = match t.destination {
                 Destination::Group => self.group,
                 Destination::Unicast(a) => a,
             };
-            self.backend.queue_send(dest, &self.buf[..t.len])?;
+            self.backend.commit_send(dest, t.len)?;
             n += 1;
         }
         if n > 0 {
