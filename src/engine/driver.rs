@@ -336,8 +336,8 @@ impl Engine {
         Ok(work)
     }
 
-    fn receive(&mut self, timeout: Option<Duration>) -> io::Result<usize> {
-        let now = Instant::now();
+    /// Receives what is ready (waiting up to `timeout`), stamping every datagram with `now`.
+    fn receive(&mut self, now: Instant, timeout: Option<Duration>) -> io::Result<usize> {
         let ep = &mut self.endpoint;
         let loss = &mut self.loss;
         let c = &mut self.router.counters;
@@ -355,8 +355,9 @@ impl Engine {
 
     fn poll_once(&mut self) -> io::Result<usize> {
         let mut work = self.run_commands();
-        work += self.receive(Some(Duration::ZERO))?;
+        // One clock read per cycle: the cycle takes microseconds, far below any protocol timer.
         let now = Instant::now();
+        work += self.receive(now, Some(Duration::ZERO))?;
         if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
             self.endpoint.handle_timeout(now);
         }
@@ -375,7 +376,10 @@ impl Engine {
     /// handles.
     fn run_commands(&mut self) -> usize {
         let mut n = 0;
-        if self.shared.command_pending.swap(false, Ordering::SeqCst) {
+        // A plain load first: the swap (a locked instruction) only when a command is waiting.
+        if self.shared.command_pending.load(Ordering::Acquire)
+            && self.shared.command_pending.swap(false, Ordering::SeqCst)
+        {
             while let Ok(cmd) = self.commands.try_recv() {
                 match cmd {
                     Command::AddInlet(i) => {
@@ -549,7 +553,7 @@ impl Engine {
                 o.shared.gone.load(Ordering::SeqCst)
                     || (o.shared.blocked.load(Ordering::SeqCst) && o.ring.has_room(OUT_HEADER + inline_max))
             });
-        let n = if app_ready { 0 } else { self.receive(timeout)? };
+        let n = if app_ready { 0 } else { self.receive(now, timeout)? };
         self.shared.engine_parked.store(false, Ordering::SeqCst);
         for o in &self.router.outlets {
             o.shared.blocked.store(false, Ordering::SeqCst);
