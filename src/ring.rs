@@ -104,6 +104,21 @@ impl Producer {
         self.tail + need - self.cached_head <= cap
     }
 
+    /// Free bytes now (the consumer's position freshly read). Records of `padded` sizes adding up to
+    /// `free_bytes() - W` can all be claimed, where `W` bounds the padded size of each: at most one wrap
+    /// happens before that much is used, and it wastes less than one record.
+    #[inline]
+    pub fn free_bytes(&mut self) -> usize {
+        self.cached_head = self.shared.head.load(Ordering::Acquire);
+        self.shared.capacity() - (self.tail - self.cached_head)
+    }
+
+    /// Bytes a record of `len` payload bytes takes in the ring (header and padding included).
+    #[inline]
+    pub fn record_size(len: usize) -> usize {
+        padded(len)
+    }
+
     /// Whether a `len`-byte record could be claimed now (including a wrap).
     #[inline]
     pub fn has_room(&mut self, len: usize) -> bool {

@@ -314,6 +314,7 @@ impl Engine {
                 counters: EngineCounters::default(),
                 node_id,
                 inline_max: inline_max.min(64 * 1024),
+                credit: 0,
             },
             commands: parts.commands,
             local_delivery: parts.local_delivery,
@@ -475,9 +476,16 @@ impl Engine {
             }
             return n;
         }
+        // Room is checked in bulk: once every ring is known to have `credit` bytes to spare, deliveries
+        // draw on that until it runs low, rather than each checking every ring.
+        let largest = Producer::record_size(OUT_HEADER + self.router.inline_max);
+        self.router.credit = 0;
         loop {
-            if !self.router.has_room() {
-                break;
+            if self.router.credit < largest {
+                if !self.router.has_room() {
+                    break;
+                }
+                self.router.credit = self.router.spare_bytes(largest).max(largest);
             }
             let Some(d) = self.endpoint.recv() else { break };
             match d {
@@ -495,10 +503,12 @@ impl Engine {
                     for o in &mut self.router.outlets {
                         o.ring.push(OUT_LOSS, &rec);
                     }
+                    self.router.credit = self.router.credit.saturating_sub(Producer::record_size(rec.len()));
                 }
             }
             n += 1;
         }
+        self.router.credit = 0;
         while self.router.outlets.iter_mut().all(|o| o.ring.has_room(0)) {
             let Some(e) = self.endpoint.poll_event() else { break };
             self.members_changed |= is_membership(&e);
@@ -652,6 +662,8 @@ struct Router {
     node_id: u64,
     /// Largest message copied into a ring record; larger ones go through the side channel.
     inline_max: usize,
+    /// Bytes every subscriber's ring can take without another check (valid within one `deliver` only).
+    credit: usize,
 }
 
 impl Router {
@@ -679,6 +691,13 @@ impl Router {
         room
     }
 
+    /// Bytes of records every ring can take now, whatever their sizes (each at most `largest` bytes):
+    /// the least free space, less one record that a wrap may waste.
+    fn spare_bytes(&mut self, largest: usize) -> usize {
+        let least = self.outlets.iter_mut().map(|o| o.ring.free_bytes()).min().unwrap_or(0);
+        least.saturating_sub(largest)
+    }
+
     /// Routes one of this node's own messages (local delivery).
     fn deliver_own(&mut self, session: u64, seq: u64, msg: &[u8]) {
         self.route(session, seq, msg);
@@ -700,6 +719,8 @@ impl Router {
             return;
         }
         let mut matched = false;
+        let size = if msg.len() <= self.inline_max { OUT_HEADER + msg.len() } else { 0 };
+        self.credit = self.credit.saturating_sub(Producer::record_size(size));
         for o in self.outlets.iter_mut() {
             if !o.accepts(env.topic, self.node_id) {
                 continue;
