@@ -38,10 +38,12 @@ unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
 impl Shared {
+    #[inline]
     fn capacity(&self) -> usize {
         self.mask + 1
     }
 
+    #[inline]
     fn ptr(&self, pos: usize) -> *mut u8 {
         self.buf[pos & self.mask].get()
     }
@@ -59,6 +61,7 @@ pub fn ring(capacity: usize) -> (Producer, Consumer) {
     (Producer { shared: shared.clone(), tail: 0, cached_head: 0 }, Consumer { shared, head: 0, cached_tail: 0 })
 }
 
+#[inline]
 fn padded(len: usize) -> usize {
     (HEADER + len + ALIGN - 1) & !(ALIGN - 1)
 }
@@ -80,15 +83,18 @@ pub struct Claim<'a> {
 
 impl Producer {
     /// Largest payload a record can carry: half the ring, so a record always fits after a wrap.
+    #[inline]
     pub fn max_record(&self) -> usize {
         self.shared.capacity() / 2 - HEADER
     }
 
     /// Whether the consumer has released everything (the ring is empty).
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.shared.head.load(Ordering::Acquire) == self.tail
     }
 
+    #[inline]
     fn free(&mut self, need: usize) -> bool {
         let cap = self.shared.capacity();
         if self.tail + need - self.cached_head <= cap {
@@ -98,7 +104,23 @@ impl Producer {
         self.tail + need - self.cached_head <= cap
     }
 
+    /// Free bytes now (the consumer's position freshly read). Records of `padded` sizes adding up to
+    /// `free_bytes() - W` can all be claimed, where `W` bounds the padded size of each: at most one wrap
+    /// happens before that much is used, and it wastes less than one record.
+    #[inline]
+    pub fn free_bytes(&mut self) -> usize {
+        self.cached_head = self.shared.head.load(Ordering::Acquire);
+        self.shared.capacity() - (self.tail - self.cached_head)
+    }
+
+    /// Bytes a record of `len` payload bytes takes in the ring (header and padding included).
+    #[inline]
+    pub fn record_size(len: usize) -> usize {
+        padded(len)
+    }
+
     /// Whether a `len`-byte record could be claimed now (including a wrap).
+    #[inline]
     pub fn has_room(&mut self, len: usize) -> bool {
         let size = padded(len);
         let to_end = self.shared.capacity() - (self.tail & self.shared.mask);
@@ -107,6 +129,7 @@ impl Producer {
 
     /// Claims space for a `len`-byte payload, or `None` when the ring is too full now. Panics if `len`
     /// exceeds [`max_record`](Self::max_record) (a caller bug, not a runtime condition).
+    #[inline]
     pub fn claim(&mut self, len: usize) -> Option<Claim<'_>> {
         assert!(len <= self.max_record(), "record of {len} bytes exceeds the ring's maximum");
         let size = padded(len);
@@ -127,6 +150,7 @@ impl Producer {
         Some(Claim { producer: self, start, len })
     }
 
+    #[inline]
     fn write_header(&self, pos: usize, len: u32, tag: u32) {
         let mut h = [0u8; HEADER];
         h[..4].copy_from_slice(&len.to_ne_bytes());
@@ -136,7 +160,24 @@ impl Producer {
         unsafe { std::ptr::copy_nonoverlapping(h.as_ptr(), self.shared.ptr(pos), HEADER) }
     }
 
+    /// Claims room for `head` followed by `body`, copies both and commits with `tag`, in one pass (no
+    /// intermediate buffer). Returns false when full. Panics like [`claim`](Self::claim).
+    #[inline]
+    pub fn push_parts(&mut self, tag: u32, head: &[u8], body: &[u8]) -> bool {
+        match self.claim(head.len() + body.len()) {
+            Some(mut c) => {
+                let (h, b) = c.split_at_mut(head.len());
+                h.copy_from_slice(head);
+                b.copy_from_slice(body);
+                c.commit(tag);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Convenience: claims, copies `payload`, and commits with `tag`. Returns false when full.
+    #[inline]
     pub fn push(&mut self, tag: u32, payload: &[u8]) -> bool {
         match self.claim(payload.len()) {
             Some(mut c) => {
@@ -151,6 +192,7 @@ impl Producer {
 
 impl Claim<'_> {
     /// Publishes the record with `tag` (any value but `u32::MAX`, which is reserved).
+    #[inline]
     pub fn commit(self, tag: u32) {
         assert_ne!(tag, PAD, "tag u32::MAX is reserved");
         let p = self.producer;
@@ -162,6 +204,7 @@ impl Claim<'_> {
 
 impl std::ops::Deref for Claim<'_> {
     type Target = [u8];
+    #[inline]
     fn deref(&self) -> &[u8] {
         // SAFETY: [start + HEADER, start + HEADER + len) lies inside the claimed, unpublished region, which only
         // this producer touches; it does not cross the end of the buffer (checked in `claim`).
@@ -170,6 +213,7 @@ impl std::ops::Deref for Claim<'_> {
 }
 
 impl std::ops::DerefMut for Claim<'_> {
+    #[inline]
     fn deref_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in `deref`; `&mut self` makes this the only view of the region.
         unsafe { std::slice::from_raw_parts_mut(self.producer.shared.ptr(self.start + HEADER), self.len) }
@@ -192,6 +236,7 @@ pub struct Record<'a> {
 }
 
 impl Consumer {
+    #[inline]
     fn read_header(&self, pos: usize) -> (usize, u32) {
         let mut h = [0u8; HEADER];
         // SAFETY: `pos` is below the Acquire-loaded `tail`, so the producer finished writing this header and
@@ -201,11 +246,13 @@ impl Consumer {
     }
 
     /// Whether a record is ready.
+    #[inline]
     pub fn is_empty(&mut self) -> bool {
         self.peek().is_none()
     }
 
     /// The oldest record, if any.
+    #[inline]
     pub fn peek(&mut self) -> Option<Record<'_>> {
         loop {
             if self.head == self.cached_tail {
@@ -227,11 +274,13 @@ impl Consumer {
 
 impl Record<'_> {
     /// The tag given at commit.
+    #[inline]
     pub fn tag(&self) -> u32 {
         self.tag
     }
 
     /// Frees the record's space for the producer.
+    #[inline]
     pub fn release(self) {
         let c = self.consumer;
         c.head += padded(self.len);
@@ -241,6 +290,7 @@ impl Record<'_> {
 
 impl std::ops::Deref for Record<'_> {
     type Target = [u8];
+    #[inline]
     fn deref(&self) -> &[u8] {
         let c = &self.consumer;
         // SAFETY: the record lies in [head, tail) as published by the producer's Release store (Acquire-loaded

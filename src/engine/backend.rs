@@ -49,6 +49,17 @@ pub trait Backend {
     /// as an error: multicast is best effort and the protocol repairs. Errors are for a broken backend.
     fn queue_send(&mut self, dest: SocketAddr, bytes: &[u8]) -> io::Result<()>;
 
+    /// Lends room for the next datagram, at least `max_len` bytes: a backend that batches sends lends the free
+    /// end of the batch being filled, so the datagram is written in place instead of being copied there by
+    /// `queue_send`. [`commit_send`](Self::commit_send) then queues what was written; lending again without
+    /// committing discards it.
+    fn send_buffer(&mut self, max_len: usize) -> &mut [u8];
+
+    /// Queues the first `len` bytes of the room last lent by [`send_buffer`](Self::send_buffer) to `dest`, as
+    /// [`queue_send`](Self::queue_send) would queue them. `InvalidInput` if nothing was lent or `len` exceeds
+    /// what was.
+    fn commit_send(&mut self, dest: SocketAddr, len: usize) -> io::Result<()>;
+
     /// Submits every queued datagram to the kernel.
     fn flush(&mut self) -> io::Result<()>;
 

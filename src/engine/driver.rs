@@ -253,7 +253,8 @@ pub(crate) struct Engine {
     local_delivery: bool,
     shared: Arc<Shared>,
     group: SocketAddr,
-    buf: Box<[u8]>,
+    /// Room lent for each datagram by the backend: the endpoint's largest datagram.
+    max_datagram: usize,
     loss: Option<LossInjector>,
     stats_at: Instant,
     /// Membership events since the member list was last published.
@@ -313,12 +314,13 @@ impl Engine {
                 counters: EngineCounters::default(),
                 node_id,
                 inline_max: inline_max.min(64 * 1024),
+                credit: 0,
             },
             commands: parts.commands,
             local_delivery: parts.local_delivery,
             shared: parts.shared,
             group: parts.group,
-            buf: vec![0u8; max_datagram.max(2048)].into_boxed_slice(),
+            max_datagram,
             loss: parts.loss,
             stats_at: Instant::now(),
             members_changed: false,
@@ -335,8 +337,8 @@ impl Engine {
         Ok(work)
     }
 
-    fn receive(&mut self, timeout: Option<Duration>) -> io::Result<usize> {
-        let now = Instant::now();
+    /// Receives what is ready (waiting up to `timeout`), stamping every datagram with `now`.
+    fn receive(&mut self, now: Instant, timeout: Option<Duration>) -> io::Result<usize> {
         let ep = &mut self.endpoint;
         let loss = &mut self.loss;
         let c = &mut self.router.counters;
@@ -354,8 +356,9 @@ impl Engine {
 
     fn poll_once(&mut self) -> io::Result<usize> {
         let mut work = self.run_commands();
-        work += self.receive(Some(Duration::ZERO))?;
+        // One clock read per cycle: the cycle takes microseconds, far below any protocol timer.
         let now = Instant::now();
+        work += self.receive(now, Some(Duration::ZERO))?;
         if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
             self.endpoint.handle_timeout(now);
         }
@@ -374,7 +377,10 @@ impl Engine {
     /// handles.
     fn run_commands(&mut self) -> usize {
         let mut n = 0;
-        if self.shared.command_pending.swap(false, Ordering::SeqCst) {
+        // A plain load first: the swap (a locked instruction) only when a command is waiting.
+        if self.shared.command_pending.load(Ordering::Acquire)
+            && self.shared.command_pending.swap(false, Ordering::SeqCst)
+        {
             while let Ok(cmd) = self.commands.try_recv() {
                 match cmd {
                     Command::AddInlet(i) => {
@@ -470,9 +476,16 @@ impl Engine {
             }
             return n;
         }
+        // Room is checked in bulk: once every ring is known to have `credit` bytes to spare, deliveries
+        // draw on that until it runs low, rather than each checking every ring.
+        let largest = Producer::record_size(OUT_HEADER + self.router.inline_max);
+        self.router.credit = 0;
         loop {
-            if !self.router.has_room() {
-                break;
+            if self.router.credit < largest {
+                if !self.router.has_room() {
+                    break;
+                }
+                self.router.credit = self.router.spare_bytes(largest).max(largest);
             }
             let Some(d) = self.endpoint.recv() else { break };
             match d {
@@ -490,10 +503,12 @@ impl Engine {
                     for o in &mut self.router.outlets {
                         o.ring.push(OUT_LOSS, &rec);
                     }
+                    self.router.credit = self.router.credit.saturating_sub(Producer::record_size(rec.len()));
                 }
             }
             n += 1;
         }
+        self.router.credit = 0;
         while self.router.outlets.iter_mut().all(|o| o.ring.has_room(0)) {
             let Some(e) = self.endpoint.poll_event() else { break };
             self.members_changed |= is_membership(&e);
@@ -511,12 +526,16 @@ impl Engine {
 
     fn transmit(&mut self, now: Instant) -> io::Result<usize> {
         let mut n = 0;
-        while let Some(t) = self.endpoint.poll_transmit(now, &mut self.buf) {
+        // Each datagram is written straight into the backend's send batch (sealed there too, when encryption
+        // is on), not into a buffer of ours and then copied.
+        loop {
+            let buf = self.backend.send_buffer(self.max_datagram);
+            let Some(t) = self.endpoint.poll_transmit(now, buf) else { break };
             let dest = match t.destination {
                 Destination::Group => self.group,
                 Destination::Unicast(a) => a,
             };
-            self.backend.queue_send(dest, &self.buf[..t.len])?;
+            self.backend.commit_send(dest, t.len)?;
             n += 1;
         }
         if n > 0 {
@@ -544,7 +563,7 @@ impl Engine {
                 o.shared.gone.load(Ordering::SeqCst)
                     || (o.shared.blocked.load(Ordering::SeqCst) && o.ring.has_room(OUT_HEADER + inline_max))
             });
-        let n = if app_ready { 0 } else { self.receive(timeout)? };
+        let n = if app_ready { 0 } else { self.receive(now, timeout)? };
         self.shared.engine_parked.store(false, Ordering::SeqCst);
         for o in &self.router.outlets {
             o.shared.blocked.store(false, Ordering::SeqCst);
@@ -643,6 +662,8 @@ struct Router {
     node_id: u64,
     /// Largest message copied into a ring record; larger ones go through the side channel.
     inline_max: usize,
+    /// Bytes every subscriber's ring can take without another check (valid within one `deliver` only).
+    credit: usize,
 }
 
 impl Router {
@@ -670,6 +691,13 @@ impl Router {
         room
     }
 
+    /// Bytes of records every ring can take now, whatever their sizes (each at most `largest` bytes):
+    /// the least free space, less one record that a wrap may waste.
+    fn spare_bytes(&mut self, largest: usize) -> usize {
+        let least = self.outlets.iter_mut().map(|o| o.ring.free_bytes()).min().unwrap_or(0);
+        least.saturating_sub(largest)
+    }
+
     /// Routes one of this node's own messages (local delivery).
     fn deliver_own(&mut self, session: u64, seq: u64, msg: &[u8]) {
         self.route(session, seq, msg);
@@ -691,6 +719,8 @@ impl Router {
             return;
         }
         let mut matched = false;
+        let size = if msg.len() <= self.inline_max { OUT_HEADER + msg.len() } else { 0 };
+        self.credit = self.credit.saturating_sub(Producer::record_size(size));
         for o in self.outlets.iter_mut() {
             if !o.accepts(env.topic, self.node_id) {
                 continue;

@@ -174,6 +174,18 @@ impl Batch {
     }
 }
 
+/// What a backend's `send_buffer` lent last, for its `commit_send`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lent {
+    /// Nothing (or it was committed already).
+    Nothing,
+    /// The free end of the batch being filled in send slot `slot`: `room` bytes from offset `at` (the batch's
+    /// length then).
+    Tail { slot: usize, at: usize, room: usize },
+    /// The backend's scratch buffer, `len` bytes.
+    Scratch { len: usize },
+}
+
 /// Whether GSO is on, and how it went: shared by both backends' send paths.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Gso {

@@ -24,7 +24,7 @@ use std::time::Duration;
 use polling::{Event, Events, PollMode, Poller};
 
 use super::backend::{Backend, BackendKind, Wake};
-use super::offload::{self, Batch, Gso};
+use super::offload::{self, Batch, Gso, Lent};
 
 /// Datagrams (or GSO batches) per recvmmsg/sendmmsg call.
 const BATCH: usize = 32;
@@ -85,6 +85,9 @@ pub struct PollBackend {
     gro: bool,
     gro_batches: u64,
     send_errors: u64,
+    /// Lent by `send_buffer` when the open batch has no room (or there is none).
+    scratch: Vec<u8>,
+    lent: Lent,
     #[cfg(target_os = "linux")]
     mmsg: linux::Mmsg,
 }
@@ -137,6 +140,8 @@ impl PollBackend {
             gro,
             gro_batches: 0,
             send_errors: 0,
+            scratch: Vec::new(),
+            lent: Lent::Nothing,
             #[cfg(target_os = "linux")]
             mmsg: linux::Mmsg::new(),
         })
@@ -276,6 +281,53 @@ impl Backend for PollBackend {
             self.open = Some(b);
         }
         Ok(())
+    }
+
+    fn send_buffer(&mut self, max_len: usize) -> &mut [u8] {
+        if let Some(b) = self.open
+            && self.slot_size - b.len >= max_len
+        {
+            let room = self.slot_size - b.len;
+            let at = self.queued * self.slot_size + b.len;
+            self.lent = Lent::Tail { slot: self.queued, at: b.len, room };
+            return &mut self.send_bufs[at..at + room];
+        }
+        if self.scratch.len() < max_len {
+            self.scratch.resize(max_len, 0);
+        }
+        self.lent = Lent::Scratch { len: self.scratch.len() };
+        &mut self.scratch
+    }
+
+    fn commit_send(&mut self, dest: SocketAddr, len: usize) -> io::Result<()> {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let r = match std::mem::replace(&mut self.lent, Lent::Nothing) {
+            Lent::Tail { slot, at, room }
+                if len <= room && slot == self.queued && self.open.is_some_and(|b| b.len == at) =>
+            {
+                if let Some(b) = self.open.as_mut()
+                    && len <= self.max_datagram
+                    && b.accepts(dest, len, self.gso.segments)
+                {
+                    // Written in place: the batch just grows over it.
+                    b.push(len);
+                    if b.is_full(self.gso.segments) {
+                        self.close_open();
+                    }
+                    Ok(())
+                } else {
+                    // Not part of this batch: queued like any other datagram, through the scratch buffer.
+                    let start = slot * self.slot_size + at;
+                    scratch.clear();
+                    scratch.extend_from_slice(&self.send_bufs[start..start + len]);
+                    self.queue_send(dest, &scratch)
+                }
+            }
+            Lent::Scratch { len: lent } if len <= lent => self.queue_send(dest, &scratch[..len]),
+            _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "commit_send without a lent buffer of that size")),
+        };
+        self.scratch = scratch;
+        r
     }
 
     fn flush(&mut self) -> io::Result<()> {

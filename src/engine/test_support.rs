@@ -109,6 +109,29 @@ pub(crate) fn send_plan(
     rx_addr: SocketAddr,
     group: SocketAddr,
 ) -> Duration {
+    send_plan_via(tx, tx_addr, rx, rx_addr, group, false)
+}
+
+/// [`send_plan`], each datagram written in the room `send_buffer` lends and queued by `commit_send` (in
+/// place at the end of the batch being filled, or through the backend's scratch buffer).
+pub(crate) fn send_plan_lent(
+    tx: &mut dyn Backend,
+    tx_addr: SocketAddr,
+    rx: &mut dyn Backend,
+    rx_addr: SocketAddr,
+    group: SocketAddr,
+) -> Duration {
+    send_plan_via(tx, tx_addr, rx, rx_addr, group, true)
+}
+
+fn send_plan_via(
+    tx: &mut dyn Backend,
+    tx_addr: SocketAddr,
+    rx: &mut dyn Backend,
+    rx_addr: SocketAddr,
+    group: SocketAddr,
+    lend: bool,
+) -> Duration {
     let mut expect = Expect::new();
     let mut buf = [0u8; FULL];
     let start = Instant::now();
@@ -116,9 +139,16 @@ pub(crate) fn send_plan(
     for first in (0..GSO_N).step_by(CHUNK) {
         let end = (first + CHUNK).min(GSO_N);
         for i in first..end {
-            let len = plan_fill(i, &mut buf);
             let dest = if plan(i).0 { rx_addr } else { group };
-            tx.queue_send(dest, &buf[..len]).expect("queue_send");
+            if lend {
+                let room = tx.send_buffer(FULL);
+                assert!(room.len() >= FULL, "send_buffer lent {} bytes, asked {FULL}", room.len());
+                let len = plan_fill(i, room);
+                tx.commit_send(dest, len).expect("commit_send");
+            } else {
+                let len = plan_fill(i, &mut buf);
+                tx.queue_send(dest, &buf[..len]).expect("queue_send");
+            }
         }
         tx.flush().expect("flush");
         while !expect.caught_up(end) {

@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 use io_uring::{EnterFlags, IoUring, Probe, cqueue, opcode, squeue, types};
 
 use super::backend::{Backend, BackendKind, Wake};
-use super::offload::{self, Batch, Gso};
+use super::offload::{self, Batch, Gso, Lent};
 use mem::{BufRing, Region};
 
 /// Bytes at the start of every receive buffer before the payload: the kernel's `io_uring_recvmsg_out`
@@ -483,6 +483,9 @@ struct State {
     sends_in_flight: usize,
     /// The GSO batch being filled: its slot (busy, not yet submitted) and what it holds.
     open: Option<(u16, Batch)>,
+    /// Lent by `send_buffer` when the open batch has no room (or there is none).
+    scratch: Vec<u8>,
+    lent: Lent,
     gso: Gso,
     gro: bool,
     wake_buf: Region,
@@ -637,14 +640,18 @@ impl State {
     /// Copies `bytes` into slot `i` at `offset`. The slot must be busy and not submitted: taken from the free
     /// list for the batch being filled (or about to be sent), so that no operation reads its buffer.
     fn copy_into_slot(&mut self, i: usize, offset: usize, bytes: &[u8]) {
-        assert!(i < self.slots.len() && offset + bytes.len() <= self.slot_size, "send slot overrun");
-        // SAFETY: slot i is ours (busy but not submitted, see above): no operation in flight reads its buffer
-        // and no other reference to it exists. The range lies inside send_bufs (checked just above: i < slots,
+        self.slot_mut(i, offset, bytes.len()).copy_from_slice(bytes);
+    }
+
+    /// `len` bytes of slot `i` from `offset`. The slot must be busy and not submitted, as for
+    /// [`copy_into_slot`](Self::copy_into_slot).
+    fn slot_mut(&mut self, i: usize, offset: usize, len: usize) -> &mut [u8] {
+        assert!(i < self.slots.len() && offset + len <= self.slot_size, "send slot overrun");
+        // SAFETY: slot i is ours (busy but not submitted, see above): no operation in flight reads its buffer,
+        // and the slice borrows `self` mutably, so no other reference to it exists while it lives and the slot
+        // cannot be submitted meanwhile. The range lies inside send_bufs (checked just above: i < slots,
         // offset + len <= slot_size, and send_bufs holds slots * slot_size bytes).
-        let buf = unsafe {
-            std::slice::from_raw_parts_mut(self.send_bufs.as_ptr().add(i * self.slot_size + offset), bytes.len())
-        };
-        buf.copy_from_slice(bytes);
+        unsafe { std::slice::from_raw_parts_mut(self.send_bufs.as_ptr().add(i * self.slot_size + offset), len) }
     }
 
     /// Fills slot `i`'s msghdr for `batch` (already copied into its buffer) and returns the SendMsg for it:
@@ -793,6 +800,8 @@ impl UringBackend {
             free,
             sends_in_flight: 0,
             open: None,
+            scratch: Vec::new(),
+            lent: Lent::Nothing,
             gso,
             gro,
             wake_buf,
@@ -1127,6 +1136,50 @@ impl Backend for UringBackend {
             self.st.open = Some((i, batch));
             Ok(())
         }
+    }
+
+    fn send_buffer(&mut self, max_len: usize) -> &mut [u8] {
+        if let Some((i, batch)) = self.st.open
+            && self.st.slot_size - batch.len >= max_len
+        {
+            let (i, at, room) = (usize::from(i), batch.len, self.st.slot_size - batch.len);
+            self.st.lent = Lent::Tail { slot: i, at, room };
+            return self.st.slot_mut(i, at, room);
+        }
+        if self.st.scratch.len() < max_len {
+            self.st.scratch.resize(max_len, 0);
+        }
+        self.st.lent = Lent::Scratch { len: self.st.scratch.len() };
+        &mut self.st.scratch
+    }
+
+    fn commit_send(&mut self, dest: SocketAddr, len: usize) -> io::Result<()> {
+        let segments = self.st.gso.segments;
+        let buffer_size = self.st.buffer_size;
+        let mut scratch = std::mem::take(&mut self.st.scratch);
+        let r = match std::mem::replace(&mut self.st.lent, Lent::Nothing) {
+            Lent::Tail { slot, at, room }
+                if len <= room && self.st.open.is_some_and(|(i, b)| usize::from(i) == slot && b.len == at) =>
+            {
+                if let Some((_, batch)) = self.st.open.as_mut()
+                    && len <= buffer_size
+                    && batch.accepts(dest, len, segments)
+                {
+                    // Written in place: the batch just grows over it.
+                    batch.push(len);
+                    if batch.is_full(segments) { self.close_batch() } else { Ok(()) }
+                } else {
+                    // Not part of this batch: queued like any other datagram, through the scratch buffer.
+                    scratch.clear();
+                    scratch.extend_from_slice(self.st.slot_mut(slot, at, len));
+                    self.queue_send(dest, &scratch)
+                }
+            }
+            Lent::Scratch { len: lent } if len <= lent => self.queue_send(dest, &scratch[..len]),
+            _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "commit_send without a lent buffer of that size")),
+        };
+        self.st.scratch = scratch;
+        r
     }
 
     fn flush(&mut self) -> io::Result<()> {

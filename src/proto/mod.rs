@@ -657,8 +657,10 @@ impl Endpoint {
     /// buffers until the next call.
     pub fn recv(&mut self) -> Option<Delivery<'_>> {
         let n = self.streams.len();
+        // Round from `current` (no division: this runs once per delivered message).
+        let start = if self.current < n { self.current } else { 0 };
         for k in 0..n {
-            let i = (self.current + k) % n;
+            let i = if start + k < n { start + k } else { start + k - n };
             let Some(step) =
                 self.streams[i].poll(&self.config, &mut self.rng, &mut self.stats, &mut self.reassembly_in_use)
             else {

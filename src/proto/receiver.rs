@@ -38,6 +38,8 @@ pub(crate) struct Stream {
     pub(crate) addr: SocketAddr,
     /// Next datagram to consume.
     next_deliver: u64,
+    /// `(seq, index(seq))` of the last datagram `poll` looked at: saves a division per delivered message.
+    deliver_index: (u64, usize),
     /// Byte offset of the next frame in datagram `next_deliver` (0: not started).
     cursor: usize,
     /// Index of the next frame in datagram `next_deliver`.
@@ -84,6 +86,7 @@ impl Stream {
             session,
             addr,
             next_deliver: start,
+            deliver_index: (start, (start % cap as u64) as usize),
             cursor: 0,
             frame_index: 0,
             high: start,
@@ -316,7 +319,13 @@ impl Stream {
                 }
                 return None;
             }
-            let i = self.index(nd);
+            let i = if self.deliver_index.0 == nd {
+                self.deliver_index.1
+            } else {
+                let i = self.index(nd);
+                self.deliver_index = (nd, i);
+                i
+            };
             if !self.slots[i].filled {
                 if nd < self.sender_low {
                     self.skip_unrecoverable(cfg, rng, stats, in_use);

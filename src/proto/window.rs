@@ -13,6 +13,8 @@ pub(crate) struct Window {
     retransmitted_at: Box<[Option<Instant>]>,
     slot_size: usize,
     capacity: usize,
+    /// `(seq, index(seq))` of the datagram being built: saves a division per appended message.
+    building: (u64, usize),
 }
 
 impl Window {
@@ -23,6 +25,7 @@ impl Window {
             retransmitted_at: vec![None; capacity].into_boxed_slice(),
             slot_size,
             capacity,
+            building: (0, 0),
         }
     }
 
@@ -44,7 +47,13 @@ impl Window {
 
     /// The slot for `seq` as it is being built (length unchanged).
     pub(crate) fn building_mut(&mut self, seq: u64) -> &mut [u8] {
-        let i = self.index(seq);
+        let i = if self.building.0 == seq {
+            self.building.1
+        } else {
+            let i = self.index(seq);
+            self.building = (seq, i);
+            i
+        };
         &mut self.bytes[i * self.slot_size..(i + 1) * self.slot_size]
     }
 

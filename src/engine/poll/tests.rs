@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 
-use crate::engine::test_support::{FULL, GSO_N as N, group_socket, send_plan, unicast_socket};
+use crate::engine::test_support::{FULL, GSO_N as N, group_socket, send_plan, send_plan_lent, unicast_socket};
 
 /// A backend and its unicast socket's address.
 fn backend(group: Ipv4Addr, port: u16, opts: PollOptions) -> (PollBackend, SocketAddr) {
@@ -47,6 +47,23 @@ fn gso_to_gro_arrives_datagram_by_datagram() {
     if rx.gro() {
         assert!(rx.gro_batches() > 0, "GRO on but every batch arrived as separate datagrams");
     }
+}
+
+/// Datagrams written in the room the backend lends (in place in the GSO batch) arrive like queued ones,
+/// including those that cannot join the batch they were written after (other destination, longer).
+#[test]
+fn lent_send_buffers_arrive_datagram_by_datagram() {
+    let group = Ipv4Addr::new(239, 255, 203, 9);
+    let (mut rx, rx_addr) = backend(group, 46_331, PollOptions::default());
+    let (mut tx, tx_addr) = backend(group, 46_332, PollOptions::default());
+    send_plan_lent(&mut tx, tx_addr, &mut rx, rx_addr, SocketAddr::from((group, 46_331)));
+    assert_eq!(tx.send_errors(), 0);
+    assert!(tx.gso_segments() == 0 || tx.gso_sends() > 0, "GSO on but no GSO send");
+    // Committing without a lent buffer, or more than was lent, is refused.
+    let dest = SocketAddr::from((group, 46_331));
+    assert_eq!(tx.commit_send(dest, 10).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+    let room = tx.send_buffer(100).len();
+    assert_eq!(tx.commit_send(dest, room + 1).unwrap_err().kind(), io::ErrorKind::InvalidInput);
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::engine::test_support::{FULL, GSO_N, group_socket, send_plan, unicast_socket};
+use crate::engine::test_support::{FULL, GSO_N, group_socket, send_plan, send_plan_lent, unicast_socket};
 
 use super::*;
 
@@ -411,6 +411,30 @@ fn run_plan(tx: &mut UringBackend, rx: &mut UringBackend, group: SocketAddr) {
     );
     assert_eq!(rx.stats().truncated + rx.stats().malformed + rx.stats().recv_errors, 0);
     settle(tx, GSO_N as u64);
+}
+
+/// Datagrams written in the room the backend lends (in place in the GSO batch) arrive like queued ones,
+/// including those that cannot join the batch they were written after (other destination, longer).
+#[test]
+fn lent_send_buffers_arrive_datagram_by_datagram() {
+    let _serial = serial();
+    if !available() {
+        return;
+    }
+    let group = Ipv4Addr::new(239, 255, 203, 17);
+    let mut rx = backend(group, 46_333, UringOptions::default());
+    let mut tx = backend(group, 46_334, UringOptions::default());
+    let (from, rx_addr) = (tx.unicast_addr().unwrap(), rx.unicast_addr().unwrap());
+    let dest = SocketAddr::from((group, 46_333));
+    send_plan_lent(&mut tx, from, &mut rx, rx_addr, dest);
+    assert_eq!(rx.stats().truncated + rx.stats().malformed + rx.stats().recv_errors, 0);
+    settle(&mut tx, GSO_N as u64);
+    assert_eq!((tx.send_errors(), tx.stats().sent), (0, GSO_N as u64));
+    assert!(tx.gso_segments() == 0 || tx.stats().gso_sends > 0, "GSO on but no GSO send");
+    // Committing without a lent buffer, or more than was lent, is refused.
+    assert_eq!(tx.commit_send(dest, 10).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+    let room = tx.send_buffer(100).len();
+    assert_eq!(tx.commit_send(dest, room + 1).unwrap_err().kind(), io::ErrorKind::InvalidInput);
 }
 
 #[test]
