@@ -5,8 +5,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use blip::proto::{Config, Delivery, Endpoint};
+use blip::proto::{Config, Endpoint};
 use libfuzzer_sys::fuzz_target;
+
+#[path = "drive.rs"]
+mod drive;
 
 fuzz_target!(|data: &[u8]| {
     let start = Instant::now();
@@ -27,19 +30,7 @@ fuzz_target!(|data: &[u8]| {
             now += Duration::from_micros(u64::from(op) * 97);
         }
         ep.handle_datagram(now, from, datagram);
-        ep.handle_timeout(now);
-        while ep.poll_transmit(now, &mut buf).is_some() {}
-        if op & 0x20 == 0 {
-            while let Some(d) = ep.recv() {
-                if let Delivery::Loss { datagrams, messages, .. } = d {
-                    assert!(datagrams.start <= datagrams.end);
-                    if let Some(m) = messages {
-                        assert!(m.start <= m.end);
-                    }
-                }
-            }
-        }
-        while ep.poll_event().is_some() {}
+        drive::after_datagram(&mut ep, now, &mut buf, op & 0x20 == 0);
     }
     let _ = ep.poll_timeout();
 });
