@@ -22,7 +22,6 @@ fn builder(group: (IpAddr, u16)) -> NodeBuilder {
     Node::builder().backend(BackendChoice::Poll).group(group.0).port(group.1)
 }
 
-/// Waits for a child this test started, killing it (by its handle) if it overruns; returns status and stdout.
 /// Runs blip-stat with `args` to completion (at most 20 s); returns its status and stdout.
 fn blip_stat(args: &[&std::ffi::OsStr], what: &str) -> (std::process::ExitStatus, String) {
     let child = Command::new(env!("CARGO_BIN_EXE_blip-stat"))
@@ -33,6 +32,7 @@ fn blip_stat(args: &[&std::ffi::OsStr], what: &str) -> (std::process::ExitStatus
     finish(child, Duration::from_secs(20), what)
 }
 
+/// Waits for a child this test started, killing it (by its handle) if it overruns; returns status and stdout.
 fn finish(mut child: Child, limit: Duration, what: &str) -> (std::process::ExitStatus, String) {
     let deadline = Instant::now() + limit;
     loop {
@@ -132,4 +132,27 @@ fn blip_tap_prints_a_senders_data() {
     assert!(lines[0].contains("seq=0 msg_seq=0 low=0") && lines[0].contains("\"hello tap 0\""), "{out}");
     assert!(lines[0].contains("topic=tap.test 11B"), "the envelope is decoded: {out}");
     assert!(lines.iter().all(|l| l.contains(" DATA ") && l.contains(&session)), "{out}");
+}
+
+#[test]
+fn blip_bench_seals_with_the_chosen_cipher() {
+    for (cipher, name) in [("aegis128l", "AEGIS-128L"), ("aes256gcm", "AES-256-GCM")] {
+        let (group, port) = unique_group();
+        let child = Command::new(env!("CARGO_BIN_EXE_blip-bench"))
+            .args(["throughput", "--size", "1024", "--messages", "3000", "--encrypt", "--cipher", cipher, "--json"])
+            .args(["--group", &group.to_string(), "--port", &port.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start blip-bench");
+        let (status, out) = finish(child, Duration::from_secs(60), "blip-bench throughput --encrypt");
+        assert!(status.success(), "{cipher}: {status}\n{out}");
+        assert!(out.contains("\"encrypted\": true") && out.contains(&format!("\"cipher\": \"{name}\"")), "{out}");
+        assert!(out.contains("\"messages\": 3000, \"expected\": 3000"), "every message delivered: {out}");
+    }
+    let status = Command::new(env!("CARGO_BIN_EXE_blip-bench"))
+        .args(["throughput", "--messages", "10", "--cipher", "rot13"])
+        .stderr(Stdio::null())
+        .status()
+        .expect("run blip-bench");
+    assert_eq!(status.code(), Some(2), "an unknown cipher is a usage error");
 }

@@ -151,6 +151,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut c = cli.common;
     let mut generated_key = None;
+    if let Err(e) = cipher_choice(&c.cipher) {
+        eprintln!("blip-bench: {e}");
+        return ExitCode::from(2);
+    }
     if c.encrypt && c.key_file.is_none() {
         match random_key_file() {
             Ok(path) => {
