@@ -101,30 +101,10 @@ impl Expect {
 
 /// Sends the plan from `tx` (whose datagrams come from `tx_addr`) to the group and to `rx`'s unicast
 /// address, in chunks, and checks that everything arrives at `rx` whole and in order (bounded: 60 s).
-/// Returns how long it took.
+/// With `lend`, each datagram is written in the room `send_buffer` lends and queued by `commit_send` (in
+/// place at the end of the batch being filled, or through the backend's scratch buffer); else by
+/// `queue_send`. Returns how long it took.
 pub(crate) fn send_plan(
-    tx: &mut dyn Backend,
-    tx_addr: SocketAddr,
-    rx: &mut dyn Backend,
-    rx_addr: SocketAddr,
-    group: SocketAddr,
-) -> Duration {
-    send_plan_via(tx, tx_addr, rx, rx_addr, group, false)
-}
-
-/// [`send_plan`], each datagram written in the room `send_buffer` lends and queued by `commit_send` (in
-/// place at the end of the batch being filled, or through the backend's scratch buffer).
-pub(crate) fn send_plan_lent(
-    tx: &mut dyn Backend,
-    tx_addr: SocketAddr,
-    rx: &mut dyn Backend,
-    rx_addr: SocketAddr,
-    group: SocketAddr,
-) -> Duration {
-    send_plan_via(tx, tx_addr, rx, rx_addr, group, true)
-}
-
-fn send_plan_via(
     tx: &mut dyn Backend,
     tx_addr: SocketAddr,
     rx: &mut dyn Backend,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 
-use crate::engine::test_support::{FULL, GSO_N as N, group_socket, send_plan, send_plan_lent, unicast_socket};
+use crate::engine::test_support::{FULL, GSO_N as N, group_socket, send_plan, unicast_socket};
 
 /// A backend and its unicast socket's address.
 fn backend(group: Ipv4Addr, port: u16, opts: PollOptions) -> (PollBackend, SocketAddr) {
@@ -19,7 +19,7 @@ fn backend(group: Ipv4Addr, port: u16, opts: PollOptions) -> (PollBackend, Socke
 
 /// Sends the plan from `tx` to `rx` (group and unicast) and checks what arrives.
 fn run(tx: &mut PollBackend, tx_addr: SocketAddr, rx: &mut PollBackend, rx_addr: SocketAddr, group: SocketAddr) {
-    let took = send_plan(tx, tx_addr, rx, rx_addr, group);
+    let took = send_plan(tx, tx_addr, rx, rx_addr, group, false);
     eprintln!(
         "{N} datagrams in {took:?}; tx: gso segments {}, {} GSO sends, {} fallbacks, {} send errors; rx: gro {}, {} GRO batches",
         tx.gso_segments(),
@@ -56,7 +56,7 @@ fn lent_send_buffers_arrive_datagram_by_datagram() {
     let group = Ipv4Addr::new(239, 255, 203, 9);
     let (mut rx, rx_addr) = backend(group, 46_331, PollOptions::default());
     let (mut tx, tx_addr) = backend(group, 46_332, PollOptions::default());
-    send_plan_lent(&mut tx, tx_addr, &mut rx, rx_addr, SocketAddr::from((group, 46_331)));
+    send_plan(&mut tx, tx_addr, &mut rx, rx_addr, SocketAddr::from((group, 46_331)), true);
     assert_eq!(tx.send_errors(), 0);
     assert!(tx.gso_segments() == 0 || tx.gso_sends() > 0, "GSO on but no GSO send");
     // Committing without a lent buffer, or more than was lent, is refused.

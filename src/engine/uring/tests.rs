@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::engine::test_support::{FULL, GSO_N, group_socket, send_plan, send_plan_lent, unicast_socket};
+use crate::engine::test_support::{FULL, GSO_N, group_socket, send_plan, unicast_socket};
 
 use super::*;
 
@@ -401,7 +401,7 @@ fn settle(tx: &mut UringBackend, total: u64) {
 /// Sends the plan from `tx` to `rx` (its group port and its unicast address) and checks what arrives.
 fn run_plan(tx: &mut UringBackend, rx: &mut UringBackend, group: SocketAddr) {
     let (from, rx_addr) = (tx.unicast_addr().unwrap(), rx.unicast_addr().unwrap());
-    let took = send_plan(tx, from, rx, rx_addr, group);
+    let took = send_plan(tx, from, rx, rx_addr, group, false);
     eprintln!(
         "{GSO_N} datagrams in {took:?}; tx gso segments {}: {:?}; rx gro {}: {:?}",
         tx.gso_segments(),
@@ -426,7 +426,7 @@ fn lent_send_buffers_arrive_datagram_by_datagram() {
     let mut tx = backend(group, 46_334, UringOptions::default());
     let (from, rx_addr) = (tx.unicast_addr().unwrap(), rx.unicast_addr().unwrap());
     let dest = SocketAddr::from((group, 46_333));
-    send_plan_lent(&mut tx, from, &mut rx, rx_addr, dest);
+    send_plan(&mut tx, from, &mut rx, rx_addr, dest, true);
     assert_eq!(rx.stats().truncated + rx.stats().malformed + rx.stats().recv_errors, 0);
     settle(&mut tx, GSO_N as u64);
     assert_eq!((tx.send_errors(), tx.stats().sent), (0, GSO_N as u64));
