@@ -37,16 +37,7 @@ const APPS: &[&str] = &["web", "db", "auth", "cache", "billing", "search", "mail
 const LEVELS: &[&str] = &["info", "debug", "info", "warn", "error"];
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => {
-            println!("log_fanout: OK");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("log_fanout: FAILED: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::finish("log_fanout", run())
 }
 
 /// Logger `i`'s application name; distinct for any number of loggers.

@@ -49,23 +49,12 @@ use blip::{Expect, Node, Received, Subscriber};
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{Args, Net};
+use common::{ANNOUNCE, Args, MEMBER_TIMEOUT, Net};
 
-const ANNOUNCE: Duration = Duration::from_millis(100);
-const MEMBER_TIMEOUT: Duration = Duration::from_secs(1);
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => {
-            println!("replicated_map: OK");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("replicated_map: FAILED: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::finish("replicated_map", run())
 }
 
 #[derive(Clone, Copy)]

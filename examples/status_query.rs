@@ -38,27 +38,15 @@ use blip::{Expect, Gathered, Received};
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{Args, Net};
+use common::{ANNOUNCE, Args, MEMBER_TIMEOUT, Net};
 
-/// Announcing every 100 ms (default 1 s) lets the querier learn of a joiner within about one round.
-const ANNOUNCE: Duration = Duration::from_millis(100);
-const MEMBER_TIMEOUT: Duration = Duration::from_secs(1);
 const QUERIER_ID: u64 = 0x5100;
 const LATE_ID: u64 = 0x51ff;
 /// A round normally ends early, when everybody answered; this bounds a round with a silent member.
 const ROUND_TIMEOUT: Duration = Duration::from_millis(500);
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => {
-            println!("status_query: OK");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("status_query: FAILED: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::finish("status_query", run())
 }
 
 fn run() -> Result<(), String> {

@@ -38,11 +38,8 @@ use blip::{Expect, Node, Received};
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{Args, Net};
+use common::{ANNOUNCE, Args, MEMBER_TIMEOUT, Net};
 
-/// Announcing every 100 ms (default 1 s) and expiring after 1 s makes a silent crash visible quickly.
-const ANNOUNCE: Duration = Duration::from_millis(100);
-const MEMBER_TIMEOUT: Duration = Duration::from_secs(1);
 const DISPATCHER_ID: u64 = 0x3000;
 /// Worker node ids are 1..=N; the faulty one is 1, so it wins the first auction (all bids are equal then,
 /// and ties go to the lowest id).
@@ -50,16 +47,7 @@ const FAULTY_ID: u64 = 1;
 const BID_TIMEOUT: Duration = Duration::from_millis(500);
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => {
-            println!("work_queue: OK");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("work_queue: FAILED: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::finish("work_queue", run())
 }
 
 struct Settings {

@@ -3,8 +3,29 @@
 #![allow(dead_code)]
 
 use std::net::IpAddr;
+use std::process::ExitCode;
+use std::time::Duration;
 
 use blip::{BackendChoice, Node, NodeBuilder};
+
+/// Membership announcements every 100 ms (the default is 1 s) and expiry after 1 s: the examples' nodes
+/// learn of a joiner within about one round and notice a silent crash quickly.
+pub const ANNOUNCE: Duration = Duration::from_millis(100);
+pub const MEMBER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Prints `<example>: OK` or `<example>: FAILED: <why>` and turns the result into the exit code.
+pub fn finish(example: &str, result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => {
+            println!("{example}: OK");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{example}: FAILED: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// Where the nodes meet: every node of the example joins this group on loopback with TTL 0.
 #[derive(Clone, Copy)]
