@@ -314,7 +314,6 @@ impl Engine {
                 counters: EngineCounters::default(),
                 node_id,
                 inline_max: inline_max.min(64 * 1024),
-                credit: 0,
             },
             commands: parts.commands,
             local_delivery: parts.local_delivery,
@@ -479,17 +478,20 @@ impl Engine {
         // Room is checked in bulk: once every ring is known to have `credit` bytes to spare, deliveries
         // draw on that until it runs low, rather than each checking every ring.
         let largest = Producer::record_size(OUT_HEADER + self.router.inline_max);
-        self.router.credit = 0;
+        let mut credit = 0;
         loop {
-            if self.router.credit < largest {
+            if credit < largest {
                 if !self.router.has_room() {
                     break;
                 }
-                self.router.credit = self.router.spare_bytes(largest).max(largest);
+                credit = self.router.spare_bytes(largest).max(largest);
             }
             let Some(d) = self.endpoint.recv() else { break };
             match d {
-                Delivery::Message(m) => self.router.route(m.session, m.seq, m.payload),
+                Delivery::Message(m) => {
+                    credit = credit.saturating_sub(self.router.record_size(m.payload.len()));
+                    self.router.route(m.session, m.seq, m.payload);
+                }
                 Delivery::Loss { session, datagrams, messages } => {
                     let (has, m) = match messages {
                         Some(m) => (1u64, m),
@@ -503,12 +505,11 @@ impl Engine {
                     for o in &mut self.router.outlets {
                         o.ring.push(OUT_LOSS, &rec);
                     }
-                    self.router.credit = self.router.credit.saturating_sub(Producer::record_size(rec.len()));
+                    credit = credit.saturating_sub(Producer::record_size(rec.len()));
                 }
             }
             n += 1;
         }
-        self.router.credit = 0;
         while self.router.outlets.iter_mut().all(|o| o.ring.has_room(0)) {
             let Some(e) = self.endpoint.poll_event() else { break };
             self.members_changed |= is_membership(&e);
@@ -662,8 +663,6 @@ struct Router {
     node_id: u64,
     /// Largest message copied into a ring record; larger ones go through the side channel.
     inline_max: usize,
-    /// Bytes every subscriber's ring can take without another check (valid within one `deliver` only).
-    credit: usize,
 }
 
 impl Router {
@@ -698,6 +697,12 @@ impl Router {
         least.saturating_sub(largest)
     }
 
+    /// Ring bytes a message of `len` bytes takes in a subscriber's ring (an inline record, or the marker of
+    /// one sent through the side channel).
+    fn record_size(&self, len: usize) -> usize {
+        Producer::record_size(if len <= self.inline_max { OUT_HEADER + len } else { 0 })
+    }
+
     /// Routes one of this node's own messages (local delivery).
     fn deliver_own(&mut self, session: u64, seq: u64, msg: &[u8]) {
         self.route(session, seq, msg);
@@ -719,8 +724,6 @@ impl Router {
             return;
         }
         let mut matched = false;
-        let size = if msg.len() <= self.inline_max { OUT_HEADER + msg.len() } else { 0 };
-        self.credit = self.credit.saturating_sub(Producer::record_size(size));
         for o in self.outlets.iter_mut() {
             if !o.accepts(env.topic, self.node_id) {
                 continue;
