@@ -186,6 +186,64 @@ pub(crate) enum Lent {
     Scratch { len: usize },
 }
 
+/// What a backend's `commit_send` does with the room its `send_buffer` lent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Commit {
+    /// Written at the free end of the open batch, which takes it: the batch grows over it.
+    Grow,
+    /// Written at the free end of the open batch, which cannot take it (another destination, a longer
+    /// datagram): the `len` bytes at offset `at` of send slot `slot` are queued like any datagram.
+    Requeue { slot: usize, at: usize },
+    /// Written in the scratch buffer: its first `len` bytes are queued.
+    Scratch,
+    /// Nothing was lent, or `len` exceeds what was.
+    Invalid,
+}
+
+impl Lent {
+    /// Lends the free end of the open batch (in send slot `slot`, `batch_len` bytes long) when `max_len` bytes
+    /// fit there, else the scratch buffer, grown to `max_len` if needed.
+    pub(crate) fn lend(open: Option<(usize, usize)>, slot_size: usize, max_len: usize, scratch: &mut Vec<u8>) -> Lent {
+        if let Some((slot, at)) = open
+            && slot_size - at >= max_len
+        {
+            return Lent::Tail { slot, at, room: slot_size - at };
+        }
+        if scratch.len() < max_len {
+            scratch.resize(max_len, 0);
+        }
+        Lent::Scratch { len: scratch.len() }
+    }
+
+    /// What committing `len` bytes to `dest` means, given the batch open now (`slot`, batch), the largest
+    /// datagram the backend sends and its GSO segment cap.
+    pub(crate) fn commit(
+        self,
+        len: usize,
+        open: Option<(usize, &Batch)>,
+        dest: SocketAddr,
+        max_datagram: usize,
+        segments: usize,
+    ) -> Commit {
+        match (self, open) {
+            (Lent::Tail { slot, at, room }, Some((i, batch))) if len <= room && i == slot && batch.len == at => {
+                if len <= max_datagram && batch.accepts(dest, len, segments) {
+                    Commit::Grow
+                } else {
+                    Commit::Requeue { slot, at }
+                }
+            }
+            (Lent::Scratch { len: lent }, _) if len <= lent => Commit::Scratch,
+            _ => Commit::Invalid,
+        }
+    }
+}
+
+/// The error of a `commit_send` that does not match what `send_buffer` lent.
+pub(crate) fn invalid_commit() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, "commit_send without a lent buffer of that size")
+}
+
 /// Whether GSO is on, and how it went: shared by both backends' send paths.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Gso {
@@ -297,6 +355,26 @@ mod tests {
 
     fn a(port: u16) -> SocketAddr {
         SocketAddr::from(([239, 255, 203, 1], port))
+    }
+
+    #[test]
+    fn lending_and_committing_follow_the_open_batch() {
+        let mut scratch = Vec::new();
+        let batch = Batch::new(a(1), 100);
+        // Room at the end of the open batch in slot 3: lent in place.
+        let tail = Lent::lend(Some((3, batch.len)), 4096, 1500, &mut scratch);
+        assert_eq!(tail, Lent::Tail { slot: 3, at: 100, room: 3996 });
+        assert_eq!(tail.commit(100, Some((3, &batch)), a(1), 1500, 64), Commit::Grow);
+        assert_eq!(tail.commit(100, Some((3, &batch)), a(2), 1500, 64), Commit::Requeue { slot: 3, at: 100 });
+        assert_eq!(tail.commit(4000, Some((3, &batch)), a(1), 1500, 64), Commit::Invalid, "beyond the room");
+        assert_eq!(tail.commit(100, None, a(1), 1500, 64), Commit::Invalid, "the batch was sent meanwhile");
+        // No room, or no batch: the scratch buffer, grown to the request.
+        let s = Lent::lend(Some((3, 3000)), 4096, 1500, &mut scratch);
+        assert_eq!((s, scratch.len()), (Lent::Scratch { len: 1500 }, 1500));
+        assert_eq!(Lent::lend(None, 4096, 1500, &mut scratch), Lent::Scratch { len: 1500 });
+        assert_eq!(s.commit(1500, None, a(1), 1500, 64), Commit::Scratch);
+        assert_eq!(s.commit(1501, None, a(1), 1500, 64), Commit::Invalid);
+        assert_eq!(Lent::Nothing.commit(1, Some((3, &batch)), a(1), 1500, 64), Commit::Invalid);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::time::Duration;
 use polling::{Event, Events, PollMode, Poller};
 
 use super::backend::{Backend, BackendKind, Wake};
-use super::offload::{self, Batch, Gso, Lent};
+use super::offload::{self, Batch, Commit, Gso, Lent};
 
 /// Datagrams (or GSO batches) per recvmmsg/sendmmsg call.
 const BATCH: usize = 32;
@@ -284,50 +284,40 @@ impl Backend for PollBackend {
     }
 
     fn send_buffer(&mut self, max_len: usize) -> &mut [u8] {
-        if let Some(b) = self.open
-            && self.slot_size - b.len >= max_len
-        {
-            let room = self.slot_size - b.len;
-            let at = self.queued * self.slot_size + b.len;
-            self.lent = Lent::Tail { slot: self.queued, at: b.len, room };
-            return &mut self.send_bufs[at..at + room];
+        let open = self.open.map(|b| (self.queued, b.len));
+        self.lent = Lent::lend(open, self.slot_size, max_len, &mut self.scratch);
+        match self.lent {
+            Lent::Tail { slot, at, room } => &mut self.send_bufs[slot * self.slot_size + at..][..room],
+            _ => &mut self.scratch,
         }
-        if self.scratch.len() < max_len {
-            self.scratch.resize(max_len, 0);
-        }
-        self.lent = Lent::Scratch { len: self.scratch.len() };
-        &mut self.scratch
     }
 
     fn commit_send(&mut self, dest: SocketAddr, len: usize) -> io::Result<()> {
-        let mut scratch = std::mem::take(&mut self.scratch);
-        let r = match std::mem::replace(&mut self.lent, Lent::Nothing) {
-            Lent::Tail { slot, at, room }
-                if len <= room && slot == self.queued && self.open.is_some_and(|b| b.len == at) =>
-            {
-                if let Some(b) = self.open.as_mut()
-                    && len <= self.max_datagram
-                    && b.accepts(dest, len, self.gso.segments)
-                {
-                    // Written in place: the batch just grows over it.
-                    b.push(len);
-                    if b.is_full(self.gso.segments) {
-                        self.close_open();
-                    }
-                    Ok(())
-                } else {
-                    // Not part of this batch: queued like any other datagram, through the scratch buffer.
+        let lent = std::mem::replace(&mut self.lent, Lent::Nothing);
+        let open = self.open.as_ref().map(|b| (self.queued, b));
+        match lent.commit(len, open, dest, self.max_datagram, self.gso.segments) {
+            Commit::Grow => {
+                let Some(b) = self.open.as_mut() else { return Ok(()) };
+                b.push(len);
+                if b.is_full(self.gso.segments) {
+                    self.close_open();
+                }
+                Ok(())
+            }
+            c @ (Commit::Requeue { .. } | Commit::Scratch) => {
+                let mut scratch = std::mem::take(&mut self.scratch);
+                if let Commit::Requeue { slot, at } = c {
+                    // Written after a batch it cannot join: moved out, and queued like any other datagram.
                     let start = slot * self.slot_size + at;
                     scratch.clear();
                     scratch.extend_from_slice(&self.send_bufs[start..start + len]);
-                    self.queue_send(dest, &scratch)
                 }
+                let r = self.queue_send(dest, &scratch[..len]);
+                self.scratch = scratch;
+                r
             }
-            Lent::Scratch { len: lent } if len <= lent => self.queue_send(dest, &scratch[..len]),
-            _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "commit_send without a lent buffer of that size")),
-        };
-        self.scratch = scratch;
-        r
+            Commit::Invalid => Err(offload::invalid_commit()),
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {

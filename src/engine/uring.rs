@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 use io_uring::{EnterFlags, IoUring, Probe, cqueue, opcode, squeue, types};
 
 use super::backend::{Backend, BackendKind, Wake};
-use super::offload::{self, Batch, Gso, Lent};
+use super::offload::{self, Batch, Commit, Gso, Lent};
 use mem::{BufRing, Region};
 
 /// Bytes at the start of every receive buffer before the payload: the kernel's `io_uring_recvmsg_out`
@@ -1139,47 +1139,37 @@ impl Backend for UringBackend {
     }
 
     fn send_buffer(&mut self, max_len: usize) -> &mut [u8] {
-        if let Some((i, batch)) = self.st.open
-            && self.st.slot_size - batch.len >= max_len
-        {
-            let (i, at, room) = (usize::from(i), batch.len, self.st.slot_size - batch.len);
-            self.st.lent = Lent::Tail { slot: i, at, room };
-            return self.st.slot_mut(i, at, room);
+        let open = self.st.open.map(|(i, b)| (usize::from(i), b.len));
+        self.st.lent = Lent::lend(open, self.st.slot_size, max_len, &mut self.st.scratch);
+        match self.st.lent {
+            Lent::Tail { slot, at, room } => self.st.slot_mut(slot, at, room),
+            _ => &mut self.st.scratch,
         }
-        if self.st.scratch.len() < max_len {
-            self.st.scratch.resize(max_len, 0);
-        }
-        self.st.lent = Lent::Scratch { len: self.st.scratch.len() };
-        &mut self.st.scratch
     }
 
     fn commit_send(&mut self, dest: SocketAddr, len: usize) -> io::Result<()> {
         let segments = self.st.gso.segments;
-        let buffer_size = self.st.buffer_size;
-        let mut scratch = std::mem::take(&mut self.st.scratch);
-        let r = match std::mem::replace(&mut self.st.lent, Lent::Nothing) {
-            Lent::Tail { slot, at, room }
-                if len <= room && self.st.open.is_some_and(|(i, b)| usize::from(i) == slot && b.len == at) =>
-            {
-                if let Some((_, batch)) = self.st.open.as_mut()
-                    && len <= buffer_size
-                    && batch.accepts(dest, len, segments)
-                {
-                    // Written in place: the batch just grows over it.
-                    batch.push(len);
-                    if batch.is_full(segments) { self.close_batch() } else { Ok(()) }
-                } else {
-                    // Not part of this batch: queued like any other datagram, through the scratch buffer.
+        let lent = std::mem::replace(&mut self.st.lent, Lent::Nothing);
+        let open = self.st.open.as_ref().map(|(i, b)| (usize::from(*i), b));
+        match lent.commit(len, open, dest, self.st.buffer_size, segments) {
+            Commit::Grow => {
+                let Some((_, batch)) = self.st.open.as_mut() else { return Ok(()) };
+                batch.push(len);
+                if batch.is_full(segments) { self.close_batch() } else { Ok(()) }
+            }
+            c @ (Commit::Requeue { .. } | Commit::Scratch) => {
+                let mut scratch = std::mem::take(&mut self.st.scratch);
+                if let Commit::Requeue { slot, at } = c {
+                    // Written after a batch it cannot join: moved out, and queued like any other datagram.
                     scratch.clear();
                     scratch.extend_from_slice(self.st.slot_mut(slot, at, len));
-                    self.queue_send(dest, &scratch)
                 }
+                let r = self.queue_send(dest, &scratch[..len]);
+                self.st.scratch = scratch;
+                r
             }
-            Lent::Scratch { len: lent } if len <= lent => self.queue_send(dest, &scratch[..len]),
-            _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "commit_send without a lent buffer of that size")),
-        };
-        self.st.scratch = scratch;
-        r
+            Commit::Invalid => Err(offload::invalid_commit()),
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {
