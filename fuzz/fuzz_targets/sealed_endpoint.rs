@@ -5,8 +5,7 @@
 //! delivers must be well formed.
 #![no_main]
 
-use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use aegis::aegis128l::Aegis128L;
 use blip::proto::{Config, Endpoint, KEY_LEN, Keyring};
@@ -48,8 +47,7 @@ fn seal(packet: &[u8], counter: u64) -> Vec<u8> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let start = Instant::now();
-    let mut now = start;
+    let mut now = Instant::now();
     let cfg = Config {
         window: 64,
         receive_buffer: 64,
@@ -60,19 +58,9 @@ fuzz_target!(|data: &[u8]| {
     let mut ep = Endpoint::new(cfg, 1, 2, now).unwrap();
     let mut buf = vec![0u8; 2048];
     let mut counter = 0u64;
-    let mut rest = data;
-    // Each step: [op u8][len u16][len bytes]. op bits: 0-1 source, 4 advance time, 5 skip reads,
-    // 6 deliver unsealed, 7 reuse the previous counter (a replay, or a forgery if the packet differs).
-    while rest.len() >= 3 {
-        let (op, len) = (rest[0], u16::from_be_bytes([rest[1], rest[2]]) as usize);
-        rest = &rest[3..];
-        let take = len.min(rest.len());
-        let (packet, tail) = rest.split_at(take);
-        rest = tail;
-        let from = SocketAddr::from(([127, 0, 0, 1 + (op & 3)], 4000));
-        if op & 0x10 != 0 {
-            now += Duration::from_micros(u64::from(op) * 97);
-        }
+    // Op bits 6: deliver unsealed; 7: reuse the previous counter (a replay, or a forgery if the packet
+    // differs). The others as in `drive::steps`.
+    drive::steps(data, &mut now, |op, now, from, packet| {
         let mut datagram = if op & 0x40 != 0 || packet.len() < HEADER_LEN {
             packet.to_vec()
         } else {
@@ -83,7 +71,7 @@ fuzz_target!(|data: &[u8]| {
         };
         ep.handle_datagram_mut(now, from, &mut datagram);
         drive::after_datagram(&mut ep, now, &mut buf, op & 0x20 == 0);
-    }
+    });
     let _ = ep.poll_timeout();
     // `SEALED_FUZZ_STATS=1 cargo fuzz run sealed_endpoint corpus/sealed_endpoint -- -runs=0` shows that the
     // seeds get past authentication (messages delivered, no auth failures for the sealed steps).
