@@ -35,11 +35,13 @@ use crate::engine::keys::KeyOp;
 use crate::engine::poll::{PollBackend, PollOptions};
 use crate::engine::{
     Backend, BackendKind, Command, Engine, EngineParts, HELD, HandleShared, IN_LARGE, IN_MESSAGE, IdleStrategy, Inlet,
-    LossInjector, NodeStats, OUT_HEADER, OUT_LOSS, OUT_MESSAGE, Outlet, Shared, Side, TAKEN,
+    LossInjector, NodeStats, OUT_HEADER, OUT_LOSS, OUT_MESSAGE, OUT_RUN, Outlet, Shared, Side, TAKEN,
 };
 use crate::envelope::{self, Envelope, RequestId};
 use crate::net::{self, Interface, NetError, SocketConfig, SocketReport};
-use crate::proto::{Config, ConfigError, Endpoint, Event, LateJoin, Member, PeerStats, SlowReceiverPolicy};
+use crate::proto::{
+    Config, ConfigError, Endpoint, Event, LateJoin, Member, PeerStats, RunMessages, SlowReceiverPolicy,
+};
 use crate::request::Requester;
 use crate::ring;
 use crate::topic::{self, Filter, FilterError};
@@ -611,7 +613,8 @@ impl HandleFactory {
         let (tx, rx) = ring::ring(self.subscriber_ring);
         let (side_tx, side_rx) = mpsc::channel();
         let handle = Arc::new(HandleShared::default());
-        let subscriber = Subscriber { ring: rx, side: side_rx, shared: self.shared.clone(), handle: handle.clone() };
+        let subscriber =
+            Subscriber { ring: rx, run_at: (0, 0), side: side_rx, shared: self.shared.clone(), handle: handle.clone() };
         (subscriber, Outlet { ring: tx, side: side_tx, filter, shared: handle })
     }
 
@@ -1269,6 +1272,9 @@ pub enum Received<'a> {
 /// Receives deliveries from the engine. A node may have several; each may move to another thread.
 pub struct Subscriber {
     ring: ring::Consumer,
+    /// Where to resume in the `OUT_RUN` record at the head of the ring when the last poll stopped inside
+    /// it: byte offset in its frames and message sequence (offset 0: not started).
+    run_at: (usize, u64),
     side: mpsc::Receiver<Side>,
     shared: Arc<Shared>,
     handle: Arc<HandleShared>,
@@ -1287,6 +1293,28 @@ impl Subscriber {
                     if let Some(m) = Message::parse(session, seq, &rec[OUT_HEADER..]) {
                         handler(Received::Message(m));
                     }
+                }
+                OUT_RUN => {
+                    let session = u64::from_ne_bytes(rec[..8].try_into().expect("record header"));
+                    let first = u64::from_ne_bytes(rec[8..16].try_into().expect("record header"));
+                    let at = if self.run_at.0 == 0 { (0, first) } else { self.run_at };
+                    let mut msgs = RunMessages::resume(session, &rec[OUT_HEADER..], at);
+                    while n < max {
+                        let Some(m) = msgs.next() else { break };
+                        if let Some(m) = Message::parse(m.session, m.seq, m.payload) {
+                            handler(Received::Message(m));
+                        }
+                        n += 1;
+                    }
+                    if msgs.clone().next().is_none() {
+                        self.run_at = (0, 0);
+                    } else {
+                        // `max` reached inside the run: the rest is delivered by the next poll.
+                        self.run_at = msgs.position();
+                        break;
+                    }
+                    rec.release();
+                    continue;
                 }
                 OUT_LOSS => {
                     let v = |i: usize| u64::from_ne_bytes(rec[i * 8..i * 8 + 8].try_into().expect("loss record"));

@@ -17,7 +17,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use crate::proto::rng::Rng;
-use crate::proto::{Config, Delivery, Destination, Endpoint, Event, SendError};
+use crate::proto::{Batch, Config, Delivery, Destination, Endpoint, Event, Message, SendError};
 use crate::wire::{DataPacket, FLAG_SEALED, Kind};
 
 /// Behaviour of one direction of a node's attachment to the network.
@@ -107,6 +107,9 @@ pub struct SimConfig {
     /// DATA datagram sequence numbers dropped on every sender's uplink on their first transmission
     /// (retransmissions pass): deterministic loss at a chosen place, such as the last datagram before idle.
     pub drop_datagrams: Vec<u64>,
+    /// Receivers read with [`Endpoint::recv_batch`] (runs of whole messages at once) instead of
+    /// [`Endpoint::recv`]; what they deliver must not change.
+    pub batched_reads: bool,
     /// Give up (error) past this much virtual time.
     pub max_virtual: Duration,
     /// Give up (error) past this many loop iterations.
@@ -131,6 +134,7 @@ impl Default for SimConfig {
             stalls: Vec::new(),
             blackouts: Vec::new(),
             drop_datagrams: Vec::new(),
+            batched_reads: false,
             max_virtual: Duration::from_secs(120),
             max_steps: 20_000_000,
         }
@@ -178,6 +182,8 @@ pub struct SimReport {
     pub sender_blocked: u64,
     /// Messages before the first one a receiver delivered under `LateJoin::Next` (not expected of it).
     pub skipped_at_join: u64,
+    /// Runs of whole messages delivered at once (with `batched_reads`).
+    pub runs: u64,
 }
 
 /// Why a run did not finish.
@@ -215,6 +221,65 @@ struct InFlight {
     dst: usize,
     from: SocketAddr,
     bytes: Vec<u8>,
+}
+
+/// A receiver's checks of what it delivers, against what each sender sent.
+struct Tally<'a> {
+    senders: &'a [u64],
+    late_next: bool,
+    /// Next expected message index from each sender (indexed by sender).
+    expected: &'a mut [u64],
+    /// Whether anything was delivered from each sender yet.
+    started: &'a mut [bool],
+    report: &'a mut SimReport,
+}
+
+impl Tally<'_> {
+    fn message(&mut self, m: Message<'_>) {
+        let Some(s) = self.senders.iter().position(|&x| x == m.session) else { return };
+        if !check_message(m.payload, s as u32, m.seq) {
+            self.report.corrupt += 1;
+        }
+        let want = &mut self.expected[s];
+        if !self.started[s] {
+            self.started[s] = true;
+            if self.late_next {
+                self.report.skipped_at_join += m.seq;
+                *want = m.seq;
+            }
+        }
+        if m.seq < *want {
+            self.report.duplicates += 1;
+            self.report.in_order = false;
+            return;
+        }
+        if m.seq > *want {
+            self.report.unreported_gaps += m.seq - *want;
+            self.report.in_order = false;
+        }
+        *want = m.seq + 1;
+        self.report.delivered += 1;
+    }
+
+    fn loss(&mut self, session: u64, messages: Option<std::ops::Range<u64>>) {
+        let Some(s) = self.senders.iter().position(|&x| x == session) else { return };
+        self.report.loss_events += 1;
+        let want = &mut self.expected[s];
+        self.started[s] = true;
+        match messages {
+            Some(r) if r.start == *want => {
+                self.report.lost_messages += r.end - r.start;
+                *want = r.end;
+            }
+            Some(r) => {
+                // A loss range that does not start where delivery stopped is itself a gap.
+                self.report.unreported_gaps += r.start.abs_diff(*want);
+                self.report.in_order = false;
+                *want = (*want).max(r.end);
+            }
+            None => {}
+        }
+    }
 }
 
 /// Runs one simulation to completion (every message delivered or reported lost at every receiver).
@@ -460,56 +525,41 @@ impl<'c> Sim<'c> {
     }
 
     fn read(&mut self, node: usize) {
-        let senders = &self.sender_sessions;
-        let late_next = self.cfg.protocol.late_join == crate::proto::LateJoin::Next;
         let n = &mut self.nodes[node];
-        let report = &mut self.report;
-        while let Some(d) = n.endpoint.recv() {
-            match d {
-                Delivery::Message(m) => {
-                    let Some(s) = senders.iter().position(|&x| x == m.session) else { continue };
-                    if !check_message(m.payload, s as u32, m.seq) {
-                        report.corrupt += 1;
-                    }
-                    let want = &mut n.expected[s];
-                    if !n.started[s] {
-                        n.started[s] = true;
-                        if late_next {
-                            report.skipped_at_join += m.seq;
-                            *want = m.seq;
+        let mut tally = Tally {
+            senders: &self.sender_sessions,
+            late_next: self.cfg.protocol.late_join == crate::proto::LateJoin::Next,
+            expected: &mut n.expected,
+            started: &mut n.started,
+            report: &mut self.report,
+        };
+        loop {
+            let one = if self.cfg.batched_reads {
+                match n.endpoint.recv_batch() {
+                    None => break,
+                    Some(Batch::One(d)) => d,
+                    Some(Batch::Run(run)) => {
+                        tally.report.runs += 1;
+                        let mut count = 0;
+                        for m in run.messages() {
+                            tally.message(m);
+                            count += 1;
                         }
-                    }
-                    if m.seq < *want {
-                        report.duplicates += 1;
-                        report.in_order = false;
+                        if count != run.count {
+                            tally.report.corrupt += 1; // a run's count must match its frames
+                        }
                         continue;
                     }
-                    if m.seq > *want {
-                        report.unreported_gaps += m.seq - *want;
-                        report.in_order = false;
-                    }
-                    *want = m.seq + 1;
-                    report.delivered += 1;
                 }
-                Delivery::Loss { session, messages, .. } => {
-                    let Some(s) = senders.iter().position(|&x| x == session) else { continue };
-                    report.loss_events += 1;
-                    let want = &mut n.expected[s];
-                    n.started[s] = true;
-                    match messages {
-                        Some(r) if r.start == *want => {
-                            report.lost_messages += r.end - r.start;
-                            *want = r.end;
-                        }
-                        Some(r) => {
-                            // A loss range that does not start where delivery stopped is itself a gap.
-                            report.unreported_gaps += r.start.abs_diff(*want);
-                            report.in_order = false;
-                            *want = (*want).max(r.end);
-                        }
-                        None => {}
-                    }
+            } else {
+                match n.endpoint.recv() {
+                    None => break,
+                    Some(d) => d,
                 }
+            };
+            match one {
+                Delivery::Message(m) => tally.message(m),
+                Delivery::Loss { session, messages, .. } => tally.loss(session, messages),
             }
         }
     }

@@ -290,3 +290,73 @@ fn sender_respects_the_receivers_buffer_capacity() {
     assert!(r.sender_blocked > 0, "the stalled receiver's credit should have held the sender: {r:?}");
     assert_eq!(r.retransmissions, 0, "no datagram should have been sent past a receiver's buffer: {r:?}");
 }
+
+/// Reading with `recv_batch` (runs of whole messages at once) delivers exactly what `recv` does: the same
+/// messages in the same order, the same losses, with the same protocol traffic.
+#[test]
+fn batched_reads_deliver_what_single_reads_do() {
+    let outage = SimConfig {
+        seed: 8,
+        receivers: 2,
+        messages: 6000,
+        message_size: 100,
+        batch: 30,
+        protocol: Config {
+            window: 64,
+            slow_receiver: SlowReceiverPolicy::DropAfter(Duration::from_millis(5)),
+            ..Config::default()
+        },
+        blackouts: vec![Blackout { receiver: 0, from: Duration::from_millis(1), until: Duration::from_millis(60) }],
+        ..SimConfig::default()
+    };
+    let cases = [
+        (
+            "small messages, 5 % loss",
+            SimConfig {
+                seed: 21,
+                receivers: 4,
+                messages: 4000,
+                message_size: 40,
+                batch: 16,
+                receiver_downlink: lossy(0.05),
+                receiver_uplink: lossy(0.05),
+                ..SimConfig::default()
+            },
+        ),
+        (
+            "two per datagram, reordered and duplicated",
+            SimConfig {
+                seed: 22,
+                receivers: 2,
+                message_size: 600,
+                receiver_downlink: LinkConfig {
+                    loss: 0.02,
+                    duplicate: 0.05,
+                    jitter: Duration::from_micros(300),
+                    ..LinkConfig::default()
+                },
+                ..SimConfig::default()
+            },
+        ),
+        (
+            "fragments between whole messages",
+            SimConfig {
+                seed: 23,
+                receivers: 2,
+                messages: 600,
+                message_size: 500,
+                batch: 3,
+                receiver_downlink: lossy(0.05),
+                ..SimConfig::default()
+            },
+        ),
+        ("outage with reported loss", outage),
+    ];
+    for (what, cfg) in cases {
+        let single = run(&cfg);
+        let batched = run(&SimConfig { batched_reads: true, ..cfg });
+        assert!(batched.runs > 0, "{what}: no run was delivered: {batched:?}");
+        assert_eq!(single.runs, 0, "{what}");
+        assert_eq!(SimReport { runs: 0, ..batched }, single, "{what}");
+    }
+}

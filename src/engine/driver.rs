@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::backend::{Backend, Wake};
 use crate::envelope::Envelope;
 use crate::proto::rng::Rng;
-use crate::proto::{Delivery, Destination, Endpoint, Event, Member, PeerStats, SendError, Stats};
+use crate::proto::{Batch, Delivery, Destination, Endpoint, Event, Member, PeerStats, Run, SendError, Stats};
 use crate::ring::{Consumer, Producer};
 use crate::topic::{self, Filter};
 
@@ -25,7 +25,10 @@ pub(crate) const OUT_MESSAGE: u32 = 1;
 pub(crate) const OUT_SIDE: u32 = 2;
 /// `[session][datagrams.start][datagrams.end][has_messages][messages.start][messages.end]`, all u64.
 pub(crate) const OUT_LOSS: u32 = 3;
-/// Bytes before the payload of an `OUT_MESSAGE` record.
+/// Whole messages of one sender for a catch-all subscriber, in one record: `[session u64][first seq u64]`
+/// then their frames as on the wire (`proto::Run::frames`).
+pub(crate) const OUT_RUN: u32 = 4;
+/// Bytes before the payload of an `OUT_MESSAGE` record (and before the frames of an `OUT_RUN` record).
 pub(crate) const OUT_HEADER: usize = 16;
 
 /// What goes through the side channel beside an `OUT_SIDE` marker.
@@ -478,6 +481,12 @@ impl Engine {
         // Room is checked in bulk: once every ring is known to have `credit` bytes to spare, deliveries
         // draw on that until it runs low, rather than each checking every ring.
         let largest = Producer::record_size(OUT_HEADER + self.router.inline_max);
+        // Whole messages that share a datagram go to a catch-all subscriber as one record (one routing step
+        // and one record instead of one per message), when a run record fits inline and the credit covers
+        // the worst case of routing the run message by message instead (`Router::route_run`).
+        let runs =
+            self.router.inline_max >= self.max_datagram && self.router.outlets.iter().any(|o| o.filter.is_none());
+        let run_need = Router::run_bound(self.max_datagram);
         let mut credit = 0;
         loop {
             if credit < largest {
@@ -486,13 +495,19 @@ impl Engine {
                 }
                 credit = self.router.spare_bytes(largest).max(largest);
             }
-            let Some(d) = self.endpoint.recv() else { break };
+            let next = if runs && credit >= run_need {
+                self.endpoint.recv_batch()
+            } else {
+                self.endpoint.recv().map(Batch::One)
+            };
+            let Some(d) = next else { break };
             match d {
-                Delivery::Message(m) => {
+                Batch::Run(run) => credit = credit.saturating_sub(self.router.route_run(&run)),
+                Batch::One(Delivery::Message(m)) => {
                     credit = credit.saturating_sub(self.router.record_size(m.payload.len()));
                     self.router.route(m.session, m.seq, m.payload);
                 }
-                Delivery::Loss { session, datagrams, messages } => {
+                Batch::One(Delivery::Loss { session, datagrams, messages }) => {
                     let (has, m) = match messages {
                         Some(m) => (1u64, m),
                         None => (0, 0..0),
@@ -709,6 +724,56 @@ impl Router {
         self.counters.local_deliveries += 1;
     }
 
+    /// Ring bytes that routing a run from a datagram of at most `max_datagram` bytes may take in any one
+    /// ring, whichever way it goes: a run record, or a record per message. A message routed on its own has an
+    /// envelope of at least 2 bytes, so a frame of at least 6; its record takes at most 27 bytes more than its
+    /// frame (16 of record header, 8 of ring header, 7 of padding, less the frame's 4).
+    fn run_bound(max_datagram: usize) -> usize {
+        max_datagram + max_datagram / 6 * 27 + Producer::record_size(OUT_HEADER)
+    }
+
+    /// Routes a run of whole messages. When a catch-all subscriber takes every one of them (none is aimed at
+    /// another node or private to one), each catch-all subscriber gets the run as one `OUT_RUN` record and
+    /// every other subscriber the messages its filter selects; otherwise each message is routed on its own.
+    /// Returns a bound on the ring bytes used in any one ring ([`run_bound`](Self::run_bound) at most).
+    fn route_run(&mut self, run: &Run<'_>) -> usize {
+        let mut per_message = 0;
+        let mut whole = true;
+        for m in run.messages() {
+            per_message += self.record_size(m.payload.len());
+            whole = whole
+                && Envelope::parse(m.payload).is_ok_and(|(env, _)| {
+                    env.target.is_none_or(|t| t == self.node_id)
+                        && topic::private_owner(env.topic).is_none_or(|owner| owner == self.node_id)
+                });
+        }
+        if !whole {
+            for m in run.messages() {
+                self.route(m.session, m.seq, m.payload);
+            }
+            return per_message;
+        }
+        let node_id = self.node_id;
+        for o in self.outlets.iter_mut() {
+            if o.filter.is_none() {
+                let mut c = o.ring.claim(OUT_HEADER + run.frames.len()).expect("room checked");
+                c[..8].copy_from_slice(&run.session.to_ne_bytes());
+                c[8..16].copy_from_slice(&run.first_seq.to_ne_bytes());
+                c[OUT_HEADER..].copy_from_slice(run.frames);
+                c.commit(OUT_RUN);
+                continue;
+            }
+            for m in run.messages() {
+                if let Ok((env, _)) = Envelope::parse(m.payload)
+                    && o.accepts(env.topic, node_id)
+                {
+                    push_message(o, self.inline_max, m.session, m.seq, m.payload);
+                }
+            }
+        }
+        per_message.max(Producer::record_size(OUT_HEADER + run.frames.len()))
+    }
+
     /// Copies one message to every subscriber whose filter selects it. The caller has checked
     /// [`has_room`](Self::has_room).
     fn route(&mut self, session: u64, seq: u64, msg: &[u8]) {
@@ -729,19 +794,25 @@ impl Router {
                 continue;
             }
             matched = true;
-            if msg.len() <= self.inline_max {
-                let mut c = o.ring.claim(OUT_HEADER + msg.len()).expect("room checked");
-                c[..8].copy_from_slice(&session.to_ne_bytes());
-                c[8..16].copy_from_slice(&seq.to_ne_bytes());
-                c[OUT_HEADER..].copy_from_slice(msg);
-                c.commit(OUT_MESSAGE);
-            } else {
-                let _ = o.side.send(Side::Message { session, seq, payload: msg.to_vec() });
-                o.ring.push(OUT_SIDE, &[]);
-            }
+            push_message(o, self.inline_max, session, seq, msg);
         }
         if !matched {
             self.counters.unmatched += 1;
         }
+    }
+}
+
+/// Copies one message into a subscriber's ring (through the side channel beyond `inline_max` bytes).
+#[inline]
+fn push_message(o: &mut Outlet, inline_max: usize, session: u64, seq: u64, msg: &[u8]) {
+    if msg.len() <= inline_max {
+        let mut c = o.ring.claim(OUT_HEADER + msg.len()).expect("room checked");
+        c[..8].copy_from_slice(&session.to_ne_bytes());
+        c[8..16].copy_from_slice(&seq.to_ne_bytes());
+        c[OUT_HEADER..].copy_from_slice(msg);
+        c.commit(OUT_MESSAGE);
+    } else {
+        let _ = o.side.send(Side::Message { session, seq, payload: msg.to_vec() });
+        o.ring.push(OUT_SIDE, &[]);
     }
 }

@@ -94,6 +94,77 @@ pub struct Message<'a> {
     pub payload: &'a [u8],
 }
 
+/// Whole messages that follow each other in one datagram of one sender, as [`Endpoint::recv_batch`] hands
+/// them out: [`messages`](Self::messages) yields each as a [`Message`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run<'a> {
+    /// The sender's session.
+    pub session: u64,
+    /// Sequence number of the first message.
+    pub first_seq: u64,
+    /// Number of messages (at least 2).
+    pub count: u64,
+    /// The messages' frames as on the wire (PROTOCOL.md section 3.1), each a whole message, borrowed like a
+    /// [`Message`]'s payload.
+    pub frames: &'a [u8],
+}
+
+impl<'a> Run<'a> {
+    /// The messages, in order.
+    pub fn messages(&self) -> RunMessages<'a> {
+        RunMessages { session: self.session, seq: self.first_seq, frames: self.frames, at: 0 }
+    }
+}
+
+/// Iterator over the messages of a [`Run`] (also usable on the `frames` of a run stored elsewhere).
+#[derive(Debug, Clone)]
+pub struct RunMessages<'a> {
+    session: u64,
+    seq: u64,
+    frames: &'a [u8],
+    at: usize,
+}
+
+impl<'a> RunMessages<'a> {
+    /// Messages of sender `session` from `frames` (whole-message frames as in [`Run::frames`]), the first
+    /// with sequence `first_seq`.
+    pub fn new(session: u64, first_seq: u64, frames: &'a [u8]) -> RunMessages<'a> {
+        RunMessages { session, seq: first_seq, frames, at: 0 }
+    }
+
+    /// Byte offset of the next message's frame in `frames`, and its sequence number.
+    pub fn position(&self) -> (usize, u64) {
+        (self.at, self.seq)
+    }
+
+    /// Continues from a [`position`](Self::position) taken earlier on the same frames.
+    pub fn resume(session: u64, frames: &'a [u8], (at, seq): (usize, u64)) -> RunMessages<'a> {
+        RunMessages { session, seq, frames, at }
+    }
+}
+
+impl<'a> Iterator for RunMessages<'a> {
+    type Item = Message<'a>;
+
+    #[inline]
+    fn next(&mut self) -> Option<Message<'a>> {
+        let (frame, next) = crate::wire::data::frame_at(self.frames, self.at)?;
+        self.at = next;
+        let seq = self.seq;
+        self.seq += 1;
+        Some(Message { session: self.session, seq, payload: frame.payload })
+    }
+}
+
+/// What [`Endpoint::recv_batch`] yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Batch<'a> {
+    /// One delivery, as [`Endpoint::recv`] would have given it.
+    One(Delivery<'a>),
+    /// Two or more whole messages of one sender, in order.
+    Run(Run<'a>),
+}
+
 /// What [`Endpoint::recv`] yields, in stream order per sender.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery<'a> {
@@ -656,26 +727,54 @@ impl Endpoint {
     /// Next delivery (message or loss), in order per sender. The payload is borrowed from the endpoint's
     /// buffers until the next call.
     pub fn recv(&mut self) -> Option<Delivery<'_>> {
+        let (i, step) = self.next_step(false)?;
+        let s = &self.streams[i];
+        let session = s.session;
+        Some(match step {
+            Step::Message { slot, range, seq } => {
+                Delivery::Message(Message { session, seq, payload: &s.slot_bytes(slot)[range] })
+            }
+            Step::Reassembled { seq } => Delivery::Message(Message { session, seq, payload: s.reassembled() }),
+            Step::Loss { datagrams, messages } => Delivery::Loss { session, datagrams, messages },
+            Step::Run { .. } => unreachable!("runs are only made when asked for"),
+        })
+    }
+
+    /// Like [`recv`](Self::recv), except that whole messages stored one after another in a datagram come
+    /// out together as one [`Batch::Run`]: the same messages in the same order, at a fraction of the cost
+    /// per message. Anything else comes out as [`Batch::One`].
+    pub fn recv_batch(&mut self) -> Option<Batch<'_>> {
+        let (i, step) = self.next_step(true)?;
+        let s = &self.streams[i];
+        let session = s.session;
+        Some(match step {
+            Step::Message { slot, range, seq } => {
+                Batch::One(Delivery::Message(Message { session, seq, payload: &s.slot_bytes(slot)[range] }))
+            }
+            Step::Run { slot, frames, seq, count } => {
+                Batch::Run(Run { session, first_seq: seq, count, frames: &s.slot_bytes(slot)[frames] })
+            }
+            Step::Reassembled { seq } => {
+                Batch::One(Delivery::Message(Message { session, seq, payload: s.reassembled() }))
+            }
+            Step::Loss { datagrams, messages } => Batch::One(Delivery::Loss { session, datagrams, messages }),
+        })
+    }
+
+    /// The next delivery step of any stream, round-robin from the last one that delivered: its index and step.
+    fn next_step(&mut self, runs: bool) -> Option<(usize, Step)> {
         let n = self.streams.len();
         // Round from `current` (no division: this runs once per delivered message).
         let start = if self.current < n { self.current } else { 0 };
         for k in 0..n {
             let i = if start + k < n { start + k } else { start + k - n };
-            let Some(step) =
-                self.streams[i].poll(&self.config, &mut self.rng, &mut self.stats, &mut self.reassembly_in_use)
-            else {
-                continue;
-            };
-            self.current = i;
-            let s = &self.streams[i];
-            let session = s.session;
-            return Some(match step {
-                Step::Message { slot, range, seq } => {
-                    Delivery::Message(Message { session, seq, payload: &s.slot_bytes(slot)[range] })
-                }
-                Step::Reassembled { seq } => Delivery::Message(Message { session, seq, payload: s.reassembled() }),
-                Step::Loss { datagrams, messages } => Delivery::Loss { session, datagrams, messages },
-            });
+            let cfg = &self.config;
+            if let Some(step) =
+                self.streams[i].poll(cfg, &mut self.rng, &mut self.stats, &mut self.reassembly_in_use, runs)
+            {
+                self.current = i;
+                return Some((i, step));
+            }
         }
         None
     }

@@ -27,6 +27,9 @@ struct Slot {
 pub(crate) enum Step {
     /// A whole message inside a stored datagram: slot index and byte range.
     Message { slot: usize, range: Range<usize>, seq: u64 },
+    /// Consecutive whole messages inside a stored datagram (two or more): slot index, the byte range of
+    /// their frames, the first message's sequence and how many there are.
+    Run { slot: usize, frames: Range<usize>, seq: u64, count: u64 },
     /// A reassembled message in the stream's reassembly buffer.
     Reassembled { seq: u64 },
     /// Datagrams that can no longer be repaired.
@@ -298,9 +301,17 @@ impl Stream {
         count
     }
 
-    /// The next delivery step, if one is possible now.
+    /// The next delivery step, if one is possible now. With `runs`, whole messages that follow each other in
+    /// a datagram come out as one [`Step::Run`] instead of one step each.
     /// `in_use` is the endpoint's reassembly budget in use, shared by every stream.
-    pub(crate) fn poll(&mut self, cfg: &Config, rng: &mut Rng, stats: &mut Stats, in_use: &mut usize) -> Option<Step> {
+    pub(crate) fn poll(
+        &mut self,
+        cfg: &Config,
+        rng: &mut Rng,
+        stats: &mut Stats,
+        in_use: &mut usize,
+        runs: bool,
+    ) -> Option<Step> {
         if !self.reassembling && self.reassembly_charged > 0 {
             // The message reassembled last time has been handed out.
             self.release_reassembly(in_use);
@@ -373,9 +384,16 @@ impl Stream {
             }
             match (first, last) {
                 (true, true) => {
-                    self.next_msg = Some(msg + 1);
-                    stats.messages_delivered += 1;
-                    self.peer.messages_delivered += 1;
+                    let (end, count) = if runs { self.run_end(i, next) } else { (next, 1) };
+                    self.next_msg = Some(msg + count);
+                    stats.messages_delivered += count;
+                    self.peer.messages_delivered += count;
+                    if count > 1 {
+                        self.cursor = end;
+                        self.frame_index += count - 1;
+                        let frames = range.start - crate::wire::FRAME_HEADER_LEN..end;
+                        return Some(Step::Run { slot: i, frames, seq: msg, count });
+                    }
                     return Some(Step::Message { slot: i, range, seq: msg });
                 }
                 (true, false) => {
@@ -409,6 +427,22 @@ impl Stream {
                 }
             }
         }
+    }
+
+    /// Where the run of whole-message frames from `from` in slot `slot` ends, and how many frames it has
+    /// counting the one just before `from`.
+    fn run_end(&self, slot: usize, from: usize) -> (usize, u64) {
+        const WHOLE: u8 = crate::wire::FRAME_FIRST | crate::wire::FRAME_LAST;
+        let bytes = &self.slots[slot].bytes;
+        let (mut end, mut count) = (from, 1);
+        while let Some((f, next)) = frame_at(bytes, end) {
+            if f.flags & WHOLE != WHOLE {
+                break;
+            }
+            end = next;
+            count += 1;
+        }
+        (end, count)
     }
 
     fn frame_msg_seq(&self, slot: usize) -> u64 {
