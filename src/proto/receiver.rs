@@ -52,6 +52,8 @@ pub(crate) struct Stream {
     /// Slots for `next_deliver..marked` describe their sequence; `marked == min(high, next_deliver + cap)`.
     marked: u64,
     sender_low: u64,
+    /// The most datagrams the sender was seen to retain (`seq + 1 - low`): its window, once full.
+    sender_span: u64,
     sender_receivers: u32,
     slots: Box<[Slot]>,
     /// Next message sequence to deliver (None until the first datagram is consumed).
@@ -95,6 +97,7 @@ impl Stream {
             high: start,
             marked: start,
             sender_low: 0,
+            sender_span: 1,
             sender_receivers: 0,
             slots,
             next_msg: None,
@@ -157,8 +160,10 @@ impl Stream {
         }
     }
 
-    fn note_sender_low(&mut self, low: u64) {
+    /// `low` is the oldest datagram the sender retains and `end` one past its newest.
+    fn note_sender_window(&mut self, low: u64, end: u64) {
         self.sender_low = self.sender_low.max(low);
+        self.sender_span = self.sender_span.max(end.saturating_sub(low));
     }
 
     pub(crate) fn handle_data(
@@ -173,7 +178,7 @@ impl Stream {
         self.now = now;
         self.last_heard = now;
         self.gone = false;
-        self.note_sender_low(pkt.low);
+        self.note_sender_window(pkt.low, pkt.seq.saturating_add(1));
         self.peer.datagrams += 1;
         self.peer.bytes += bytes.len() as u64;
         let seq = pkt.seq;
@@ -212,7 +217,7 @@ impl Stream {
         self.now = now;
         self.last_heard = now;
         self.gone = false;
-        self.note_sender_low(hb.low);
+        self.note_sender_window(hb.low, hb.next_seq);
         self.sender_receivers = hb.receivers;
         self.peer.datagrams += 1;
         self.peer.bytes += crate::wire::HEARTBEAT_LEN as u64;
@@ -510,7 +515,9 @@ impl Stream {
         self.next_deliver += 1;
         self.cursor = 0;
         self.extend_marks(cfg, rng, None);
-        if self.next_deliver - self.status_pos >= (self.cap() / 4).max(1) {
+        // A quarter of what the sender can have in flight to us: our buffer, or its window if smaller (it
+        // must hear from us before its window fills, not only at the periodic STATUS).
+        if self.next_deliver - self.status_pos >= (self.cap().min(self.sender_span) / 4).max(1) {
             self.status_at = self.now;
         }
     }
