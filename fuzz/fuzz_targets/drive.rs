@@ -4,11 +4,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use blip::proto::{Delivery, Endpoint};
+use blip::proto::{Batch, Delivery, Endpoint};
 
 /// Splits the input into steps `[op u8][len u16][len bytes]` and calls `step(op, source, datagram)` for
-/// each, after advancing `now` when op bit 4 is set. Op bits 0-1 pick the source; bit 5 skips reads (see
-/// `after_datagram`); bits 6-7 are the target's own.
+/// each, after advancing `now` when op bit 4 is set. Op bits 0-1 pick the source; bits 3 and 5 choose how to
+/// read (see `after_datagram`); bits 6-7 are the target's own.
 pub fn steps(data: &[u8], now: &mut Instant, mut step: impl FnMut(u8, Instant, SocketAddr, &[u8])) {
     let mut rest = data;
     while rest.len() >= 3 {
@@ -23,11 +23,31 @@ pub fn steps(data: &[u8], now: &mut Instant, mut step: impl FnMut(u8, Instant, S
     }
 }
 
-pub fn after_datagram(ep: &mut Endpoint, now: Instant, buf: &mut [u8], read: bool) {
+/// Runs timers and transmissions, then reads what is ready unless op bit 5 is set: message by message, or
+/// with `recv_batch` when op bit 3 is set (a run's count must match its frames, in sequence).
+pub fn after_datagram(ep: &mut Endpoint, now: Instant, buf: &mut [u8], op: u8) {
     ep.handle_timeout(now);
     while ep.poll_transmit(now, buf).is_some() {}
-    if read {
-        while let Some(d) = ep.recv() {
+    if op & 0x20 == 0 {
+        loop {
+            let d = if op & 0x08 != 0 {
+                match ep.recv_batch() {
+                    Some(Batch::Run(run)) => {
+                        let seqs: Vec<u64> = run.messages().map(|m| m.seq).collect();
+                        assert_eq!(seqs.len() as u64, run.count);
+                        assert!(run.count >= 2);
+                        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1) && seqs[0] == run.first_seq);
+                        continue;
+                    }
+                    Some(Batch::One(d)) => d,
+                    None => break,
+                }
+            } else {
+                match ep.recv() {
+                    Some(d) => d,
+                    None => break,
+                }
+            };
             if let Delivery::Loss { datagrams, messages, .. } = d {
                 assert!(datagrams.start <= datagrams.end);
                 if let Some(m) = messages {

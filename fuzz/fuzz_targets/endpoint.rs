@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     let mut buf = vec![0u8; 2048];
     drive::steps(data, &mut now, |op, now, from, datagram| {
         ep.handle_datagram(now, from, datagram);
-        drive::after_datagram(&mut ep, now, &mut buf, op & 0x20 == 0);
+        drive::after_datagram(&mut ep, now, &mut buf, op);
     });
     let _ = ep.poll_timeout();
 });

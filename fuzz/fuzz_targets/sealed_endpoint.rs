@@ -70,7 +70,7 @@ fuzz_target!(|data: &[u8]| {
             seal(packet, counter)
         };
         ep.handle_datagram_mut(now, from, &mut datagram);
-        drive::after_datagram(&mut ep, now, &mut buf, op & 0x20 == 0);
+        drive::after_datagram(&mut ep, now, &mut buf, op);
     });
     let _ = ep.poll_timeout();
     // `SEALED_FUZZ_STATS=1 cargo fuzz run sealed_endpoint corpus/sealed_endpoint -- -runs=0` shows that the
