@@ -6,7 +6,7 @@ use std::hint::black_box;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use blip::proto::{Config, Delivery, Endpoint, SendError};
+use blip::proto::{Batch, Config, Delivery, Endpoint, SendError};
 use blip::wire::{
     DATA_HEADER_LEN, DataWriter, FRAME_FIRST, FRAME_HEADER_LEN, FRAME_LAST, Header, HeartbeatRepr, Kind, NakRepr,
     Packet, SeqRange,
@@ -95,10 +95,12 @@ struct Pipe {
     receiver: Endpoint,
     now: Instant,
     buf: Vec<u8>,
+    /// The receiver reads with `recv_batch` (runs of whole messages) instead of `recv`.
+    batched: bool,
 }
 
 impl Pipe {
-    fn new() -> Pipe {
+    fn new(batched: bool) -> Pipe {
         let now = Instant::now();
         let config = Config::default();
         let buf = vec![0u8; config.max_datagram];
@@ -107,6 +109,7 @@ impl Pipe {
             receiver: Endpoint::new(config, 0x4ECF, 2, now).expect("default config is valid"),
             now,
             buf,
+            batched,
         }
     }
 
@@ -135,7 +138,7 @@ impl Pipe {
     /// One pass of the driving loop on both sides: every datagram the sender has goes to the receiver (which
     /// delivers as it goes), then the receiver's STATUS goes back. Returns (packets moved, messages delivered).
     fn pump(&mut self) -> (usize, usize) {
-        let Pipe { sender, receiver, now, buf } = self;
+        let Pipe { sender, receiver, now, buf, batched } = self;
         let now = *now;
         let mut moved = 0;
         let mut delivered = 0;
@@ -143,12 +146,19 @@ impl Pipe {
             receiver.handle_datagram(now, SENDER_ADDR, &buf[..t.len]);
             moved += 1;
             loop {
-                match receiver.recv() {
-                    Some(Delivery::Message(m)) => {
+                let next = if *batched { receiver.recv_batch() } else { receiver.recv().map(Batch::One) };
+                match next {
+                    Some(Batch::Run(run)) => {
+                        for m in run.messages() {
+                            black_box(m.payload.len());
+                        }
+                        delivered += run.count as usize;
+                    }
+                    Some(Batch::One(Delivery::Message(m))) => {
                         black_box(m.payload.len());
                         delivered += 1;
                     }
-                    Some(Delivery::Loss { datagrams, .. }) => {
+                    Some(Batch::One(Delivery::Loss { datagrams, .. })) => {
                         panic!("loss on a lossless pipe: datagrams {datagrams:?}")
                     }
                     None => break,
@@ -168,10 +178,11 @@ impl Pipe {
 fn proto(c: &mut Criterion) {
     let mut group = c.benchmark_group("proto");
     group.throughput(Throughput::Elements(PIPE_MESSAGES as u64));
-    for size in [64usize, 1024] {
+    for (size, batched) in [(64usize, false), (64, true), (1024, false)] {
         let msg = vec![0x5Au8; size];
-        let mut pipe = Pipe::new();
-        group.bench_function(format!("pipe_{size}"), |b| {
+        let mut pipe = Pipe::new(batched);
+        let name = if batched { format!("pipe_{size}_batched") } else { format!("pipe_{size}") };
+        group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let mut elapsed = Duration::ZERO;
                 for _ in 0..iters {
