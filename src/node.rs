@@ -34,8 +34,8 @@ use crate::counters::{self, CountersError, Identity, Snapshot};
 use crate::engine::keys::KeyOp;
 use crate::engine::poll::{PollBackend, PollOptions};
 use crate::engine::{
-    Backend, BackendKind, Command, Engine, EngineParts, HELD, HandleShared, IN_LARGE, IN_MESSAGE, IdleStrategy, Inlet,
-    LossInjector, NodeStats, OUT_HEADER, OUT_LOSS, OUT_MESSAGE, OUT_RUN, Outlet, Shared, Side, TAKEN,
+    Backend, BackendKind, Command, Engine, EngineParts, HELD, HandleShared, IdleStrategy, Inlet, LossInjector,
+    NodeStats, OUT_HEADER, OUT_LOSS, OUT_MESSAGE, OUT_RUN, Outlet, Shared, Side, TAKEN,
 };
 use crate::envelope::{self, Envelope, RequestId};
 use crate::net::{self, Interface, NetError, SocketConfig, SocketReport};
@@ -570,6 +570,9 @@ fn parse_filter(filter: &str, node_id: u64) -> Result<Filter, Error> {
     Ok(filter)
 }
 
+/// Frame flags of a whole message (not a fragment) in a publisher's ring.
+const WHOLE_MESSAGE: u8 = crate::wire::FRAME_FIRST | crate::wire::FRAME_LAST;
+
 /// Default size of a publisher's ring. Small enough to stay in a core's L2 cache while a burst goes through
 /// it: with 4 MiB, a publisher that fills its ring before the engine drains it (what a driven node does)
 /// wrote every message to memory the engine then read back from beyond the cache. A publisher runs at
@@ -595,7 +598,7 @@ struct HandleFactory {
 
 impl HandleFactory {
     fn publisher_pair(&self) -> (Publisher, Inlet) {
-        let (tx, rx) = ring::ring(self.publisher_ring);
+        let (tx, rx) = ring::frames::frame_ring(self.publisher_ring);
         let (large_tx, large_rx) = mpsc::channel();
         let handle = Arc::new(HandleShared::default());
         let publisher = Publisher {
@@ -997,7 +1000,7 @@ pub enum SendError {
 
 /// Hands messages to the engine. A node may have several; each may move to another thread.
 pub struct Publisher {
-    ring: ring::Producer,
+    ring: ring::frames::FrameProducer,
     large: mpsc::Sender<Vec<u8>>,
     shared: Arc<Shared>,
     handle: Arc<HandleShared>,
@@ -1013,12 +1016,12 @@ impl Publisher {
             return Err(SendError::Closed);
         }
         let total = envelope::MIN_ENVELOPE_LEN + msg.len();
-        if total > self.ring.max_record() || total > self.max_message {
+        if total > self.ring.max_payload() || total > self.max_message {
             return self.try_send_with(&Envelope::PLAIN, msg);
         }
         // The common case, without the general envelope code: two zero bytes, then the message, written
-        // straight into the ring (no staging buffer on the stack to clear and copy through).
-        let ok = self.ring.push_parts(IN_MESSAGE, &[0u8; envelope::MIN_ENVELOPE_LEN], msg);
+        // straight into the ring as a wire frame (no staging buffer on the stack to clear and copy through).
+        let ok = self.ring.push_parts(WHOLE_MESSAGE, &[0u8; envelope::MIN_ENVELOPE_LEN], msg);
         if !ok {
             return Err(SendError::Full);
         }
@@ -1090,7 +1093,7 @@ impl Publisher {
             }
             let shared = self.shared.clone();
             let handle = self.handle.clone();
-            let need = (env.len() + msg.len()).min(self.ring.max_record());
+            let need = (env.len() + msg.len()).min(self.ring.max_payload());
             let ring = &mut self.ring;
             if !handle.waiter.wait_until(deadline, || ring.has_room(need) || shared.closed.load(Ordering::Relaxed)) {
                 return Err(SendError::Timeout);
@@ -1110,12 +1113,12 @@ impl Publisher {
         if total > self.max_message {
             return Err(SendError::TooLarge { size: total, max: self.max_message });
         }
-        let ok = if total <= self.ring.max_record() {
+        let ok = if total <= self.ring.max_payload() {
             match self.ring.claim(total) {
                 Some(mut c) => {
                     let at = env.emit(&mut c);
                     c[at..].copy_from_slice(msg);
-                    c.commit(IN_MESSAGE);
+                    c.commit(WHOLE_MESSAGE);
                     true
                 }
                 None => false,
@@ -1126,7 +1129,7 @@ impl Publisher {
             let at = env.emit(&mut v);
             v[at..].copy_from_slice(msg);
             let _ = self.large.send(v);
-            self.ring.push(IN_LARGE, &[])
+            self.ring.push_marker()
         } else {
             false
         };
@@ -1158,7 +1161,7 @@ impl Publisher {
 
     /// Largest message [`claim`](Self::claim) accepts.
     pub fn max_claim(&self) -> usize {
-        self.ring.max_record().min(self.max_message) - envelope::MIN_ENVELOPE_LEN
+        self.ring.max_payload().min(self.max_message) - envelope::MIN_ENVELOPE_LEN
     }
 }
 
@@ -1171,14 +1174,14 @@ impl Drop for Publisher {
 
 /// Room for one message in the publisher's ring; write it, then commit.
 pub struct Claim<'a> {
-    inner: ring::Claim<'a>,
+    inner: ring::frames::FrameClaim<'a>,
     shared: &'a Shared,
 }
 
 impl Claim<'_> {
     /// Publishes the message.
     pub fn commit(self) {
-        self.inner.commit(IN_MESSAGE);
+        self.inner.commit(WHOLE_MESSAGE);
         self.shared.wake_engine();
     }
 }

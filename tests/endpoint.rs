@@ -427,3 +427,64 @@ fn peer_stats_count_both_sides_of_a_repair() {
     assert_eq!(r.counters.position, 3, "{r:?}");
     assert_eq!(net.nodes[tx].1.stats().naks_received, r.counters.naks_received);
 }
+
+/// Frames a message as `Endpoint::send_frames` takes it.
+fn frame(msg: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    out.extend_from_slice(&[FRAME_FIRST | FRAME_LAST, 0]);
+    out.extend_from_slice(msg);
+}
+
+/// Everything `ep` transmits now, datagram by datagram.
+fn transmitted(ep: &mut Endpoint, now: Instant) -> Vec<Vec<u8>> {
+    let mut buf = vec![0u8; 2048];
+    let mut out = Vec::new();
+    while let Some(t) = ep.poll_transmit(now, &mut buf) {
+        out.push(buf[..t.len].to_vec());
+    }
+    out
+}
+
+proptest! {
+    /// Messages given to `send_frames` in chunks (the ones it leaves, too large for a datagram, go to
+    /// `send`) make exactly the datagrams that `send` one message at a time makes, and the same counters.
+    #[test]
+    fn send_frames_makes_the_datagrams_send_makes(
+        sizes in proptest::collection::vec(prop_oneof![0usize..200, 1300usize..1500, 3000usize..5000], 1..120),
+        chunk in 1u64..40,
+        flush_every in 1usize..50,
+    ) {
+        let now = Instant::now();
+        let mut one = Endpoint::new(Config::default(), 7, 7, now).unwrap();
+        let mut framed = Endpoint::new(Config::default(), 7, 7, now).unwrap();
+        let msgs: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| (0..n).map(|b| (b ^ i) as u8).collect()).collect();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for batch in msgs.chunks(flush_every) {
+            for m in batch {
+                one.send(now, m).unwrap();
+            }
+            let mut frames = Vec::new();
+            for m in batch {
+                frame(m, &mut frames);
+            }
+            let (mut at, mut left) = (0, batch.len() as u64);
+            while at < frames.len() {
+                let (bytes, taken) = framed.send_frames(now, &frames[at..], chunk.min(left));
+                at += bytes;
+                left -= taken;
+                if taken == 0 {
+                    // Not taken as it is: a message that needs fragmenting.
+                    let len = u16::from_be_bytes([frames[at], frames[at + 1]]) as usize;
+                    framed.send(now, &frames[at + 4..at + 4 + len]).unwrap();
+                    at += 4 + len;
+                    left -= 1;
+                }
+            }
+            a.extend(transmitted(&mut one, now));
+            b.extend(transmitted(&mut framed, now));
+        }
+        prop_assert_eq!(a.len(), b.len());
+        prop_assert!(a == b, "different datagrams");
+        prop_assert_eq!(one.stats(), framed.stats());
+    }
+}

@@ -12,13 +12,11 @@ use super::backend::{Backend, Wake};
 use crate::envelope::Envelope;
 use crate::proto::rng::Rng;
 use crate::proto::{Batch, Delivery, Destination, Endpoint, Event, Member, PeerStats, Run, SendError, Stats};
-use crate::ring::{Consumer, Producer};
+use crate::ring::Producer;
+use crate::ring::frames::{FrameConsumer, MARKER};
 use crate::topic::{self, Filter};
+use crate::wire::FRAME_HEADER_LEN;
 
-/// Ring record tags, application to engine.
-pub(crate) const IN_MESSAGE: u32 = 1;
-/// The message is in the side channel (too large for a ring record).
-pub(crate) const IN_LARGE: u32 = 2;
 /// Ring record tags, engine to application: `[session u64][seq u64][payload]`.
 pub(crate) const OUT_MESSAGE: u32 = 1;
 /// The delivery is in the side channel.
@@ -130,7 +128,8 @@ pub(crate) const ABANDONED: u8 = 2;
 
 /// The engine's end of a publisher.
 pub(crate) struct Inlet {
-    pub(crate) ring: Consumer,
+    /// Wire frames (`ring::frames`); a marker frame stands for the next message of `side`.
+    pub(crate) ring: FrameConsumer,
     pub(crate) side: mpsc::Receiver<Vec<u8>>,
     pub(crate) pending: Option<Vec<u8>>,
     pub(crate) shared: Arc<HandleShared>,
@@ -407,9 +406,14 @@ impl Engine {
         n
     }
 
-    /// Moves messages from the publishers' rings into the protocol until the window refuses.
+    /// Moves messages from the publishers' rings into the protocol until the window refuses. The rings hold
+    /// wire frames, so whole messages go in bulk (`Endpoint::send_frames`: one copy per datagram's worth);
+    /// a marker's message (in the side channel) and a message that needs fragmenting go one at a time
+    /// through `Endpoint::send`. With local delivery, one message at a time: each needs ring room.
     fn take_messages(&mut self, now: Instant) -> usize {
         let mut n = 0;
+        let session = self.endpoint.session();
+        let max = if self.local_delivery { 1 } else { u64::MAX };
         for k in 0..self.inlets.len() {
             let mut taken = 0;
             loop {
@@ -417,24 +421,36 @@ impl Engine {
                     break;
                 }
                 let inlet = &mut self.inlets[k];
-                let Some(rec) = inlet.ring.peek() else { break };
+                let Some(frames) = inlet.ring.peek() else { break };
                 let seq = self.endpoint.stats().messages_sent;
-                let large = rec.tag() == IN_LARGE;
-                let result = if large {
+                let (bytes, count) = self.endpoint.send_frames(now, frames, max);
+                if count > 0 {
+                    if self.local_delivery {
+                        self.router.deliver_own(session, seq, &frames[FRAME_HEADER_LEN..bytes]);
+                    }
+                    inlet.ring.advance(bytes);
+                    taken += count;
+                    continue;
+                }
+                // Not taken in bulk: the window is full, or the first frame is a marker or needs fragmenting.
+                let len = usize::from(u16::from_be_bytes([frames[0], frames[1]]));
+                let result = if frames[3] == MARKER {
                     let Some(msg) = inlet.pending.take().or_else(|| inlet.side.try_recv().ok()) else {
                         break; // the publisher sends on the channel before the marker, so this cannot happen
                     };
                     let r = self.endpoint.send(now, &msg);
                     match r {
                         Err(SendError::WouldBlock) => inlet.pending = Some(msg),
-                        Ok(()) if self.local_delivery => self.router.deliver_own(self.endpoint.session(), seq, &msg),
+                        Ok(()) if self.local_delivery => self.router.deliver_own(session, seq, &msg),
                         _ => {}
                     }
                     r
                 } else {
-                    let r = self.endpoint.send(now, &rec);
+                    let msg =
+                        frames.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + len).expect("the ring holds whole frames");
+                    let r = self.endpoint.send(now, msg);
                     if r.is_ok() && self.local_delivery {
-                        self.router.deliver_own(self.endpoint.session(), seq, &rec);
+                        self.router.deliver_own(session, seq, msg);
                     }
                     r
                 };
@@ -442,14 +458,14 @@ impl Engine {
                     Err(SendError::WouldBlock) => break,
                     // Ok, or TooLarge (the publisher checks the size first, so only a misuse gets here).
                     _ => {
-                        rec.release();
+                        inlet.ring.advance(FRAME_HEADER_LEN + len);
                         taken += 1;
                     }
                 }
             }
             if taken > 0 {
                 self.inlets[k].shared.waiter.notify();
-                n += taken;
+                n += taken as usize;
             }
         }
         if n > 0 && self.local_delivery {

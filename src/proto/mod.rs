@@ -430,6 +430,16 @@ impl Endpoint {
         self.sender.send(now, msg, &mut self.events, &mut self.stats)
     }
 
+    /// Queues whole messages already framed as DATA carries them (`[len u16 BE][FRAME_FIRST | FRAME_LAST][0]
+    /// [message]` each, back to back), as many as the window takes, copying each datagram's worth at once
+    /// instead of one message at a time. Stops at the end, after `max_messages`, when the window refuses
+    /// (as [`send`](Self::send) would say `WouldBlock`), or before a frame that is not such a message, is
+    /// larger than `max_message` or would need fragmenting (give that one to `send`). Returns the bytes and
+    /// the messages taken; the same messages given to `send` one by one would have made the same datagrams.
+    pub fn send_frames(&mut self, now: Instant, frames: &[u8], max_messages: u64) -> (usize, u64) {
+        self.sender.send_frames(now, frames, max_messages, &mut self.events, &mut self.stats)
+    }
+
     /// Whether `send` would accept a message now.
     pub fn is_writable(&mut self, now: Instant) -> bool {
         self.sender.is_writable(now, &mut self.events)

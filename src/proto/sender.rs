@@ -161,6 +161,74 @@ impl Sender {
         Ok(())
     }
 
+    /// See [`Endpoint::send_frames`](super::Endpoint::send_frames).
+    pub(crate) fn send_frames(
+        &mut self,
+        now: Instant,
+        frames: &[u8],
+        max_messages: u64,
+        events: &mut VecDeque<Event>,
+        stats: &mut Stats,
+    ) -> (usize, u64) {
+        if self.staged_active {
+            self.progress_staged(now, events, stats);
+            if self.staged_active {
+                return (0, 0);
+            }
+        }
+        let (mut at, mut taken) = (0, 0u64);
+        while at < frames.len() && taken < max_messages {
+            // The longest run of frames from `at` that fits the open datagram.
+            let room = if self.open_len > 0 { self.max_datagram - self.open_len } else { 0 };
+            let (mut end, mut count, mut bytes, mut ineligible) = (at, 0u64, 0, false);
+            while taken + count < max_messages {
+                let Some((len, next)) = self.whole_frame_at(frames, end) else {
+                    ineligible = true;
+                    break;
+                };
+                if next - at > room {
+                    break;
+                }
+                (end, count, bytes) = (next, count + 1, bytes + len);
+            }
+            if count > 0 {
+                let buf = self.window.building_mut(self.next_seq);
+                buf[self.open_len..self.open_len + (end - at)].copy_from_slice(&frames[at..end]);
+                self.open_len += end - at;
+                self.open_frames += count;
+                self.next_msg += count;
+                stats.messages_sent += count;
+                stats.bytes_sent += bytes as u64;
+                (at, taken) = (end, taken + count);
+                continue;
+            }
+            if ineligible {
+                break;
+            }
+            // The next frame does not fit what is left of the open datagram (it fits an empty one).
+            self.seal();
+            if !self.open(now, events, stats) {
+                break;
+            }
+        }
+        (at, taken)
+    }
+
+    /// The whole-message frame at `at` if `send_frames` may take it as it is: its payload length and the
+    /// offset past it.
+    #[inline]
+    fn whole_frame_at(&self, frames: &[u8], at: usize) -> Option<(usize, usize)> {
+        let h = frames.get(at..at + FRAME_HEADER_LEN)?;
+        let len = usize::from(u16::from_be_bytes([h[0], h[1]]));
+        let next = at + FRAME_HEADER_LEN + len;
+        let ok = h[2] == FRAME_FIRST | FRAME_LAST
+            && h[3] == 0
+            && len <= self.max_message
+            && DATA_HEADER_LEN + FRAME_HEADER_LEN + len <= self.max_datagram
+            && next <= frames.len();
+        ok.then_some((len, next))
+    }
+
     /// Whether a message could be accepted now (window space and no fragmented message in progress).
     pub(crate) fn is_writable(&mut self, now: Instant, events: &mut VecDeque<Event>) -> bool {
         !self.staged_active && (self.open_len > 0 || self.may_open(self.next_seq, now, events))

@@ -1,6 +1,7 @@
 //! A bounded lock-free single-producer/single-consumer ring of variable-length records, claim/commit style:
 //! the producer claims space, writes a record in place, and commits it; the consumer reads records in place
-//! and releases them. It carries messages from application threads to the engine and deliveries back.
+//! and releases them. It carries deliveries from the engine to application threads; [`frames`] is its
+//! variant for messages from a publisher to the engine, whose records are wire frames.
 //!
 //! Layout: a power-of-two byte buffer; positions are ever-increasing `usize` counters (masked to index), so
 //! full and empty are told apart without a spare slot. Each record is an 8-byte header (`len: u32`,
@@ -18,6 +19,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crossbeam_utils::CachePadded;
+
+pub mod frames;
 
 const HEADER: usize = 8;
 const ALIGN: usize = 8;
@@ -38,6 +41,17 @@ unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
 impl Shared {
+    /// A buffer of at least `capacity` bytes (a power of two, at least 64), both positions at 0.
+    fn new(capacity: usize) -> Shared {
+        let cap = capacity.max(64).next_power_of_two();
+        Shared {
+            buf: (0..cap).map(|_| UnsafeCell::new(0)).collect(),
+            mask: cap - 1,
+            head: CachePadded::new(AtomicUsize::new(0)),
+            tail: CachePadded::new(AtomicUsize::new(0)),
+        }
+    }
+
     #[inline]
     fn capacity(&self) -> usize {
         self.mask + 1
@@ -51,13 +65,7 @@ impl Shared {
 
 /// Creates a ring of at least `capacity` bytes (rounded up to a power of two, at least 64).
 pub fn ring(capacity: usize) -> (Producer, Consumer) {
-    let cap = capacity.max(64).next_power_of_two();
-    let shared = Arc::new(Shared {
-        buf: (0..cap).map(|_| UnsafeCell::new(0)).collect(),
-        mask: cap - 1,
-        head: CachePadded::new(AtomicUsize::new(0)),
-        tail: CachePadded::new(AtomicUsize::new(0)),
-    });
+    let shared = Arc::new(Shared::new(capacity));
     (Producer { shared: shared.clone(), tail: 0, cached_head: 0 }, Consumer { shared, head: 0, cached_tail: 0 })
 }
 
