@@ -488,3 +488,26 @@ proptest! {
         prop_assert_eq!(one.stats(), framed.stats());
     }
 }
+
+proptest! {
+    /// `send_frames` on arbitrary bytes never panics, takes only whole frames it can vouch for, and never
+    /// reports more than it was given.
+    #[test]
+    fn send_frames_on_arbitrary_bytes_is_safe(bytes in proptest::collection::vec(any::<u8>(), 0..3000), max in 0u64..50) {
+        let now = Instant::now();
+        let mut ep = Endpoint::new(Config::default(), 3, 3, now).unwrap();
+        let (taken, count) = ep.send_frames(now, &bytes, max);
+        prop_assert!(taken <= bytes.len() && count <= max);
+        prop_assert_eq!(ep.stats().messages_sent, count);
+        // What was taken parses as `count` whole frames.
+        let (mut at, mut frames) = (0, 0u64);
+        while at < taken {
+            let len = u16::from_be_bytes([bytes[at], bytes[at + 1]]) as usize;
+            prop_assert_eq!(&bytes[at + 2..at + 4], &[FRAME_FIRST | FRAME_LAST, 0][..]);
+            at += 4 + len;
+            frames += 1;
+        }
+        prop_assert_eq!((at, frames), (taken, count));
+        let _ = transmitted(&mut ep, now);
+    }
+}
