@@ -172,6 +172,8 @@ pub struct SimReport {
     pub virtual_ms: f64,
     /// Median time from a DATA datagram's loss to its arrival by repair, in virtual milliseconds.
     pub repair_ms_p50: f64,
+    /// Its 99th percentile.
+    pub repair_ms_p99: f64,
     /// Longest such time.
     pub repair_ms_max: f64,
     /// Repaired losses measured.
@@ -472,7 +474,9 @@ impl<'c> Sim<'c> {
         self.repair_samples.sort_unstable();
         r.repairs = self.repair_samples.len() as u64;
         if !self.repair_samples.is_empty() {
-            r.repair_ms_p50 = self.repair_samples[self.repair_samples.len() / 2] as f64 / 1e6;
+            let n = self.repair_samples.len();
+            r.repair_ms_p50 = self.repair_samples[n / 2] as f64 / 1e6;
+            r.repair_ms_p99 = self.repair_samples[(n * 99 / 100).min(n - 1)] as f64 / 1e6;
             r.repair_ms_max = *self.repair_samples.last().unwrap() as f64 / 1e6;
         }
         r

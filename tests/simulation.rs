@@ -388,3 +388,27 @@ fn a_sender_window_below_the_receivers_buffer_does_not_stall_at_each_window() {
         larger_buffer.virtual_ms
     );
 }
+
+/// Repairs are lost too (5 % on the receiver's link). Once the receiver has timed a repair it asks again
+/// after the retransmission linger plus the measured repair time, not after the fixed `nak_retry` (3 ms):
+/// the slowest 1 % of repairs (those whose first repair was lost) arrive before `nak_retry` has passed.
+#[test]
+fn a_lost_repair_is_asked_for_again_at_the_measured_repair_time() {
+    let cfg = SimConfig {
+        seed: 41,
+        receivers: 1,
+        messages: 40_000,
+        message_size: 100,
+        receiver_downlink: lossy(0.05),
+        ..SimConfig::default()
+    };
+    let r = run(&cfg);
+    assert_perfect(&r, "lost repairs");
+    let nak_retry = Config::default().nak_retry.as_secs_f64() * 1e3;
+    println!(
+        "repair p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms over {} repairs",
+        r.repair_ms_p50, r.repair_ms_p99, r.repair_ms_max, r.repairs
+    );
+    assert!(r.retransmissions > r.lost_datagrams + 5, "some repairs must have been lost too: {r:?}");
+    assert!(r.repair_ms_p99 < nak_retry, "p99 repair {} ms: {r:?}", r.repair_ms_p99);
+}

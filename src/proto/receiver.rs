@@ -19,8 +19,38 @@ struct Slot {
     filled: bool,
     /// When to NAK this datagram if it is still missing.
     nak_at: Instant,
+    /// When this receiver first asked for it, if it did, and whether it asked again since (a repair then
+    /// says nothing reliable about the repair time: Karn's rule).
+    asked: Option<(Instant, bool)>,
     /// The whole datagram as received (header included); capacity is reused lap after lap.
     bytes: Vec<u8>,
+}
+
+/// The time from a NAK to its repair, smoothed as RFC 6298 smooths round-trip times (gains 1/8 and 1/4).
+#[derive(Debug, Clone, Copy, Default)]
+struct RepairTime {
+    smoothed: Option<Duration>,
+    deviation: Duration,
+}
+
+impl RepairTime {
+    fn sample(&mut self, r: Duration) {
+        match self.smoothed {
+            None => {
+                self.smoothed = Some(r);
+                self.deviation = r / 2;
+            }
+            Some(s) => {
+                self.deviation = (self.deviation * 3 + s.abs_diff(r)) / 4;
+                self.smoothed = Some((s * 7 + r) / 8);
+            }
+        }
+    }
+
+    /// The smoothed time and four deviations, once a repair has been timed.
+    fn timeout(&self) -> Option<Duration> {
+        self.smoothed.map(|s| s + self.deviation * 4)
+    }
 }
 
 /// What the next delivery step produced, as positions (the borrow is taken afterwards).
@@ -74,6 +104,8 @@ pub(crate) struct Stream {
     sender_next_msg: Option<u64>,
     /// The sender went silent for `sender_timeout` with data still undelivered: everything missing is lost.
     gone: bool,
+    /// How long repairs take to arrive after this receiver's NAK (PROTOCOL.md 5.5).
+    repair_time: RepairTime,
     /// Earliest `nak_at` among missing slots (a lower bound: may be early, never late).
     nak_due: Option<Instant>,
     pub(crate) last_heard: Instant,
@@ -86,7 +118,9 @@ pub(crate) struct Stream {
 
 impl Stream {
     fn new(session: u64, addr: SocketAddr, start: u64, now: Instant, cap: usize) -> Stream {
-        let slots = (0..cap).map(|_| Slot { seq: u64::MAX, filled: false, nak_at: now, bytes: Vec::new() }).collect();
+        let slots = (0..cap)
+            .map(|_| Slot { seq: u64::MAX, filled: false, nak_at: now, asked: None, bytes: Vec::new() })
+            .collect();
         Stream {
             session,
             addr,
@@ -109,6 +143,7 @@ impl Stream {
             reassembly_charged: 0,
             sender_next_msg: None,
             gone: false,
+            repair_time: RepairTime::default(),
             nak_due: None,
             last_heard: now,
             now,
@@ -129,6 +164,17 @@ impl Stream {
     fn is_missing(&self, seq: u64) -> bool {
         let s = &self.slots[self.index(seq)];
         s.seq == seq && !s.filled
+    }
+
+    /// How long to wait for a repair before asking again (PROTOCOL.md 5.5): `nak_retry` until a repair time
+    /// has been measured, then the smoothed repair time and four deviations on top of the retransmission
+    /// linger (a sender answers repeated NAKs for a datagram once per linger, so asking sooner is wasted),
+    /// never more than `nak_retry`.
+    fn nak_retry(&self, cfg: &Config) -> Duration {
+        match self.repair_time.timeout() {
+            Some(t) => (cfg.retransmit_linger + t).min(cfg.nak_retry),
+            None => cfg.nak_retry,
+        }
     }
 
     /// Random delay before the first NAK. With one receiver (as the sender's heartbeat tells) there is no one
@@ -153,6 +199,7 @@ impl Stream {
             slot.seq = seq;
             slot.filled = false;
             slot.nak_at = nak_at;
+            slot.asked = None;
             if Some(seq) != arriving {
                 self.nak_due = earliest(self.nak_due, Some(nak_at));
             }
@@ -206,10 +253,14 @@ impl Stream {
         slot.filled = true;
         slot.bytes.clear();
         slot.bytes.extend_from_slice(bytes);
+        let asked = slot.asked.take();
         stats.datagrams_received += 1;
         if pkt.is_retransmit() {
             stats.repairs_received += 1;
             self.peer.repairs_received += 1;
+            if let Some((at, false)) = asked {
+                self.repair_time.sample(now.saturating_duration_since(at));
+            }
         }
     }
 
@@ -242,7 +293,7 @@ impl Stream {
     ) {
         self.now = now;
         // Jittered like a first NAK, so that receivers which all held back do not all retry at once.
-        let hold = now + cfg.nak_retry + self.nak_delay(cfg, rng);
+        let hold = now + self.nak_retry(cfg) + self.nak_delay(cfg, rng);
         for r in nak.ranges() {
             let start = r.start.max(self.next_deliver);
             let end = r.end().min(self.marked);
@@ -275,7 +326,7 @@ impl Stream {
         let max_ranges =
             ((cfg.packet_limit() - crate::wire::NAK_HEADER_LEN) / crate::wire::NAK_RANGE_LEN).min(MAX_NAK_RANGES);
         let mut next_due: Option<Instant> = None;
-        let retry_at = now + cfg.nak_retry + self.nak_delay(cfg, rng);
+        let retry_at = now + self.nak_retry(cfg) + self.nak_delay(cfg, rng);
         let first = self.next_deliver.max(self.sender_low);
         for seq in first..self.marked {
             let i = self.index(seq);
@@ -297,6 +348,10 @@ impl Stream {
                 continue;
             }
             slot.nak_at = retry_at;
+            slot.asked = Some(match slot.asked {
+                Some((first, _)) => (first, true),
+                None => (now, false),
+            });
             next_due = earliest(next_due, Some(retry_at));
         }
         self.nak_due = next_due;

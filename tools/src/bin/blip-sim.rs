@@ -130,7 +130,7 @@ fn build(a: &Args) -> Result<SimConfig, String> {
 }
 
 fn print(r: &SimReport, json: bool) {
-    let rows: [(&str, String); 19] = [
+    let rows: [(&str, String); 20] = [
         ("delivered", r.delivered.to_string()),
         ("expected", r.expected.to_string()),
         ("in_order", r.in_order.to_string()),
@@ -146,6 +146,7 @@ fn print(r: &SimReport, json: bool) {
         ("dropped_packets", r.dropped_packets.to_string()),
         ("virtual_ms", format!("{:.3}", r.virtual_ms)),
         ("repair_ms_p50", format!("{:.3}", r.repair_ms_p50)),
+        ("repair_ms_p99", format!("{:.3}", r.repair_ms_p99)),
         ("repair_ms_max", format!("{:.3}", r.repair_ms_max)),
         ("repairs", r.repairs.to_string()),
         ("slow_receivers_dropped", r.slow_receivers_dropped.to_string()),
