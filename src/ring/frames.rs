@@ -11,13 +11,9 @@
 //! - [`MARKER`]: a frame whose payload travels elsewhere (a large message in a side channel); it holds its
 //!   place in the order.
 //!
-//! Synchronisation is the parent module's: `tail` published with Release after the frame is written,
-//! `head` with Release after the consumer is done with the bytes.
+//! Positions, synchronisation and every access to the buffer are the parent module's (`Writer`, `Reader`).
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-
-use super::Shared;
+use super::{Reader, Writer, ends};
 use crate::wire::FRAME_HEADER_LEN;
 
 /// Fourth byte of a padding frame.
@@ -27,18 +23,19 @@ pub const MARKER: u8 = 2;
 
 /// Creates a frame ring of at least `capacity` bytes (rounded up to a power of two, at least 64).
 pub fn frame_ring(capacity: usize) -> (FrameProducer, FrameConsumer) {
-    let shared = Arc::new(Shared::new(capacity));
-    (
-        FrameProducer { shared: shared.clone(), tail: 0, cached_head: 0 },
-        FrameConsumer { shared, head: 0, cached_tail: 0 },
-    )
+    let (w, r) = ends(capacity);
+    (FrameProducer { w }, FrameConsumer { r })
+}
+
+#[inline]
+fn header(len: usize, flags: u8, kind: u8) -> [u8; FRAME_HEADER_LEN] {
+    let [a, b] = (len as u16).to_be_bytes();
+    [a, b, flags, kind]
 }
 
 /// The writing end.
 pub struct FrameProducer {
-    shared: Arc<Shared>,
-    tail: usize,
-    cached_head: usize,
+    w: Writer,
 }
 
 /// Room claimed for one frame's payload; write it, then [`commit`](FrameClaim::commit). Dropping it without
@@ -54,39 +51,21 @@ impl FrameProducer {
     /// header, so that a frame always fits after a wrap.
     #[inline]
     pub fn max_payload(&self) -> usize {
-        (self.shared.capacity() / 2 - FRAME_HEADER_LEN).min(u16::MAX as usize)
+        (self.w.capacity() / 2 - FRAME_HEADER_LEN).min(u16::MAX as usize)
     }
 
     /// Whether the consumer has taken everything.
     #[inline]
     pub fn is_empty(&self) -> bool {
-        self.shared.head.load(Ordering::Acquire) == self.tail
+        self.w.is_empty()
     }
 
-    #[inline]
-    fn free(&mut self, need: usize) -> bool {
-        let cap = self.shared.capacity();
-        if self.tail + need - self.cached_head <= cap {
-            return true;
-        }
-        self.cached_head = self.shared.head.load(Ordering::Acquire);
-        self.tail + need - self.cached_head <= cap
-    }
-
-    /// Bytes needed now for a frame of `len` payload bytes: the frame, and the rest of the lap if it does
-    /// not fit before the end.
-    #[inline]
-    fn need(&self, len: usize) -> usize {
-        let size = FRAME_HEADER_LEN + len;
-        let to_end = self.shared.capacity() - (self.tail & self.shared.mask);
-        if size > to_end { to_end + size } else { size }
-    }
-
-    /// Whether a frame of `len` payload bytes could be claimed now.
+    /// Whether a frame of `len` payload bytes could be claimed now (including a wrap).
     #[inline]
     pub fn has_room(&mut self, len: usize) -> bool {
-        let need = self.need(len);
-        self.free(need)
+        let size = FRAME_HEADER_LEN + len;
+        let to_end = self.w.to_end();
+        self.w.free(if size > to_end { to_end + size } else { size })
     }
 
     /// Claims room for a frame of `len` payload bytes, or `None` when the ring is too full now. Panics if
@@ -95,33 +74,21 @@ impl FrameProducer {
     pub fn claim(&mut self, len: usize) -> Option<FrameClaim<'_>> {
         assert!(len <= self.max_payload(), "frame of {len} bytes exceeds the ring's maximum");
         let size = FRAME_HEADER_LEN + len;
-        let cap = self.shared.capacity();
-        let to_end = cap - (self.tail & self.shared.mask);
+        let to_end = self.w.to_end();
         if size > to_end {
-            if !self.free(to_end + size) {
+            if !self.w.free(to_end + size) {
                 return None;
             }
             if to_end >= FRAME_HEADER_LEN {
                 // `to_end < size <= max_payload + 4 <= 65,539`, so the padding's length fits 16 bits.
-                self.write_header(self.tail, (to_end - FRAME_HEADER_LEN) as u16, 0, PAD);
+                self.w.write(self.w.tail, &header(to_end - FRAME_HEADER_LEN, 0, PAD));
             }
-            self.tail += to_end;
-            self.shared.tail.store(self.tail, Ordering::Release);
-        } else if !self.free(size) {
+            self.w.publish(self.w.tail + to_end);
+        } else if !self.w.free(size) {
             return None;
         }
-        let start = self.tail;
+        let start = self.w.tail;
         Some(FrameClaim { producer: self, start, len })
-    }
-
-    #[inline]
-    fn write_header(&self, pos: usize, len: u16, flags: u8, kind: u8) {
-        let [a, b] = len.to_be_bytes();
-        let h = [a, b, flags, kind];
-        // SAFETY: `pos` lies in [tail, head + capacity), space the consumer does not read until the next
-        // Release store of `tail`, and the 4 header bytes do not cross the end of the buffer (frames never
-        // wrap; a padding header is only written when at least 4 bytes are left).
-        unsafe { std::ptr::copy_nonoverlapping(h.as_ptr(), self.shared.ptr(pos), FRAME_HEADER_LEN) }
     }
 
     /// Claims a frame for `head` followed by `body`, copies both and commits it with `flags`, in one pass.
@@ -162,10 +129,9 @@ impl FrameClaim<'_> {
 
     #[inline]
     fn commit_as(self, flags: u8, kind: u8) {
-        let p = self.producer;
-        p.write_header(self.start, self.len as u16, flags, kind);
-        p.tail = self.start + FRAME_HEADER_LEN + self.len;
-        p.shared.tail.store(p.tail, Ordering::Release);
+        let w = &mut self.producer.w;
+        w.write(self.start, &header(self.len, flags, kind));
+        w.publish(self.start + FRAME_HEADER_LEN + self.len);
     }
 }
 
@@ -173,25 +139,20 @@ impl std::ops::Deref for FrameClaim<'_> {
     type Target = [u8];
     #[inline]
     fn deref(&self) -> &[u8] {
-        // SAFETY: [start + 4, start + 4 + len) lies inside the claimed, unpublished region, which only this
-        // producer touches; it does not cross the end of the buffer (checked in `claim`).
-        unsafe { std::slice::from_raw_parts(self.producer.shared.ptr(self.start + FRAME_HEADER_LEN), self.len) }
+        self.producer.w.region(self.start + FRAME_HEADER_LEN, self.len)
     }
 }
 
 impl std::ops::DerefMut for FrameClaim<'_> {
     #[inline]
     fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `deref`; `&mut self` makes this the only view of the region.
-        unsafe { std::slice::from_raw_parts_mut(self.producer.shared.ptr(self.start + FRAME_HEADER_LEN), self.len) }
+        self.producer.w.region_mut(self.start + FRAME_HEADER_LEN, self.len)
     }
 }
 
 /// The reading end.
 pub struct FrameConsumer {
-    shared: Arc<Shared>,
-    head: usize,
-    cached_tail: usize,
+    r: Reader,
 }
 
 impl FrameConsumer {
@@ -207,37 +168,30 @@ impl FrameConsumer {
     #[inline]
     pub fn peek(&mut self) -> Option<&[u8]> {
         loop {
-            if self.head == self.cached_tail {
-                self.cached_tail = self.shared.tail.load(Ordering::Acquire);
-                if self.head == self.cached_tail {
-                    return None;
-                }
+            let ready = self.r.ready();
+            if ready == 0 {
+                return None;
             }
-            let to_end = self.shared.capacity() - (self.head & self.shared.mask);
+            let to_end = self.r.to_end();
             if to_end < FRAME_HEADER_LEN {
                 // Too short for a frame: the producer skipped it.
-                self.advance(to_end);
+                self.r.advance(to_end);
                 continue;
             }
-            let len = (self.cached_tail - self.head).min(to_end);
-            // SAFETY: [head, head + len) lies below the Acquire-loaded `tail`, so the producer finished
-            // writing it and does not touch it until `head` moves past it; it does not cross the end.
-            let bytes = unsafe { std::slice::from_raw_parts(self.shared.ptr(self.head), len) };
-            if bytes[3] == PAD {
-                let skip = FRAME_HEADER_LEN + usize::from(u16::from_be_bytes([bytes[0], bytes[1]]));
-                self.advance(skip);
+            let h = self.r.bytes(0, FRAME_HEADER_LEN);
+            if h[3] == PAD {
+                let skip = FRAME_HEADER_LEN + usize::from(u16::from_be_bytes([h[0], h[1]]));
+                self.r.advance(skip);
                 continue;
             }
-            // SAFETY: as above; the borrow of `self` keeps `advance` from running while the slice lives.
-            return Some(unsafe { std::slice::from_raw_parts(self.shared.ptr(self.head), len) });
+            return Some(self.r.bytes(0, ready.min(to_end)));
         }
     }
 
     /// Frees the first `n` bytes of what [`peek`](Self::peek) showed (whole frames) for the producer.
     #[inline]
     pub fn advance(&mut self, n: usize) {
-        self.head += n;
-        self.shared.head.store(self.head, Ordering::Release);
+        self.r.advance(n);
     }
 }
 

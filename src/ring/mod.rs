@@ -34,7 +34,7 @@ struct Shared {
     tail: CachePadded<AtomicUsize>,
 }
 
-// SAFETY: the buffer is only accessed through `Producer` (bytes in [tail, head + capacity)) and `Consumer`
+// SAFETY: the buffer is only accessed through a `Writer` (bytes in [tail, head + capacity)) and a `Reader`
 // (bytes in [head, tail)); these ranges are disjoint and handed over with Release/Acquire on `tail`/`head`.
 unsafe impl Sync for Shared {}
 // SAFETY: same argument; the cells hold plain bytes.
@@ -63,10 +63,135 @@ impl Shared {
     }
 }
 
+/// The producer's side of a ring's positions, whatever its record format: where it writes next, the space
+/// it may use, and publishing. Every write to the buffer goes through here.
+struct Writer {
+    shared: Arc<Shared>,
+    tail: usize,
+    cached_head: usize,
+}
+
+impl Writer {
+    #[inline]
+    fn capacity(&self) -> usize {
+        self.shared.capacity()
+    }
+
+    /// Bytes from `tail` to the end of the buffer.
+    #[inline]
+    fn to_end(&self) -> usize {
+        self.capacity() - (self.tail & self.shared.mask)
+    }
+
+    /// Whether `need` bytes from `tail` are free (re-reading the consumer's position only when the cached
+    /// one says no).
+    #[inline]
+    fn free(&mut self, need: usize) -> bool {
+        let cap = self.capacity();
+        if self.tail + need - self.cached_head <= cap {
+            return true;
+        }
+        self.cached_head = self.shared.head.load(Ordering::Acquire);
+        self.tail + need - self.cached_head <= cap
+    }
+
+    /// Free bytes now (the consumer's position freshly read).
+    #[inline]
+    fn free_bytes(&mut self) -> usize {
+        self.cached_head = self.shared.head.load(Ordering::Acquire);
+        self.capacity() - (self.tail - self.cached_head)
+    }
+
+    #[inline]
+    fn is_empty(&self) -> bool {
+        self.shared.head.load(Ordering::Acquire) == self.tail
+    }
+
+    /// Copies `bytes` to `pos`, in space this writer has checked free and not yet published, not crossing the
+    /// end of the buffer.
+    #[inline]
+    fn write(&self, pos: usize, bytes: &[u8]) {
+        debug_assert!((pos & self.shared.mask) + bytes.len() <= self.capacity());
+        // SAFETY: the caller keeps [pos, pos + len) inside [tail, head + capacity), space the reader does not
+        // touch until the next Release store of `tail`, and before the end of the buffer (records never wrap).
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.shared.ptr(pos), bytes.len()) }
+    }
+
+    /// The unpublished region [pos, pos + len), under the same conditions as [`write`](Self::write).
+    #[inline]
+    fn region(&self, pos: usize, len: usize) -> &[u8] {
+        debug_assert!((pos & self.shared.mask) + len <= self.capacity());
+        // SAFETY: as in `write`; the region is not published, so only this writer sees it.
+        unsafe { std::slice::from_raw_parts(self.shared.ptr(pos), len) }
+    }
+
+    /// [`region`](Self::region), writable; `&mut self` makes it the only view.
+    #[inline]
+    fn region_mut(&mut self, pos: usize, len: usize) -> &mut [u8] {
+        debug_assert!((pos & self.shared.mask) + len <= self.capacity());
+        // SAFETY: as in `region`.
+        unsafe { std::slice::from_raw_parts_mut(self.shared.ptr(pos), len) }
+    }
+
+    /// Hands everything before `tail` to the reader.
+    #[inline]
+    fn publish(&mut self, tail: usize) {
+        self.tail = tail;
+        self.shared.tail.store(tail, Ordering::Release);
+    }
+}
+
+/// The consumer's side of a ring's positions: what is published, reading it, freeing it.
+struct Reader {
+    shared: Arc<Shared>,
+    head: usize,
+    cached_tail: usize,
+}
+
+impl Reader {
+    /// Published bytes from `head` (re-reading the producer's position only when the cached one says none).
+    #[inline]
+    fn ready(&mut self) -> usize {
+        if self.head == self.cached_tail {
+            self.cached_tail = self.shared.tail.load(Ordering::Acquire);
+        }
+        self.cached_tail - self.head
+    }
+
+    /// Bytes from `head` to the end of the buffer.
+    #[inline]
+    fn to_end(&self) -> usize {
+        self.shared.capacity() - (self.head & self.shared.mask)
+    }
+
+    /// The published bytes [head + offset, head + offset + len), which must not cross the end of the buffer.
+    #[inline]
+    fn bytes(&self, offset: usize, len: usize) -> &[u8] {
+        debug_assert!(offset + len <= self.cached_tail - self.head && offset + len <= self.to_end());
+        // SAFETY: the range lies below the Acquire-loaded `tail`, so the producer finished writing it and does
+        // not touch it until `head` moves past it (only `advance`, which needs `&mut self`, moves it); it does
+        // not cross the end of the buffer.
+        unsafe { std::slice::from_raw_parts(self.shared.ptr(self.head + offset), len) }
+    }
+
+    /// Frees `n` bytes from `head` for the producer.
+    #[inline]
+    fn advance(&mut self, n: usize) {
+        self.head += n;
+        self.shared.head.store(self.head, Ordering::Release);
+    }
+}
+
+/// Both ends of a new buffer of at least `capacity` bytes.
+fn ends(capacity: usize) -> (Writer, Reader) {
+    let shared = Arc::new(Shared::new(capacity));
+    (Writer { shared: shared.clone(), tail: 0, cached_head: 0 }, Reader { shared, head: 0, cached_tail: 0 })
+}
+
 /// Creates a ring of at least `capacity` bytes (rounded up to a power of two, at least 64).
 pub fn ring(capacity: usize) -> (Producer, Consumer) {
-    let shared = Arc::new(Shared::new(capacity));
-    (Producer { shared: shared.clone(), tail: 0, cached_head: 0 }, Consumer { shared, head: 0, cached_tail: 0 })
+    let (w, r) = ends(capacity);
+    (Producer { w }, Consumer { r })
 }
 
 #[inline]
@@ -74,11 +199,17 @@ fn padded(len: usize) -> usize {
     (HEADER + len + ALIGN - 1) & !(ALIGN - 1)
 }
 
+#[inline]
+fn header(len: usize, tag: u32) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[..4].copy_from_slice(&(len as u32).to_ne_bytes());
+    h[4..].copy_from_slice(&tag.to_ne_bytes());
+    h
+}
+
 /// The writing end.
 pub struct Producer {
-    shared: Arc<Shared>,
-    tail: usize,
-    cached_head: usize,
+    w: Writer,
 }
 
 /// Space claimed in the ring; write the record, then [`commit`](Claim::commit) it. Dropping it without
@@ -93,23 +224,13 @@ impl Producer {
     /// Largest payload a record can carry: half the ring, so a record always fits after a wrap.
     #[inline]
     pub fn max_record(&self) -> usize {
-        self.shared.capacity() / 2 - HEADER
+        self.w.capacity() / 2 - HEADER
     }
 
     /// Whether the consumer has released everything (the ring is empty).
     #[inline]
     pub fn is_empty(&self) -> bool {
-        self.shared.head.load(Ordering::Acquire) == self.tail
-    }
-
-    #[inline]
-    fn free(&mut self, need: usize) -> bool {
-        let cap = self.shared.capacity();
-        if self.tail + need - self.cached_head <= cap {
-            return true;
-        }
-        self.cached_head = self.shared.head.load(Ordering::Acquire);
-        self.tail + need - self.cached_head <= cap
+        self.w.is_empty()
     }
 
     /// Free bytes now (the consumer's position freshly read). Records of `padded` sizes adding up to
@@ -117,8 +238,7 @@ impl Producer {
     /// happens before that much is used, and it wastes less than one record.
     #[inline]
     pub fn free_bytes(&mut self) -> usize {
-        self.cached_head = self.shared.head.load(Ordering::Acquire);
-        self.shared.capacity() - (self.tail - self.cached_head)
+        self.w.free_bytes()
     }
 
     /// Bytes a record of `len` payload bytes takes in the ring (header and padding included).
@@ -131,8 +251,8 @@ impl Producer {
     #[inline]
     pub fn has_room(&mut self, len: usize) -> bool {
         let size = padded(len);
-        let to_end = self.shared.capacity() - (self.tail & self.shared.mask);
-        self.free(if size > to_end { to_end + size } else { size })
+        let to_end = self.w.to_end();
+        self.w.free(if size > to_end { to_end + size } else { size })
     }
 
     /// Claims space for a `len`-byte payload, or `None` when the ring is too full now. Panics if `len`
@@ -141,31 +261,20 @@ impl Producer {
     pub fn claim(&mut self, len: usize) -> Option<Claim<'_>> {
         assert!(len <= self.max_record(), "record of {len} bytes exceeds the ring's maximum");
         let size = padded(len);
-        let cap = self.shared.capacity();
-        let to_end = cap - (self.tail & self.shared.mask);
+        let to_end = self.w.to_end();
         if size > to_end {
             // Pad to the end and wrap, if the padding and the record both fit.
-            if !self.free(to_end + size) {
+            if !self.w.free(to_end + size) {
                 return None;
             }
-            self.write_header(self.tail, (to_end - HEADER) as u32, PAD);
-            self.tail += to_end;
-            self.shared.tail.store(self.tail, Ordering::Release);
-        } else if !self.free(size) {
+            // Positions are 8-aligned, so at least a header's worth is left before the end.
+            self.w.write(self.w.tail, &header(to_end - HEADER, PAD));
+            self.w.publish(self.w.tail + to_end);
+        } else if !self.w.free(size) {
             return None;
         }
-        let start = self.tail;
+        let start = self.w.tail;
         Some(Claim { producer: self, start, len })
-    }
-
-    #[inline]
-    fn write_header(&self, pos: usize, len: u32, tag: u32) {
-        let mut h = [0u8; HEADER];
-        h[..4].copy_from_slice(&len.to_ne_bytes());
-        h[4..].copy_from_slice(&tag.to_ne_bytes());
-        // SAFETY: `pos` is 8-aligned and within [tail, head + capacity), space no consumer reads until the
-        // next Release store of `tail`; the 8 header bytes do not cross the end (records never wrap).
-        unsafe { std::ptr::copy_nonoverlapping(h.as_ptr(), self.shared.ptr(pos), HEADER) }
     }
 
     /// Claims room for `head` followed by `body`, copies both and commits with `tag`, in one pass (no
@@ -203,10 +312,9 @@ impl Claim<'_> {
     #[inline]
     pub fn commit(self, tag: u32) {
         assert_ne!(tag, PAD, "tag u32::MAX is reserved");
-        let p = self.producer;
-        p.write_header(self.start, self.len as u32, tag);
-        p.tail = self.start + padded(self.len);
-        p.shared.tail.store(p.tail, Ordering::Release);
+        let w = &mut self.producer.w;
+        w.write(self.start, &header(self.len, tag));
+        w.publish(self.start + padded(self.len));
     }
 }
 
@@ -214,25 +322,20 @@ impl std::ops::Deref for Claim<'_> {
     type Target = [u8];
     #[inline]
     fn deref(&self) -> &[u8] {
-        // SAFETY: [start + HEADER, start + HEADER + len) lies inside the claimed, unpublished region, which only
-        // this producer touches; it does not cross the end of the buffer (checked in `claim`).
-        unsafe { std::slice::from_raw_parts(self.producer.shared.ptr(self.start + HEADER), self.len) }
+        self.producer.w.region(self.start + HEADER, self.len)
     }
 }
 
 impl std::ops::DerefMut for Claim<'_> {
     #[inline]
     fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `deref`; `&mut self` makes this the only view of the region.
-        unsafe { std::slice::from_raw_parts_mut(self.producer.shared.ptr(self.start + HEADER), self.len) }
+        self.producer.w.region_mut(self.start + HEADER, self.len)
     }
 }
 
 /// The reading end.
 pub struct Consumer {
-    shared: Arc<Shared>,
-    head: usize,
-    cached_tail: usize,
+    r: Reader,
 }
 
 /// A record read in place; [`release`](Record::release) frees its space. Dropping without releasing leaves
@@ -244,15 +347,6 @@ pub struct Record<'a> {
 }
 
 impl Consumer {
-    #[inline]
-    fn read_header(&self, pos: usize) -> (usize, u32) {
-        let mut h = [0u8; HEADER];
-        // SAFETY: `pos` is below the Acquire-loaded `tail`, so the producer finished writing this header and
-        // will not touch it until `head` moves past it.
-        unsafe { std::ptr::copy_nonoverlapping(self.shared.ptr(pos), h.as_mut_ptr(), HEADER) }
-        (u32::from_ne_bytes(h[..4].try_into().unwrap()) as usize, u32::from_ne_bytes(h[4..].try_into().unwrap()))
-    }
-
     /// Whether a record is ready.
     #[inline]
     pub fn is_empty(&mut self) -> bool {
@@ -263,16 +357,14 @@ impl Consumer {
     #[inline]
     pub fn peek(&mut self) -> Option<Record<'_>> {
         loop {
-            if self.head == self.cached_tail {
-                self.cached_tail = self.shared.tail.load(Ordering::Acquire);
-                if self.head == self.cached_tail {
-                    return None;
-                }
+            if self.r.ready() == 0 {
+                return None;
             }
-            let (len, tag) = self.read_header(self.head);
+            let h = self.r.bytes(0, HEADER);
+            let len = u32::from_ne_bytes(h[..4].try_into().unwrap()) as usize;
+            let tag = u32::from_ne_bytes(h[4..].try_into().unwrap());
             if tag == PAD {
-                self.head += HEADER + len;
-                self.shared.head.store(self.head, Ordering::Release);
+                self.r.advance(HEADER + len);
                 continue;
             }
             return Some(Record { consumer: self, tag, len });
@@ -290,9 +382,7 @@ impl Record<'_> {
     /// Frees the record's space for the producer.
     #[inline]
     pub fn release(self) {
-        let c = self.consumer;
-        c.head += padded(self.len);
-        c.shared.head.store(c.head, Ordering::Release);
+        self.consumer.r.advance(padded(self.len));
     }
 }
 
@@ -300,10 +390,7 @@ impl std::ops::Deref for Record<'_> {
     type Target = [u8];
     #[inline]
     fn deref(&self) -> &[u8] {
-        let c = &self.consumer;
-        // SAFETY: the record lies in [head, tail) as published by the producer's Release store (Acquire-loaded
-        // in `peek`); the producer does not reuse it until `release` stores a new `head`.
-        unsafe { std::slice::from_raw_parts(c.shared.ptr(c.head + HEADER), self.len) }
+        self.consumer.r.bytes(HEADER, self.len)
     }
 }
 
