@@ -63,9 +63,7 @@ impl FrameProducer {
     /// Whether a frame of `len` payload bytes could be claimed now (including a wrap).
     #[inline]
     pub fn has_room(&mut self, len: usize) -> bool {
-        let size = FRAME_HEADER_LEN + len;
-        let to_end = self.w.to_end();
-        self.w.free(if size > to_end { to_end + size } else { size })
+        self.w.fits(FRAME_HEADER_LEN + len)
     }
 
     /// Claims room for a frame of `len` payload bytes, or `None` when the ring is too full now. Panics if
@@ -73,21 +71,13 @@ impl FrameProducer {
     #[inline]
     pub fn claim(&mut self, len: usize) -> Option<FrameClaim<'_>> {
         assert!(len <= self.max_payload(), "frame of {len} bytes exceeds the ring's maximum");
-        let size = FRAME_HEADER_LEN + len;
-        let to_end = self.w.to_end();
-        if size > to_end {
-            if !self.w.free(to_end + size) {
-                return None;
-            }
+        let start = self.w.reserve(FRAME_HEADER_LEN + len, |w, to_end| {
+            // A tail too short for a header stays unwritten (the reader skips it). Otherwise a padding frame:
+            // `to_end < size <= max_payload + 4 <= 65,539`, so its length fits 16 bits.
             if to_end >= FRAME_HEADER_LEN {
-                // `to_end < size <= max_payload + 4 <= 65,539`, so the padding's length fits 16 bits.
-                self.w.write(self.w.tail, &header(to_end - FRAME_HEADER_LEN, 0, PAD));
+                w.write(w.tail, &header(to_end - FRAME_HEADER_LEN, 0, PAD));
             }
-            self.w.publish(self.w.tail + to_end);
-        } else if !self.w.free(size) {
-            return None;
-        }
-        let start = self.w.tail;
+        })?;
         Some(FrameClaim { producer: self, start, len })
     }
 

@@ -95,6 +95,31 @@ impl Writer {
         self.tail + need - self.cached_head <= cap
     }
 
+    /// Whether `size` bytes that must not cross the end of the buffer could be reserved now.
+    #[inline]
+    fn fits(&mut self, size: usize) -> bool {
+        let to_end = self.to_end();
+        self.free(if size > to_end { to_end + size } else { size })
+    }
+
+    /// Reserves `size` bytes that do not cross the end of the buffer: when they would, the rest of the lap
+    /// is given up first (`pad(self, to_end)` writes whatever filler the format needs there) and the room
+    /// starts at index 0. Returns where it starts, or `None` when the ring is too full now.
+    #[inline]
+    fn reserve(&mut self, size: usize, pad: impl FnOnce(&Writer, usize)) -> Option<usize> {
+        let to_end = self.to_end();
+        if size > to_end {
+            if !self.free(to_end + size) {
+                return None;
+            }
+            pad(self, to_end);
+            self.publish(self.tail + to_end);
+        } else if !self.free(size) {
+            return None;
+        }
+        Some(self.tail)
+    }
+
     /// Free bytes now (the consumer's position freshly read).
     #[inline]
     fn free_bytes(&mut self) -> usize {
@@ -250,9 +275,7 @@ impl Producer {
     /// Whether a `len`-byte record could be claimed now (including a wrap).
     #[inline]
     pub fn has_room(&mut self, len: usize) -> bool {
-        let size = padded(len);
-        let to_end = self.w.to_end();
-        self.w.free(if size > to_end { to_end + size } else { size })
+        self.w.fits(padded(len))
     }
 
     /// Claims space for a `len`-byte payload, or `None` when the ring is too full now. Panics if `len`
@@ -260,20 +283,8 @@ impl Producer {
     #[inline]
     pub fn claim(&mut self, len: usize) -> Option<Claim<'_>> {
         assert!(len <= self.max_record(), "record of {len} bytes exceeds the ring's maximum");
-        let size = padded(len);
-        let to_end = self.w.to_end();
-        if size > to_end {
-            // Pad to the end and wrap, if the padding and the record both fit.
-            if !self.w.free(to_end + size) {
-                return None;
-            }
-            // Positions are 8-aligned, so at least a header's worth is left before the end.
-            self.w.write(self.w.tail, &header(to_end - HEADER, PAD));
-            self.w.publish(self.w.tail + to_end);
-        } else if !self.w.free(size) {
-            return None;
-        }
-        let start = self.w.tail;
+        // A padding record fills the lap's end (positions are 8-aligned, so there is room for its header).
+        let start = self.w.reserve(padded(len), |w, to_end| w.write(w.tail, &header(to_end - HEADER, PAD)))?;
         Some(Claim { producer: self, start, len })
     }
 
