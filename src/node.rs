@@ -1161,7 +1161,7 @@ impl Publisher {
 
     /// Largest message [`claim`](Self::claim) accepts.
     pub fn max_claim(&self) -> usize {
-        self.ring.max_payload().min(self.max_message) - envelope::MIN_ENVELOPE_LEN
+        self.ring.max_payload().min(self.max_message).saturating_sub(envelope::MIN_ENVELOPE_LEN)
     }
 }
 

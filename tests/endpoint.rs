@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use blip::proto::{Config, ConfigError, Delivery, Destination, Endpoint, Event, SendError};
+use blip::proto::{Config, ConfigError, Delivery, Destination, Endpoint, Event, FramesStop, SendError};
 use blip::wire::{DataWriter, FRAME_FIRST, FRAME_LAST, Header, HeartbeatRepr, Kind};
 use proptest::prelude::*;
 
@@ -447,21 +447,28 @@ fn transmitted(ep: &mut Endpoint, now: Instant) -> Vec<Vec<u8>> {
 
 proptest! {
     /// Messages given to `send_frames` in chunks (the ones it leaves, too large for a datagram, go to
-    /// `send`) make exactly the datagrams that `send` one message at a time makes, and the same counters.
+    /// `send`, as the engine does) make exactly the datagrams that `send` one message at a time makes, and
+    /// the same counters, flow-control refusals included: with a window of 8 datagrams the sender refuses
+    /// until what it holds has been transmitted once, and both sides then transmit and try again.
     #[test]
     fn send_frames_makes_the_datagrams_send_makes(
         sizes in proptest::collection::vec(prop_oneof![0usize..200, 1300usize..1500, 3000usize..5000], 1..120),
         chunk in 1u64..40,
         flush_every in 1usize..50,
+        small_window in any::<bool>(),
     ) {
         let now = Instant::now();
-        let mut one = Endpoint::new(Config::default(), 7, 7, now).unwrap();
-        let mut framed = Endpoint::new(Config::default(), 7, 7, now).unwrap();
+        let cfg = if small_window { Config { window: 8, ..Config::default() } } else { Config::default() };
+        let mut one = Endpoint::new(cfg.clone(), 7, 7, now).unwrap();
+        let mut framed = Endpoint::new(cfg, 7, 7, now).unwrap();
         let msgs: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| (0..n).map(|b| (b ^ i) as u8).collect()).collect();
         let (mut a, mut b) = (Vec::new(), Vec::new());
         for batch in msgs.chunks(flush_every) {
             for m in batch {
-                one.send(now, m).unwrap();
+                while let Err(e) = one.send(now, m) {
+                    prop_assert_eq!(e, SendError::WouldBlock);
+                    a.extend(transmitted(&mut one, now));
+                }
             }
             let mut frames = Vec::new();
             for m in batch {
@@ -469,15 +476,26 @@ proptest! {
             }
             let (mut at, mut left) = (0, batch.len() as u64);
             while at < frames.len() {
-                let (bytes, taken) = framed.send_frames(now, &frames[at..], chunk.min(left));
-                at += bytes;
-                left -= taken;
-                if taken == 0 {
-                    // Not taken as it is: a message that needs fragmenting.
-                    let len = u16::from_be_bytes([frames[at], frames[at + 1]]) as usize;
-                    framed.send(now, &frames[at + 4..at + 4 + len]).unwrap();
-                    at += 4 + len;
-                    left -= 1;
+                let t = framed.send_frames(now, &frames[at..], chunk.min(left));
+                at += t.bytes;
+                left -= t.messages;
+                match t.stop {
+                    FramesStop::WouldBlock => b.extend(transmitted(&mut framed, now)),
+                    FramesStop::NotTaken if t.messages == 0 => {
+                        // A message that needs fragmenting: `send`, as the engine does.
+                        let len = u16::from_be_bytes([frames[at], frames[at + 1]]) as usize;
+                        match framed.send(now, &frames[at + 4..at + 4 + len]) {
+                            Ok(()) => {
+                                at += 4 + len;
+                                left -= 1;
+                            }
+                            Err(e) => {
+                                prop_assert_eq!(e, SendError::WouldBlock);
+                                b.extend(transmitted(&mut framed, now));
+                            }
+                        }
+                    }
+                    _ => {}
                 }
             }
             a.extend(transmitted(&mut one, now));
@@ -496,7 +514,9 @@ proptest! {
     fn send_frames_on_arbitrary_bytes_is_safe(bytes in proptest::collection::vec(any::<u8>(), 0..3000), max in 0u64..50) {
         let now = Instant::now();
         let mut ep = Endpoint::new(Config::default(), 3, 3, now).unwrap();
-        let (taken, count) = ep.send_frames(now, &bytes, max);
+        let t = ep.send_frames(now, &bytes, max);
+        let (taken, count) = (t.bytes, t.messages);
+        prop_assert!(t.stop != FramesStop::WouldBlock, "an empty default window refused");
         prop_assert!(taken <= bytes.len() && count <= max);
         prop_assert_eq!(ep.stats().messages_sent, count);
         // What was taken parses as `count` whole frames.

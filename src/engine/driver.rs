@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use super::backend::{Backend, Wake};
 use crate::envelope::Envelope;
 use crate::proto::rng::Rng;
-use crate::proto::{Batch, Delivery, Destination, Endpoint, Event, Member, PeerStats, Run, SendError, Stats};
+use crate::proto::{
+    Batch, Delivery, Destination, Endpoint, Event, FramesStop, Member, PeerStats, Run, SendError, Stats,
+};
 use crate::ring::Producer;
 use crate::ring::frames::{FrameConsumer, MARKER};
 use crate::topic::{self, Filter};
@@ -423,16 +425,24 @@ impl Engine {
                 let inlet = &mut self.inlets[k];
                 let Some(frames) = inlet.ring.peek() else { break };
                 let seq = self.endpoint.stats().messages_sent;
-                let (bytes, count) = self.endpoint.send_frames(now, frames, max);
-                if count > 0 {
+                let t = self.endpoint.send_frames(now, frames, max);
+                if t.messages > 0 {
                     if self.local_delivery {
-                        self.router.deliver_own(session, seq, &frames[FRAME_HEADER_LEN..bytes]);
+                        self.router.deliver_own(session, seq, &frames[FRAME_HEADER_LEN..t.bytes]);
                     }
-                    inlet.ring.advance(bytes);
-                    taken += count;
+                    inlet.ring.advance(t.bytes);
+                    taken += t.messages;
+                    // Unless the window refused, more may follow: past the end of what was peeked (a lap's
+                    // end, padding), or a frame for `send`, met again by the next peek.
+                    if t.stop == FramesStop::WouldBlock {
+                        break;
+                    }
                     continue;
                 }
-                // Not taken in bulk: the window is full, or the first frame is a marker or needs fragmenting.
+                if t.stop != FramesStop::NotTaken {
+                    break;
+                }
+                // The first frame is a marker or needs fragmenting: one message through `send`.
                 let len = usize::from(u16::from_be_bytes([frames[0], frames[1]]));
                 let result = if frames[3] == MARKER {
                     let Some(msg) = inlet.pending.take().or_else(|| inlet.side.try_recv().ok()) else {

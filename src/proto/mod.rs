@@ -165,6 +165,29 @@ pub enum Batch<'a> {
     Run(Run<'a>),
 }
 
+/// What [`Endpoint::send_frames`] took, and why it stopped there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FramesTaken {
+    /// Bytes of the frames taken (whole frames, from the start).
+    pub bytes: usize,
+    /// Messages taken.
+    pub messages: u64,
+    /// Why it stopped.
+    pub stop: FramesStop,
+}
+
+/// Why [`Endpoint::send_frames`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FramesStop {
+    /// Every frame was taken, or `max_messages` were.
+    Done,
+    /// The window takes no more for now (what `send` reports as `SendError::WouldBlock`).
+    WouldBlock,
+    /// The next frame is not one it takes as it is (not a whole message, too large, or in need of
+    /// fragmenting): it is for `send`.
+    NotTaken,
+}
+
 /// What [`Endpoint::recv`] yields, in stream order per sender.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery<'a> {
@@ -432,11 +455,12 @@ impl Endpoint {
 
     /// Queues whole messages already framed as DATA carries them (`[len u16 BE][FRAME_FIRST | FRAME_LAST][0]
     /// [message]` each, back to back), as many as the window takes, copying each datagram's worth at once
-    /// instead of one message at a time. Stops at the end, after `max_messages`, when the window refuses
-    /// (as [`send`](Self::send) would say `WouldBlock`), or before a frame that is not such a message, is
-    /// larger than `max_message` or would need fragmenting (give that one to `send`). Returns the bytes and
-    /// the messages taken; the same messages given to `send` one by one would have made the same datagrams.
-    pub fn send_frames(&mut self, now: Instant, frames: &[u8], max_messages: u64) -> (usize, u64) {
+    /// instead of one message at a time. Stops at the end or after `max_messages` ([`FramesStop::Done`]),
+    /// when the window refuses ([`FramesStop::WouldBlock`], counted as `send` counts it), or before a frame
+    /// that is not such a message, is larger than `max_message` or would need fragmenting
+    /// ([`FramesStop::NotTaken`]: give that one to `send`). The same messages given to `send` one by one
+    /// would have made the same datagrams.
+    pub fn send_frames(&mut self, now: Instant, frames: &[u8], max_messages: u64) -> FramesTaken {
         self.sender.send_frames(now, frames, max_messages, &mut self.events, &mut self.stats)
     }
 

@@ -41,15 +41,15 @@ impl RepairTime {
                 self.deviation = r / 2;
             }
             Some(s) => {
-                self.deviation = (self.deviation * 3 + s.abs_diff(r)) / 4;
-                self.smoothed = Some((s * 7 + r) / 8);
+                self.deviation = self.deviation.saturating_mul(3).saturating_add(s.abs_diff(r)) / 4;
+                self.smoothed = Some(s.saturating_mul(7).saturating_add(r) / 8);
             }
         }
     }
 
     /// The smoothed time and four deviations, once a repair has been timed.
     fn timeout(&self) -> Option<Duration> {
-        self.smoothed.map(|s| s + self.deviation * 4)
+        self.smoothed.map(|s| s.saturating_add(self.deviation.saturating_mul(4)))
     }
 }
 
@@ -172,7 +172,7 @@ impl Stream {
     /// never more than `nak_retry`.
     fn nak_retry(&self, cfg: &Config) -> Duration {
         match self.repair_time.timeout() {
-            Some(t) => (cfg.retransmit_linger + t).min(cfg.nak_retry),
+            Some(t) => cfg.retransmit_linger.saturating_add(t).min(cfg.nak_retry),
             None => cfg.nak_retry,
         }
     }

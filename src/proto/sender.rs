@@ -8,7 +8,7 @@ use super::config::{Config, SlowReceiverPolicy};
 use super::peers::PeerCounters;
 use super::ratelimit::TokenBucket;
 use super::window::Window;
-use super::{Event, SendError, Stats};
+use super::{Event, FramesStop, FramesTaken, SendError, Stats};
 use crate::wire::{
     DATA_HEADER_LEN, DataWriter, FLAG_RETRANSMIT, FRAME_FIRST, FRAME_HEADER_LEN, FRAME_LAST, Header, HeartbeatRepr,
     Kind, NakPacket, StatusRepr,
@@ -169,15 +169,18 @@ impl Sender {
         max_messages: u64,
         events: &mut VecDeque<Event>,
         stats: &mut Stats,
-    ) -> (usize, u64) {
+    ) -> FramesTaken {
         if self.staged_active {
             self.progress_staged(now, events, stats);
             if self.staged_active {
-                return (0, 0);
+                return FramesTaken { bytes: 0, messages: 0, stop: FramesStop::WouldBlock };
             }
         }
         let (mut at, mut taken) = (0, 0u64);
-        while at < frames.len() && taken < max_messages {
+        let stop = loop {
+            if at >= frames.len() || taken >= max_messages {
+                break FramesStop::Done;
+            }
             // The longest run of frames from `at` that fits the open datagram.
             let room = if self.open_len > 0 { self.max_datagram - self.open_len } else { 0 };
             let (mut end, mut count, mut bytes, mut ineligible) = (at, 0u64, 0, false);
@@ -203,15 +206,15 @@ impl Sender {
                 continue;
             }
             if ineligible {
-                break;
+                break FramesStop::NotTaken;
             }
             // The next frame does not fit what is left of the open datagram (it fits an empty one).
             self.seal();
             if !self.open(now, events, stats) {
-                break;
+                break FramesStop::WouldBlock;
             }
-        }
-        (at, taken)
+        };
+        FramesTaken { bytes: at, messages: taken, stop }
     }
 
     /// The whole-message frame at `at` if `send_frames` may take it as it is: its payload length and the

@@ -57,9 +57,13 @@ impl Shared {
         self.mask + 1
     }
 
+    /// Where byte `pos` (masked) lives, derived from the buffer's base pointer so that the accesses made
+    /// through it may span many bytes.
     #[inline]
     fn ptr(&self, pos: usize) -> *mut u8 {
-        self.buf[pos & self.mask].get()
+        // SAFETY: `pos & mask` is below the buffer's length (a power of two, `mask + 1`), so the offset stays
+        // inside the allocation.
+        UnsafeCell::raw_get(unsafe { self.buf.as_ptr().add(pos & self.mask) })
     }
 }
 
@@ -146,7 +150,9 @@ impl Writer {
     #[inline]
     fn region(&self, pos: usize, len: usize) -> &[u8] {
         debug_assert!((pos & self.shared.mask) + len <= self.capacity());
-        // SAFETY: as in `write`; the region is not published, so only this writer sees it.
+        // SAFETY: as in `write`; the region is not published, so only this writer sees it, and nothing writes
+        // to it while the slice lives: the claims that hand it out hold the producer by `&mut`, and their
+        // own writes (commit) consume them.
         unsafe { std::slice::from_raw_parts(self.shared.ptr(pos), len) }
     }
 
