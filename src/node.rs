@@ -1286,7 +1286,7 @@ pub struct Subscriber {
 impl Subscriber {
     /// Calls `handler` for up to `max` ready deliveries without blocking; returns how many.
     pub fn poll(&mut self, max: usize, mut handler: impl FnMut(Received<'_>)) -> usize {
-        let mut n = 0;
+        let (mut n, mut released) = (0, false);
         while n < max {
             let Some(rec) = self.ring.peek() else { break };
             match rec.tag() {
@@ -1317,6 +1317,7 @@ impl Subscriber {
                         break;
                     }
                     rec.release();
+                    released = true;
                     continue;
                 }
                 OUT_LOSS => {
@@ -1336,9 +1337,11 @@ impl Subscriber {
                 },
             }
             rec.release();
+            released = true;
             n += 1;
         }
-        if n > 0 && self.handle.blocked.load(Ordering::SeqCst) {
+        // Only freed ring space is news to an engine blocked on this ring (a poll may stop inside a run).
+        if released && self.handle.blocked.load(Ordering::SeqCst) {
             self.shared.wake_engine();
         }
         n
