@@ -762,16 +762,10 @@ impl Endpoint {
     /// buffers until the next call.
     pub fn recv(&mut self) -> Option<Delivery<'_>> {
         let (i, step) = self.next_step(false)?;
-        let s = &self.streams[i];
-        let session = s.session;
-        Some(match step {
-            Step::Message { slot, range, seq } => {
-                Delivery::Message(Message { session, seq, payload: &s.slot_bytes(slot)[range] })
-            }
-            Step::Reassembled { seq } => Delivery::Message(Message { session, seq, payload: s.reassembled() }),
-            Step::Loss { datagrams, messages } => Delivery::Loss { session, datagrams, messages },
-            Step::Run { .. } => unreachable!("runs are only made when asked for"),
-        })
+        match batch(&self.streams[i], step) {
+            Batch::One(d) => Some(d),
+            Batch::Run(_) => unreachable!("runs are only made when asked for"),
+        }
     }
 
     /// Like [`recv`](Self::recv), except that whole messages stored one after another in a datagram come
@@ -779,20 +773,7 @@ impl Endpoint {
     /// per message. Anything else comes out as [`Batch::One`].
     pub fn recv_batch(&mut self) -> Option<Batch<'_>> {
         let (i, step) = self.next_step(true)?;
-        let s = &self.streams[i];
-        let session = s.session;
-        Some(match step {
-            Step::Message { slot, range, seq } => {
-                Batch::One(Delivery::Message(Message { session, seq, payload: &s.slot_bytes(slot)[range] }))
-            }
-            Step::Run { slot, frames, seq, count } => {
-                Batch::Run(Run { session, first_seq: seq, count, frames: &s.slot_bytes(slot)[frames] })
-            }
-            Step::Reassembled { seq } => {
-                Batch::One(Delivery::Message(Message { session, seq, payload: s.reassembled() }))
-            }
-            Step::Loss { datagrams, messages } => Batch::One(Delivery::Loss { session, datagrams, messages }),
-        })
+        Some(batch(&self.streams[i], step))
     }
 
     /// The next delivery step of any stream, round-robin from the last one that delivered: its index and step.
@@ -811,6 +792,21 @@ impl Endpoint {
             }
         }
         None
+    }
+}
+
+/// What a stream's delivery step hands out, borrowed from the stream's buffers.
+fn batch(s: &Stream, step: Step) -> Batch<'_> {
+    let session = s.session;
+    match step {
+        Step::Message { slot, range, seq } => {
+            Batch::One(Delivery::Message(Message { session, seq, payload: &s.slot_bytes(slot)[range] }))
+        }
+        Step::Run { slot, frames, seq, count } => {
+            Batch::Run(Run { session, first_seq: seq, count, frames: &s.slot_bytes(slot)[frames] })
+        }
+        Step::Reassembled { seq } => Batch::One(Delivery::Message(Message { session, seq, payload: s.reassembled() })),
+        Step::Loss { datagrams, messages } => Batch::One(Delivery::Loss { session, datagrams, messages }),
     }
 }
 
