@@ -153,10 +153,16 @@ impl Outlet {
             return self.filter.is_none();
         }
         match &self.filter {
-            None => topic::private_owner(topic).is_none_or(|owner| owner == node_id),
+            None => catch_all_takes(topic, node_id),
             Some(f) => !topic.is_empty() && f.matches(topic),
         }
     }
+}
+
+/// Whether a catch-all subscriber takes a message on `topic`: any topic but another node's private ones.
+#[inline]
+fn catch_all_takes(topic: &str, node_id: u64) -> bool {
+    topic::private_owner(topic).is_none_or(|owner| owner == node_id)
 }
 
 /// What application threads ask of a running engine.
@@ -769,8 +775,7 @@ impl Router {
             per_message += self.record_size(m.payload.len());
             whole = whole
                 && Envelope::parse(m.payload).is_ok_and(|(env, _)| {
-                    env.target.is_none_or(|t| t == self.node_id)
-                        && topic::private_owner(env.topic).is_none_or(|owner| owner == self.node_id)
+                    env.target.is_none_or(|t| t == self.node_id) && catch_all_takes(env.topic, self.node_id)
                 });
         }
         if !whole {
