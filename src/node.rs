@@ -1025,7 +1025,7 @@ impl Publisher {
         if !ok {
             return Err(SendError::Full);
         }
-        self.shared.wake_engine();
+        self.shared.wake_engine_fenced();
         Ok(())
     }
 
@@ -1134,7 +1134,7 @@ impl Publisher {
             false
         };
         if ok {
-            self.shared.wake_engine();
+            self.shared.wake_engine_fenced();
             Ok(())
         } else {
             Err(SendError::Full)
@@ -1182,7 +1182,7 @@ impl Claim<'_> {
     /// Publishes the message.
     pub fn commit(self) {
         self.inner.commit(WHOLE_MESSAGE);
-        self.shared.wake_engine();
+        self.shared.wake_engine_fenced();
     }
 }
 

@@ -233,6 +233,14 @@ impl Shared {
     /// Wakes the engine if it is waiting in the kernel.
     pub(crate) fn wake_engine(&self) {
         fence(Ordering::SeqCst);
+        self.wake_engine_fenced();
+    }
+
+    /// [`wake_engine`](Self::wake_engine) for a caller whose last step was a sequentially consistent
+    /// read-modify-write (a publisher ring's commit is one): that already orders the write the engine must
+    /// see before the check of `engine_parked`, against the engine's store, fence and re-check in `park`.
+    #[inline]
+    pub(crate) fn wake_engine_fenced(&self) {
         if self.engine_parked.load(Ordering::SeqCst)
             && let Some(w) = self.waker.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
         {

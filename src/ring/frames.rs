@@ -12,6 +12,8 @@
 //!   place in the order.
 //!
 //! Positions, synchronisation and every access to the buffer are the parent module's (`Writer`, `Reader`).
+//! Committing a frame is a sequentially consistent exchange, so a full fence: every commit is followed by a
+//! check whether the engine sleeps, which needs one.
 
 use super::{Reader, Writer, ends};
 use crate::wire::FRAME_HEADER_LEN;
@@ -121,7 +123,7 @@ impl FrameClaim<'_> {
     fn commit_as(self, flags: u8, kind: u8) {
         let w = &mut self.producer.w;
         w.write(self.start, &header(self.len, flags, kind));
-        w.publish(self.start + FRAME_HEADER_LEN + self.len);
+        w.publish_fenced(self.start + FRAME_HEADER_LEN + self.len);
     }
 }
 

@@ -170,6 +170,15 @@ impl Writer {
         self.tail = tail;
         self.shared.tail.store(tail, Ordering::Release);
     }
+
+    /// [`publish`](Self::publish) as a sequentially consistent read-modify-write, which is also a full
+    /// fence: a producer that next checks whether its consumer went to sleep needs one between the two, and
+    /// a locked exchange costs less than a release store followed by `fence(SeqCst)` (`mfence` on x86).
+    #[inline]
+    fn publish_fenced(&mut self, tail: usize) {
+        self.tail = tail;
+        self.shared.tail.swap(tail, Ordering::SeqCst);
+    }
 }
 
 /// The consumer's side of a ring's positions: what is published, reading it, freeing it.

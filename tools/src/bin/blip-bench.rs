@@ -85,6 +85,11 @@ enum Cmd {
     Raw(ThroughputArgs),
     /// Raw and Blip back to back, with their ratio.
     Compare(CompareArgs),
+    /// One thread drives a publisher's node and a subscriber's node in turn: what the whole path costs one
+    /// core per message (both engines, the application's side of both rings, the kernel's copies), with no
+    /// second core to overlap with. Steadier than `throughput` on a shared machine, and runs under
+    /// `valgrind --tool=callgrind` with `--backend poll` to count instructions.
+    Cost(CostArgs),
     /// Internal: one subscriber of `throughput --processes`, run as a child process.
     #[command(hide = true)]
     SubscriberChild(ChildArgs),
@@ -120,6 +125,13 @@ struct ThroughputArgs {
     /// Run each subscriber in its own process instead of a thread.
     #[arg(long)]
     processes: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+struct CostArgs {
+    /// Messages to send.
+    #[arg(long, default_value_t = 2_000_000)]
+    messages: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -192,6 +204,7 @@ fn main() -> ExitCode {
         Cmd::Raw(a) => raw_throughput(&c, &a).map(|r| report(&c, &[r])),
         Cmd::Latency(a) => latency(&c, &a, false).map(|r| report(&c, &[r])),
         Cmd::Compare(a) => compare(&c, &a).map(|rows| report(&c, &rows)),
+        Cmd::Cost(a) => cost(&c, &a).map(|r| report(&c, &[r])),
         Cmd::SubscriberChild(a) => subscriber_child(&c, &a),
     };
     if let Some(path) = generated_key {
@@ -550,6 +563,89 @@ fn throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
         row.name += &format!(" (aggregate {:.0} msgs/s)", rates.iter().sum::<f64>());
     }
     Ok(row)
+}
+
+/// `cost`: both nodes driven from this thread. The publisher fills its ring, then each engine takes one
+/// duty cycle and the subscriber drains what arrived; loopback delivers inside the publisher's send, so
+/// every cycle moves what was queued. Reports the rate one core reaches and its CPU seconds per million.
+fn cost(c: &Common, a: &CostArgs) -> Result<Row> {
+    pin(&c.cores, 0);
+    let n = a.messages.max(2);
+    let mut b = builder(c, 0)?;
+    if c.loss > 0.0 {
+        b = b.inject_loss(c.loss, 1000);
+    }
+    let mut sub_node = build(b, false)?;
+    let mut sub = sub_node.subscriber().ok_or("subscriber taken")?;
+    let mut node = build(builder(c, 0)?, false)?;
+    let backend = node.info().backend.to_string();
+    let mut publisher = node.publisher().ok_or("publisher taken")?;
+    let mut own = node.subscriber().ok_or("subscriber taken")?;
+    let mut msg = vec![0u8; c.size];
+    let (mut got, mut losses) = (0u64, 0u64);
+    fn tally(r: Received<'_>, got: &mut u64, losses: &mut u64) {
+        match r {
+            Received::Message(_) => *got += 1,
+            Received::Loss { messages: Some(m), .. } => *losses += m.end - m.start,
+            _ => {}
+        }
+    }
+    // Message 0 introduces the publisher; time from the subscriber's report on.
+    fill(&mut msg, 0);
+    publisher.try_send(&msg).map_err(|e| e.to_string())?;
+    let mut joined = false;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !joined {
+        if Instant::now() > deadline {
+            return Err("the subscriber did not report within 20 s".into());
+        }
+        drive(&mut node)?;
+        drive(&mut sub_node)?;
+        sub.poll(usize::MAX, |r| tally(r, &mut got, &mut losses));
+        own.poll(64, |r| joined |= matches!(r, Received::Event(Event::ReceiverJoined { .. })));
+    }
+    let (cpu0, start) = (cpu_seconds(), Instant::now());
+    let deadline = start + Duration::from_secs(300);
+    let mut progress = Progress::new(c.json);
+    let mut seq = 1;
+    while got + losses < n {
+        if Instant::now() > deadline {
+            return Err(format!("timed out at {got} of {n} delivered"));
+        }
+        while seq < n {
+            fill(&mut msg, seq);
+            match publisher.try_send(&msg) {
+                Ok(()) => seq += 1,
+                Err(blip::SendError::Full) => break,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        drive(&mut node)?;
+        drive(&mut sub_node)?;
+        sub.poll(usize::MAX, |r| tally(r, &mut got, &mut losses));
+        own.poll(usize::MAX, |_| {});
+        progress.show("cost", got, n);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    progress.done();
+    let stats = node.stats();
+    // Message 0 was delivered before the clock started.
+    let timed = n - 1;
+    Ok(Row {
+        name: format!("blip {}B 1 core", c.size),
+        backend,
+        messages: got,
+        expected: n,
+        seconds: secs,
+        msgs_per_sec: timed as f64 / secs.max(1e-9),
+        mb_per_sec: timed as f64 * c.size as f64 / secs.max(1e-9) / 1e6,
+        losses,
+        naks: stats.protocol.naks_received,
+        retransmits: stats.protocol.retransmits,
+        cpu_s_per_m: cpu / (timed as f64 / 1e6),
+        ..Row::default()
+    })
 }
 
 /// Segments per GSO send: the kernel's cap is 64 or 128 segments and 65,507 bytes in all.
