@@ -602,6 +602,7 @@ impl HandleFactory {
         let (large_tx, large_rx) = mpsc::channel();
         let handle = Arc::new(HandleShared::default());
         let publisher = Publisher {
+            direct_max: tx.max_payload().min(self.max_message),
             ring: tx,
             large: large_tx,
             shared: self.shared.clone(),
@@ -1005,6 +1006,9 @@ pub struct Publisher {
     shared: Arc<Shared>,
     handle: Arc<HandleShared>,
     max_message: usize,
+    /// Largest envelope and message `try_send` writes straight into the ring (the ring's frame limit and
+    /// `max_message`, whichever is smaller).
+    direct_max: usize,
     node_id: u64,
 }
 
@@ -1015,8 +1019,7 @@ impl Publisher {
         if self.shared.closed.load(Ordering::Relaxed) {
             return Err(SendError::Closed);
         }
-        let total = envelope::MIN_ENVELOPE_LEN + msg.len();
-        if total > self.ring.max_payload() || total > self.max_message {
+        if envelope::MIN_ENVELOPE_LEN + msg.len() > self.direct_max {
             return self.try_send_with(&Envelope::PLAIN, msg);
         }
         // The common case, without the general envelope code: two zero bytes, then the message, written

@@ -777,22 +777,23 @@ impl Router {
     /// every other subscriber the messages its filter selects; otherwise each message is routed on its own.
     /// Returns a bound on the ring bytes used in any one ring ([`run_bound`](Self::run_bound) at most).
     fn route_run(&mut self, run: &Run<'_>) -> usize {
-        let mut per_message = 0;
-        let mut whole = true;
-        for m in run.messages() {
-            per_message += self.record_size(m.payload.len());
-            whole = whole
-                && Envelope::parse(m.payload).is_ok_and(|(env, _)| {
-                    env.target.is_none_or(|t| t == self.node_id) && catch_all_takes(env.topic, self.node_id)
-                });
-        }
+        let node_id = self.node_id;
+        // A plain envelope (two zero bytes, the common case) is taken by a catch-all subscriber as it is.
+        let whole = run.messages().all(|m| {
+            m.payload.starts_with(&[0, 0])
+                || Envelope::parse(m.payload).is_ok_and(|(env, _)| {
+                    env.target.is_none_or(|t| t == node_id) && catch_all_takes(env.topic, node_id)
+                })
+        });
+        let per_message = |r: &Router| run.messages().map(|m| r.record_size(m.payload.len())).sum::<usize>();
         if !whole {
+            let used = per_message(self);
             for m in run.messages() {
                 self.route(m.session, m.seq, m.payload);
             }
-            return per_message;
+            return used;
         }
-        let node_id = self.node_id;
+        let mut filtered = false;
         for o in self.outlets.iter_mut() {
             if o.filter.is_none() {
                 let mut c = o.ring.claim(OUT_HEADER + run.frames.len()).expect("room checked");
@@ -802,6 +803,7 @@ impl Router {
                 c.commit(OUT_RUN);
                 continue;
             }
+            filtered = true;
             for m in run.messages() {
                 if let Ok((env, _)) = Envelope::parse(m.payload)
                     && o.accepts(env.topic, node_id)
@@ -810,7 +812,8 @@ impl Router {
                 }
             }
         }
-        per_message.max(Producer::record_size(OUT_HEADER + run.frames.len()))
+        let record = Producer::record_size(OUT_HEADER + run.frames.len());
+        if filtered { per_message(self).max(record) } else { record }
     }
 
     /// Copies one message to every subscriber whose filter selects it. The caller has checked

@@ -11,7 +11,9 @@ use super::config::{Config, LateJoin};
 use super::peers::PeerCounters;
 use super::rng::Rng;
 use super::{Stats, earliest};
-use crate::wire::{DATA_HEADER_LEN, DataPacket, HeartbeatRepr, MAX_NAK_RANGES, NakPacket, SeqRange, data::frame_at};
+use crate::wire::{
+    DATA_HEADER_LEN, DataPacket, FrameShape, HeartbeatRepr, MAX_NAK_RANGES, NakPacket, SeqRange, data::frame_at,
+};
 
 /// One slot of the receive ring. It describes sequence `seq` once `seq < Stream::marked`.
 struct Slot {
@@ -24,6 +26,8 @@ struct Slot {
     asked: Option<(Instant, bool)>,
     /// The whole datagram as received (header included); capacity is reused lap after lap.
     bytes: Vec<u8>,
+    /// Its frames as validation found them.
+    shape: FrameShape,
 }
 
 /// The time from a NAK to its repair, smoothed as RFC 6298 smooths round-trip times (gains 1/8 and 1/4).
@@ -119,7 +123,14 @@ pub(crate) struct Stream {
 impl Stream {
     fn new(session: u64, addr: SocketAddr, start: u64, now: Instant, cap: usize) -> Stream {
         let slots = (0..cap)
-            .map(|_| Slot { seq: u64::MAX, filled: false, nak_at: now, asked: None, bytes: Vec::new() })
+            .map(|_| Slot {
+                seq: u64::MAX,
+                filled: false,
+                nak_at: now,
+                asked: None,
+                bytes: Vec::new(),
+                shape: FrameShape { count: 0, last_at: 0, last_whole: false },
+            })
             .collect();
         Stream {
             session,
@@ -253,6 +264,7 @@ impl Stream {
         slot.filled = true;
         slot.bytes.clear();
         slot.bytes.extend_from_slice(bytes);
+        slot.shape = pkt.shape();
         let asked = slot.asked.take();
         stats.datagrams_received += 1;
         if pkt.is_retransmit() {
@@ -489,20 +501,18 @@ impl Stream {
         }
     }
 
-    /// Where the run of whole-message frames from `from` in slot `slot` ends, and how many frames it has
-    /// counting the one just before `from`.
+    /// Where the run of whole-message frames that starts with the frame just taken (`from` is its end, and
+    /// `frame_index` already counts it) ends in slot `slot`, and how many frames the run has. Every frame
+    /// after the first and before the last is whole (the DATA layout), so only the last one needs a look,
+    /// and validation recorded it.
     fn run_end(&self, slot: usize, from: usize) -> (usize, u64) {
-        const WHOLE: u8 = crate::wire::FRAME_FIRST | crate::wire::FRAME_LAST;
-        let bytes = &self.slots[slot].bytes;
-        let (mut end, mut count) = (from, 1);
-        while let Some((f, next)) = frame_at(bytes, end) {
-            if f.flags & WHOLE != WHOLE {
-                break;
-            }
-            end = next;
-            count += 1;
+        let s = &self.slots[slot];
+        let after = (s.shape.count as u64).saturating_sub(self.frame_index);
+        match after {
+            0 => (from, 1),
+            _ if s.shape.last_whole => (s.bytes.len(), 1 + after),
+            _ => (s.shape.last_at, after),
         }
-        (end, count)
     }
 
     fn frame_msg_seq(&self, slot: usize) -> u64 {

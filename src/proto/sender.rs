@@ -39,6 +39,8 @@ pub(crate) struct Sender {
     header: Header,
     max_datagram: usize,
     max_message: usize,
+    /// Largest payload of a frame `send_frames` takes as it is: a whole message that fits one datagram.
+    max_frame_payload: usize,
     window: Window,
     /// Sequence of the open datagram (when `open_len > 0`), else of the next one to open.
     next_seq: u64,
@@ -83,6 +85,9 @@ impl Sender {
             header: Header { kind: Kind::Data, flags: 0, stream: config.stream, session },
             max_datagram: config.packet_limit(),
             max_message: config.max_message,
+            max_frame_payload: config
+                .max_message
+                .min(config.packet_limit().saturating_sub(DATA_HEADER_LEN + FRAME_HEADER_LEN)),
             window: Window::new(config.window, config.packet_limit()),
             next_seq: 0,
             open_len: 0,
@@ -183,16 +188,17 @@ impl Sender {
             }
             // The longest run of frames from `at` that fits the open datagram.
             let room = if self.open_len > 0 { self.max_datagram - self.open_len } else { 0 };
-            let (mut end, mut count, mut bytes, mut ineligible) = (at, 0u64, 0, false);
-            while taken + count < max_messages {
-                let Some((len, next)) = self.whole_frame_at(frames, end) else {
+            let (fits_until, most) = (at + room, max_messages - taken);
+            let (mut end, mut count, mut ineligible) = (at, 0u64, false);
+            while count < most {
+                let Some(next) = self.whole_frame_at(frames, end) else {
                     ineligible = true;
                     break;
                 };
-                if next - at > room {
+                if next > fits_until {
                     break;
                 }
-                (end, count, bytes) = (next, count + 1, bytes + len);
+                (end, count) = (next, count + 1);
             }
             if count > 0 {
                 let buf = self.window.building_mut(self.next_seq);
@@ -201,7 +207,7 @@ impl Sender {
                 self.open_frames += count;
                 self.next_msg += count;
                 stats.messages_sent += count;
-                stats.bytes_sent += bytes as u64;
+                stats.bytes_sent += (end - at) as u64 - count * FRAME_HEADER_LEN as u64;
                 (at, taken) = (end, taken + count);
                 continue;
             }
@@ -217,19 +223,19 @@ impl Sender {
         FramesTaken { bytes: at, messages: taken, stop }
     }
 
-    /// The whole-message frame at `at` if `send_frames` may take it as it is: its payload length and the
-    /// offset past it.
+    /// The offset past the frame at `at`, if `send_frames` may take that frame as it is (a whole message
+    /// that fits one datagram).
     #[inline]
-    fn whole_frame_at(&self, frames: &[u8], at: usize) -> Option<(usize, usize)> {
+    fn whole_frame_at(&self, frames: &[u8], at: usize) -> Option<usize> {
         let h = frames.get(at..at + FRAME_HEADER_LEN)?;
         let len = usize::from(u16::from_be_bytes([h[0], h[1]]));
         let next = at + FRAME_HEADER_LEN + len;
-        let ok = h[2] == FRAME_FIRST | FRAME_LAST
-            && h[3] == 0
-            && len <= self.max_message
-            && DATA_HEADER_LEN + FRAME_HEADER_LEN + len <= self.max_datagram
+        // Flags and the reserved byte in one comparison: both flags set, and a wire frame (not ring padding
+        // or a marker).
+        let ok = u16::from_be_bytes([h[2], h[3]]) == u16::from(FRAME_FIRST | FRAME_LAST) << 8
+            && len <= self.max_frame_payload
             && next <= frames.len();
-        ok.then_some((len, next))
+        ok.then_some(next)
     }
 
     /// Whether a message could be accepted now (window space and no fragmented message in progress).

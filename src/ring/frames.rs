@@ -26,7 +26,9 @@ pub const MARKER: u8 = 2;
 /// Creates a frame ring of at least `capacity` bytes (rounded up to a power of two, at least 64).
 pub fn frame_ring(capacity: usize) -> (FrameProducer, FrameConsumer) {
     let (w, r) = ends(capacity);
-    (FrameProducer { w }, FrameConsumer { r })
+    // At most half the ring less a header, so that a frame always fits after a wrap; and what 16 bits say.
+    let max_payload = (w.capacity() / 2 - FRAME_HEADER_LEN).min(u16::MAX as usize);
+    (FrameProducer { w, max_payload }, FrameConsumer { r })
 }
 
 #[inline]
@@ -38,6 +40,7 @@ fn header(len: usize, flags: u8, kind: u8) -> [u8; FRAME_HEADER_LEN] {
 /// The writing end.
 pub struct FrameProducer {
     w: Writer,
+    max_payload: usize,
 }
 
 /// Room claimed for one frame's payload; write it, then [`commit`](FrameClaim::commit). Dropping it without
@@ -53,7 +56,7 @@ impl FrameProducer {
     /// header, so that a frame always fits after a wrap.
     #[inline]
     pub fn max_payload(&self) -> usize {
-        (self.w.capacity() / 2 - FRAME_HEADER_LEN).min(u16::MAX as usize)
+        self.max_payload
     }
 
     /// Whether the consumer has taken everything.
@@ -72,31 +75,36 @@ impl FrameProducer {
     /// `len` exceeds [`max_payload`](Self::max_payload) (a caller bug, not a runtime condition).
     #[inline]
     pub fn claim(&mut self, len: usize) -> Option<FrameClaim<'_>> {
-        assert!(len <= self.max_payload(), "frame of {len} bytes exceeds the ring's maximum");
-        let start = self.w.reserve(FRAME_HEADER_LEN + len, |w, to_end| {
+        let start = self.reserve(len)?;
+        Some(FrameClaim { producer: self, start, len })
+    }
+
+    /// Reserves room for a frame of `len` payload bytes (see [`claim`](Self::claim)); returns where its
+    /// header goes.
+    #[inline]
+    fn reserve(&mut self, len: usize) -> Option<usize> {
+        assert!(len <= self.max_payload, "frame of {len} bytes exceeds the ring's maximum");
+        self.w.reserve(FRAME_HEADER_LEN + len, |w, to_end| {
             // A tail too short for a header stays unwritten (the reader skips it). Otherwise a padding frame:
             // `to_end < size <= max_payload + 4 <= 65,539`, so its length fits 16 bits.
             if to_end >= FRAME_HEADER_LEN {
                 w.write(w.tail, &header(to_end - FRAME_HEADER_LEN, 0, PAD));
             }
-        })?;
-        Some(FrameClaim { producer: self, start, len })
+        })
     }
 
-    /// Claims a frame for `head` followed by `body`, copies both and commits it with `flags`, in one pass.
-    /// Returns false when full. Panics like [`claim`](Self::claim).
+    /// Writes a frame of `head` followed by `body` and commits it with `flags`, in one pass. Returns false
+    /// when full. Panics like [`claim`](Self::claim).
     #[inline]
     pub fn push_parts(&mut self, flags: u8, head: &[u8], body: &[u8]) -> bool {
-        match self.claim(head.len() + body.len()) {
-            Some(mut c) => {
-                let (h, b) = c.split_at_mut(head.len());
-                h.copy_from_slice(head);
-                b.copy_from_slice(body);
-                c.commit(flags);
-                true
-            }
-            None => false,
-        }
+        let len = head.len() + body.len();
+        let Some(start) = self.reserve(len) else { return false };
+        let at = start + FRAME_HEADER_LEN;
+        self.w.write(at, head);
+        self.w.write(at + head.len(), body);
+        self.w.write(start, &header(len, flags, 0));
+        self.w.publish_fenced(at + len);
+        true
     }
 
     /// Publishes an empty [`MARKER`] frame. Returns false when full.

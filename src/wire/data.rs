@@ -36,6 +36,20 @@ pub struct DataPacket<'a> {
     /// Lowest datagram sequence the sender still retained when it built this datagram.
     pub low: u64,
     frames: &'a [u8],
+    shape: FrameShape,
+}
+
+/// What validation learnt of a DATA packet's frames, so that a reader need not walk them again to find
+/// where a run of whole messages ends: every frame between the first and the last carries both
+/// [`FRAME_FIRST`] and [`FRAME_LAST`] (the layout allows nothing else), so only the two ends can be pieces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameShape {
+    /// Number of frames.
+    pub count: usize,
+    /// Offset of the last frame's header from the start of the datagram.
+    pub last_at: usize,
+    /// Whether the last frame is a whole message (both flags set).
+    pub last_whole: bool,
 }
 
 impl<'a> DataPacket<'a> {
@@ -53,13 +67,14 @@ impl<'a> DataPacket<'a> {
             return Err(WireError::Truncated);
         }
         let frames = &bytes[DATA_HEADER_LEN..];
-        validate_frames(frames)?;
+        let shape = validate_frames(frames)?;
         let p = DataPacket {
             header,
             seq: be_u64(bytes, HEADER_LEN),
             msg_seq: be_u64(bytes, 24),
             low: be_u64(bytes, 32),
             frames,
+            shape,
         };
         if p.seq >= super::MAX_SEQ || p.msg_seq >= super::MAX_SEQ || p.low > p.seq {
             return Err(WireError::Malformed("DATA sequence out of range (seq, msg_seq < 2^63, low <= seq)"));
@@ -76,19 +91,24 @@ impl<'a> DataPacket<'a> {
     pub fn frames(&self) -> Frames<'a> {
         Frames { rest: self.frames }
     }
+
+    /// How many frames there are and what the last one is.
+    pub fn shape(&self) -> FrameShape {
+        self.shape
+    }
 }
 
-fn validate_frames(mut rest: &[u8]) -> Result<(), WireError> {
+fn validate_frames(mut rest: &[u8]) -> Result<FrameShape, WireError> {
     if rest.is_empty() {
         return Err(WireError::Malformed("DATA without frames"));
     }
-    let mut index = 0usize;
+    let (mut index, mut at, mut flags) = (0usize, DATA_HEADER_LEN, 0u8);
     while !rest.is_empty() {
         if rest.len() < FRAME_HEADER_LEN {
             return Err(WireError::Malformed("trailing bytes shorter than a frame header"));
         }
         let len = be_u16(rest, 0) as usize;
-        let flags = rest[2];
+        flags = rest[2];
         if rest.len() - FRAME_HEADER_LEN < len {
             return Err(WireError::Malformed("frame length past the end of the datagram"));
         }
@@ -99,9 +119,13 @@ fn validate_frames(mut rest: &[u8]) -> Result<(), WireError> {
         if !rest.is_empty() && flags & FRAME_LAST == 0 {
             return Err(WireError::Malformed("unfinished fragment before the final frame"));
         }
+        if !rest.is_empty() {
+            at += FRAME_HEADER_LEN + len;
+        }
         index += 1;
     }
-    Ok(())
+    let whole = FRAME_FIRST | FRAME_LAST;
+    Ok(FrameShape { count: index, last_at: at, last_whole: flags & whole == whole })
 }
 
 /// One frame of a DATA packet.
@@ -243,14 +267,18 @@ mod tests {
             let mut n = DataWriter::begin(&mut buf, &h, seq, msg_seq, low).unwrap();
             let count = frames.len();
             let mut want = Vec::new();
+            let mut last_at = 0;
             for (i, f) in frames.iter().enumerate() {
                 let mut flags = FRAME_FIRST | FRAME_LAST;
                 if i == 0 && cont { flags &= !FRAME_FIRST; }
                 if i + 1 == count && open { flags &= !FRAME_LAST; }
+                last_at = n;
                 n = DataWriter::push_frame(&mut buf, n, flags, f).unwrap();
                 want.push((flags, f.clone()));
             }
             let p = DataPacket::parse(&buf[..n]).unwrap();
+            let last_whole = !(open || (count == 1 && cont));
+            prop_assert_eq!(p.shape(), FrameShape { count, last_at, last_whole });
             prop_assert_eq!(p.header, h);
             prop_assert_eq!((p.seq, p.msg_seq, p.low), (seq, msg_seq, low));
             prop_assert_eq!(p.is_retransmit(), retx);

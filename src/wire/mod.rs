@@ -14,7 +14,9 @@ mod member;
 mod nak;
 mod status;
 
-pub use data::{DATA_HEADER_LEN, DataPacket, DataWriter, FRAME_FIRST, FRAME_HEADER_LEN, FRAME_LAST, Frame, Frames};
+pub use data::{
+    DATA_HEADER_LEN, DataPacket, DataWriter, FRAME_FIRST, FRAME_HEADER_LEN, FRAME_LAST, Frame, FrameShape, Frames,
+};
 pub use heartbeat::{HEARTBEAT_LEN, HeartbeatRepr};
 pub use member::{MAX_NAME_LEN, MEMBER_HEADER_LEN, MemberPacket, MemberRepr, MemberState};
 pub use nak::{MAX_NAK_RANGES, NAK_HEADER_LEN, NAK_RANGE_LEN, NakPacket, NakRanges, NakRepr, SeqRange};
