@@ -156,3 +156,19 @@ fn blip_bench_seals_with_the_chosen_cipher() {
         .expect("run blip-bench");
     assert_eq!(status.code(), Some(2), "an unknown cipher is a usage error");
 }
+
+#[test]
+fn blip_bench_cost_and_claim_deliver_every_message() {
+    for args in [&["cost", "--messages", "20000"][..], &["throughput", "--messages", "20000", "--claim"][..]] {
+        let (group, port) = unique_group();
+        let child = Command::new(env!("CARGO_BIN_EXE_blip-bench"))
+            .args(args)
+            .args(["--json", "--group", &group.to_string(), "--port", &port.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start blip-bench");
+        let (status, out) = finish(child, Duration::from_secs(60), "blip-bench");
+        assert!(status.success(), "{args:?}: {status}\n{out}");
+        assert!(out.contains("\"messages\": 20000, \"expected\": 20000"), "{args:?}: every message delivered: {out}");
+    }
+}
