@@ -241,9 +241,16 @@ impl Shared {
     /// see before the check of `engine_parked`, against the engine's store, fence and re-check in `park`.
     #[inline]
     pub(crate) fn wake_engine_fenced(&self) {
-        if self.engine_parked.load(Ordering::SeqCst)
-            && let Some(w) = self.waker.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
-        {
+        if self.engine_parked.load(Ordering::SeqCst) {
+            self.wake_parked_engine();
+        }
+    }
+
+    /// The rare half of a wake, kept out of line so that the check above inlines into every publish.
+    #[cold]
+    #[inline(never)]
+    fn wake_parked_engine(&self) {
+        if let Some(w) = self.waker.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             w.wake();
         }
     }
