@@ -13,7 +13,7 @@
 //! first carries `FRAME_FIRST`, the last `FRAME_LAST`, the ones between neither. Only frame 0 may be a
 //! continuation (no `FRAME_FIRST`) and only the final frame may be unfinished (no `FRAME_LAST`).
 
-use super::{HEADER_LEN, Header, Kind, WireError, be_u16, be_u64, put_u64};
+use super::{HEADER_LEN, Header, Kind, WireError, be_u64, put_u64};
 
 /// Length of the DATA fixed part (common header included); frames start here.
 pub const DATA_HEADER_LEN: usize = 40;
@@ -98,34 +98,34 @@ impl<'a> DataPacket<'a> {
     }
 }
 
-fn validate_frames(mut rest: &[u8]) -> Result<FrameShape, WireError> {
-    if rest.is_empty() {
+fn validate_frames(frames: &[u8]) -> Result<FrameShape, WireError> {
+    if frames.is_empty() {
         return Err(WireError::Malformed("DATA without frames"));
     }
-    let (mut index, mut at, mut flags) = (0usize, DATA_HEADER_LEN, 0u8);
-    while !rest.is_empty() {
-        if rest.len() < FRAME_HEADER_LEN {
+    // One pass, one bounds check per frame. A frame followed by another must end its message, and one that
+    // follows another must start one: checked as each frame after the first is met.
+    let (mut at, mut count, mut last_at, mut flags) = (0usize, 0usize, 0usize, 0u8);
+    while at < frames.len() {
+        let Some(h) = frames.get(at..at + FRAME_HEADER_LEN) else {
             return Err(WireError::Malformed("trailing bytes shorter than a frame header"));
+        };
+        let len = usize::from(u16::from_be_bytes([h[0], h[1]]));
+        if count > 0 {
+            if flags & FRAME_LAST == 0 {
+                return Err(WireError::Malformed("unfinished fragment before the final frame"));
+            }
+            if h[2] & FRAME_FIRST == 0 {
+                return Err(WireError::Malformed("continuation fragment after frame 0"));
+            }
         }
-        let len = be_u16(rest, 0) as usize;
-        flags = rest[2];
-        if rest.len() - FRAME_HEADER_LEN < len {
-            return Err(WireError::Malformed("frame length past the end of the datagram"));
-        }
-        rest = &rest[FRAME_HEADER_LEN + len..];
-        if index > 0 && flags & FRAME_FIRST == 0 {
-            return Err(WireError::Malformed("continuation fragment after frame 0"));
-        }
-        if !rest.is_empty() && flags & FRAME_LAST == 0 {
-            return Err(WireError::Malformed("unfinished fragment before the final frame"));
-        }
-        if !rest.is_empty() {
-            at += FRAME_HEADER_LEN + len;
-        }
-        index += 1;
+        flags = h[2];
+        (last_at, at, count) = (at, at + FRAME_HEADER_LEN + len, count + 1);
+    }
+    if at > frames.len() {
+        return Err(WireError::Malformed("frame length past the end of the datagram"));
     }
     let whole = FRAME_FIRST | FRAME_LAST;
-    Ok(FrameShape { count: index, last_at: at, last_whole: flags & whole == whole })
+    Ok(FrameShape { count, last_at: DATA_HEADER_LEN + last_at, last_whole: flags & whole == whole })
 }
 
 /// One frame of a DATA packet.
@@ -165,14 +165,13 @@ impl<'a> Iterator for Frames<'a> {
 
 /// Reads the frame starting at `offset` of a validated frame area; returns it and the offset just past it.
 /// Returns `None` at the end (or, defensively, on bytes that were not validated).
+#[inline]
 pub(crate) fn frame_at(frames: &[u8], offset: usize) -> Option<(Frame<'_>, usize)> {
-    let rest = frames.get(offset..)?;
-    if rest.len() < FRAME_HEADER_LEN {
-        return None;
-    }
-    let len = be_u16(rest, 0) as usize;
-    let payload = rest.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + len)?;
-    Some((Frame { flags: rest[2], payload }, offset + FRAME_HEADER_LEN + len))
+    let h = frames.get(offset..offset.checked_add(FRAME_HEADER_LEN)?)?;
+    let start = offset + FRAME_HEADER_LEN;
+    let next = start + usize::from(u16::from_be_bytes([h[0], h[1]]));
+    let payload = frames.get(start..next)?;
+    Some((Frame { flags: h[2], payload }, next))
 }
 
 /// Builds a DATA datagram in place, in a buffer the caller owns (the sender builds straight into its
