@@ -382,6 +382,10 @@ impl Engine {
         let mut work = self.run_commands();
         // One clock read per cycle: the cycle takes microseconds, far below any protocol timer.
         let now = Instant::now();
+        // What the application queued leaves before this cycle's receive system call (a reply does not wait
+        // for it); what the receive opens up (a STATUS widening the window) is taken after it.
+        work += self.take_messages(now);
+        work += self.transmit(now)?;
         work += self.receive(now, Some(Duration::ZERO))?;
         if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
             self.endpoint.handle_timeout(now);
