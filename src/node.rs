@@ -1024,11 +1024,10 @@ impl Publisher {
         }
         // The common case, without the general envelope code: two zero bytes, then the message, written
         // straight into the ring as a wire frame (no staging buffer on the stack to clear and copy through).
-        let ok = self.ring.push_parts(WHOLE_MESSAGE, &[0u8; envelope::MIN_ENVELOPE_LEN], msg);
-        if !ok {
+        let Some(published) = self.ring.push_parts(WHOLE_MESSAGE, &[0u8; envelope::MIN_ENVELOPE_LEN], msg) else {
             return Err(SendError::Full);
-        }
-        self.shared.wake_engine_fenced();
+        };
+        self.shared.wake_engine_fenced(published);
         Ok(())
     }
 
@@ -1116,16 +1115,12 @@ impl Publisher {
         if total > self.max_message {
             return Err(SendError::TooLarge { size: total, max: self.max_message });
         }
-        let ok = if total <= self.ring.max_payload() {
-            match self.ring.claim(total) {
-                Some(mut c) => {
-                    let at = env.emit(&mut c);
-                    c[at..].copy_from_slice(msg);
-                    c.commit(WHOLE_MESSAGE);
-                    true
-                }
-                None => false,
-            }
+        let published = if total <= self.ring.max_payload() {
+            self.ring.claim(total).map(|mut c| {
+                let at = env.emit(&mut c);
+                c[at..].copy_from_slice(msg);
+                c.commit(WHOLE_MESSAGE)
+            })
         } else if self.ring.has_room(0) {
             // Large messages go by channel; the marker keeps their place in the order.
             let mut v = vec![0u8; total];
@@ -1134,13 +1129,14 @@ impl Publisher {
             let _ = self.large.send(v);
             self.ring.push_marker()
         } else {
-            false
+            None
         };
-        if ok {
-            self.shared.wake_engine_fenced();
-            Ok(())
-        } else {
-            Err(SendError::Full)
+        match published {
+            Some(p) => {
+                self.shared.wake_engine_fenced(p);
+                Ok(())
+            }
+            None => Err(SendError::Full),
         }
     }
 
@@ -1166,7 +1162,7 @@ impl Publisher {
     /// Largest message [`claim`](Self::claim) accepts.
     #[inline]
     pub fn max_claim(&self) -> usize {
-        self.ring.max_payload().min(self.max_message).saturating_sub(envelope::MIN_ENVELOPE_LEN)
+        self.direct_max.saturating_sub(envelope::MIN_ENVELOPE_LEN)
     }
 }
 
@@ -1187,8 +1183,8 @@ impl Claim<'_> {
     /// Publishes the message.
     #[inline]
     pub fn commit(self) {
-        self.inner.commit(WHOLE_MESSAGE);
-        self.shared.wake_engine_fenced();
+        let published = self.inner.commit(WHOLE_MESSAGE);
+        self.shared.wake_engine_fenced(published);
     }
 }
 

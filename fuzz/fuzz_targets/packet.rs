@@ -11,6 +11,14 @@ fuzz_target!(|data: &[u8]| {
         Packet::Data(d) => {
             let total: usize = d.frames().map(|f| f.payload.len() + FRAME_HEADER_LEN).sum();
             assert_eq!(total + blip::wire::DATA_HEADER_LEN, data.len());
+            // The shape validation recorded is what the frames say (receivers trust it to end runs).
+            let frames: Vec<_> = d.frames().collect();
+            let last = frames.last().expect("DATA has a frame");
+            let whole = blip::wire::FRAME_FIRST | blip::wire::FRAME_LAST;
+            let shape = d.shape();
+            assert_eq!(shape.count, frames.len());
+            assert_eq!(shape.last_at, data.len() - last.payload.len() - FRAME_HEADER_LEN);
+            assert_eq!(shape.last_whole, last.flags & whole == whole);
         }
         Packet::Nak(n) => {
             for r in n.ranges() {

@@ -14,6 +14,7 @@ use crate::proto::rng::Rng;
 use crate::proto::{
     Batch, Delivery, Destination, Endpoint, Event, FramesStop, Member, PeerStats, Run, SendError, Stats,
 };
+use crate::ring::Fenced;
 use crate::ring::Producer;
 use crate::ring::frames::{FrameConsumer, MARKER};
 use crate::topic::{self, Filter};
@@ -233,14 +234,17 @@ impl Shared {
     /// Wakes the engine if it is waiting in the kernel.
     pub(crate) fn wake_engine(&self) {
         fence(Ordering::SeqCst);
-        self.wake_engine_fenced();
+        if self.engine_parked.load(Ordering::SeqCst) {
+            self.wake_parked_engine();
+        }
     }
 
-    /// [`wake_engine`](Self::wake_engine) for a caller whose last step was a sequentially consistent
-    /// read-modify-write (a publisher ring's commit is one): that already orders the write the engine must
-    /// see before the check of `engine_parked`, against the engine's store, fence and re-check in `park`.
+    /// [`wake_engine`](Self::wake_engine) right after a publisher ring's commit, which is a sequentially
+    /// consistent exchange (the proof says so): that orders the write the engine must see before this check
+    /// of `engine_parked`, against the engine's store, fence and re-check in `park`. The load must stay
+    /// SeqCst (Acquire would let it read a stale `false`), and so must `park`'s fence.
     #[inline]
-    pub(crate) fn wake_engine_fenced(&self) {
+    pub(crate) fn wake_engine_fenced(&self, _published: Fenced) {
         if self.engine_parked.load(Ordering::SeqCst) {
             self.wake_parked_engine();
         }
@@ -789,7 +793,8 @@ impl Router {
     /// Returns a bound on the ring bytes used in any one ring ([`run_bound`](Self::run_bound) at most).
     fn route_run(&mut self, run: &Run<'_>) -> usize {
         let node_id = self.node_id;
-        // A plain envelope (two zero bytes, the common case) is taken by a catch-all subscriber as it is.
+        // A plain envelope (two zero bytes, the common case, which `Envelope::parse` would also find first)
+        // is taken by a catch-all subscriber as it is.
         let whole = run.messages().all(|m| {
             m.payload.starts_with(&[0, 0])
                 || Envelope::parse(m.payload).is_ok_and(|(env, _)| {

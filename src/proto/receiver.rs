@@ -129,7 +129,7 @@ impl Stream {
                 nak_at: now,
                 asked: None,
                 bytes: Vec::new(),
-                shape: FrameShape { count: 0, last_at: 0, last_whole: false },
+                shape: FrameShape::default(),
             })
             .collect();
         Stream {

@@ -15,7 +15,7 @@
 //! Committing a frame is a sequentially consistent exchange, so a full fence: every commit is followed by a
 //! check whether the engine sleeps, which needs one.
 
-use super::{Reader, Writer, ends};
+use super::{Fenced, Reader, Writer, ends};
 use crate::wire::FRAME_HEADER_LEN;
 
 /// Fourth byte of a padding frame.
@@ -93,45 +93,38 @@ impl FrameProducer {
         })
     }
 
-    /// Writes a frame of `head` followed by `body` and commits it with `flags`, in one pass. Returns false
+    /// Writes a frame of `head` followed by `body` and commits it with `flags`, in one pass. Returns `None`
     /// when full. Panics like [`claim`](Self::claim).
     #[inline]
-    pub fn push_parts(&mut self, flags: u8, head: &[u8], body: &[u8]) -> bool {
+    pub fn push_parts(&mut self, flags: u8, head: &[u8], body: &[u8]) -> Option<Fenced> {
         let len = head.len() + body.len();
-        let Some(start) = self.reserve(len) else { return false };
+        let start = self.reserve(len)?;
         let at = start + FRAME_HEADER_LEN;
         self.w.write(at, head);
         self.w.write(at + head.len(), body);
         self.w.write(start, &header(len, flags, 0));
-        self.w.publish_fenced(at + len);
-        true
+        Some(self.w.publish_fenced(at + len))
     }
 
-    /// Publishes an empty [`MARKER`] frame. Returns false when full.
+    /// Publishes an empty [`MARKER`] frame. Returns `None` when full.
     #[inline]
-    pub fn push_marker(&mut self) -> bool {
-        match self.claim(0) {
-            Some(c) => {
-                c.commit_as(0, MARKER);
-                true
-            }
-            None => false,
-        }
+    pub fn push_marker(&mut self) -> Option<Fenced> {
+        Some(self.claim(0)?.commit_as(0, MARKER))
     }
 }
 
 impl FrameClaim<'_> {
     /// Publishes the frame with wire `flags`.
     #[inline]
-    pub fn commit(self, flags: u8) {
-        self.commit_as(flags, 0);
+    pub fn commit(self, flags: u8) -> Fenced {
+        self.commit_as(flags, 0)
     }
 
     #[inline]
-    fn commit_as(self, flags: u8, kind: u8) {
+    fn commit_as(self, flags: u8, kind: u8) -> Fenced {
         let w = &mut self.producer.w;
         w.write(self.start, &header(self.len, flags, kind));
-        w.publish_fenced(self.start + FRAME_HEADER_LEN + self.len);
+        w.publish_fenced(self.start + FRAME_HEADER_LEN + self.len)
     }
 }
 
@@ -221,9 +214,9 @@ mod tests {
     fn frames_are_wire_frames_back_to_back() {
         let (mut p, mut c) = frame_ring(64);
         assert_eq!(p.max_payload(), 28);
-        assert!(p.push_parts(WHOLE, &[0, 0], b"abc"));
-        assert!(p.push_marker());
-        assert!(p.push_parts(WHOLE, &[], b"xy"));
+        assert!(p.push_parts(WHOLE, &[0, 0], b"abc").is_some());
+        assert!(p.push_marker().is_some());
+        assert!(p.push_parts(WHOLE, &[], b"xy").is_some());
         let got = c.peek().unwrap().to_vec();
         assert_eq!(got, [0, 5, WHOLE, 0, 0, 0, b'a', b'b', b'c', 0, 0, 0, MARKER, 0, 2, WHOLE, 0, b'x', b'y']);
         c.advance(got.len());
@@ -234,13 +227,13 @@ mod tests {
     #[test]
     fn a_frame_that_does_not_fit_wraps_after_padding() {
         let (mut p, mut c) = frame_ring(64);
-        assert!(p.push_parts(WHOLE, &[], &[1; 20])); // 24 bytes
-        assert!(p.push_parts(WHOLE, &[], &[2; 20])); // 48
-        assert!(!p.push_parts(WHOLE, &[], &[3; 20]), "16 bytes to the end, 0 free after them");
+        assert!(p.push_parts(WHOLE, &[], &[1; 20]).is_some()); // 24 bytes
+        assert!(p.push_parts(WHOLE, &[], &[2; 20]).is_some()); // 48
+        assert!(p.push_parts(WHOLE, &[], &[3; 20]).is_none(), "16 bytes to the end, 0 free after them");
         let n = c.peek().unwrap().len();
         assert_eq!(n, 48);
         c.advance(24);
-        assert!(p.push_parts(WHOLE, &[], &[3; 20]), "pads the last 16 bytes and wraps");
+        assert!(p.push_parts(WHOLE, &[], &[3; 20]).is_some(), "pads the last 16 bytes and wraps");
         let got = frames(c.peek().unwrap());
         assert_eq!(got, vec![(WHOLE, 0, vec![2; 20])], "the padding is not shown");
         c.advance(24);
@@ -250,11 +243,11 @@ mod tests {
     #[test]
     fn a_tail_shorter_than_a_header_is_skipped_by_both_ends() {
         let (mut p, mut c) = frame_ring(128);
-        assert!(p.push_parts(WHOLE, &[], &[1; 60])); // 64 bytes
-        assert!(p.push_parts(WHOLE, &[], &[2; 57])); // 125: 3 bytes left before the end
+        assert!(p.push_parts(WHOLE, &[], &[1; 60]).is_some()); // 64 bytes
+        assert!(p.push_parts(WHOLE, &[], &[2; 57]).is_some()); // 125: 3 bytes left before the end
         let n = c.peek().unwrap().len();
         c.advance(n);
-        assert!(p.push_parts(WHOLE, &[], &[3; 10]), "wraps without a padding header");
+        assert!(p.push_parts(WHOLE, &[], &[3; 10]).is_some(), "wraps without a padding header");
         assert_eq!(frames(c.peek().unwrap()), vec![(WHOLE, 0, vec![3; 10])]);
     }
 
@@ -264,7 +257,7 @@ mod tests {
         for round in 0..2000u32 {
             let len = (round as usize * 7) % 57;
             let body: Vec<u8> = (0..len).map(|i| (i as u32 ^ round) as u8).collect();
-            assert!(p.push_parts(WHOLE, &round.to_le_bytes(), &body), "round {round}");
+            assert!(p.push_parts(WHOLE, &round.to_le_bytes(), &body).is_some(), "round {round}");
             let got = frames(c.peek().unwrap());
             assert_eq!(got.len(), 1, "round {round}");
             assert_eq!(&got[0].2[..4], &round.to_le_bytes());
@@ -289,7 +282,7 @@ mod tests {
                     for b in claim[4..].iter_mut() {
                         *b = i as u8;
                     }
-                    claim.commit(i as u8 & 3);
+                    let _ = claim.commit(i as u8 & 3);
                     i += 1;
                 } else {
                     assert!(Instant::now() < deadline, "producer starved");

@@ -8,7 +8,8 @@
 //! `tag: u32`) followed by the payload, padded to 8 bytes. A record never wraps: when it does not fit before
 //! the end of the buffer, the producer writes a padding record to the end and starts at index 0.
 //!
-//! Synchronisation: the producer publishes a record with a Release store of `tail` after writing it; the
+//! Synchronisation: the producer publishes a record with a Release store of `tail` after writing it (the
+//! frame ring, with a SeqCst exchange that is also the fence its wake check needs: [`Fenced`]); the
 //! consumer Acquire-loads `tail` before reading. Symmetrically the consumer frees space with a Release store
 //! of `head`. Each side caches the other's counter and reloads it only when the cache says "full"/"empty".
 //! The counters sit on their own cache lines (crossbeam's `CachePadded`) so the two threads do not
@@ -21,6 +22,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crossbeam_utils::CachePadded;
 
 pub mod frames;
+
+/// Proof that a record was just published by a sequentially consistent exchange, which is also a full
+/// fence. A check of whether the consumer went to sleep needs one between the publish and its own
+/// (SeqCst) load of the consumer's flag, against the consumer's store of that flag, fence and re-check of
+/// the ring; the engine's wake check takes this proof, so that it cannot follow a publish without it.
+#[must_use = "a publish is followed by a check whether the consumer sleeps"]
+#[derive(Debug)]
+pub struct Fenced(());
 
 const HEADER: usize = 8;
 const ALIGN: usize = 8;
@@ -175,9 +184,10 @@ impl Writer {
     /// fence: a producer that next checks whether its consumer went to sleep needs one between the two, and
     /// a locked exchange costs less than a release store followed by `fence(SeqCst)` (`mfence` on x86).
     #[inline]
-    fn publish_fenced(&mut self, tail: usize) {
+    fn publish_fenced(&mut self, tail: usize) -> Fenced {
         self.tail = tail;
         self.shared.tail.swap(tail, Ordering::SeqCst);
+        Fenced(())
     }
 }
 

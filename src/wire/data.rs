@@ -42,7 +42,7 @@ pub struct DataPacket<'a> {
 /// What validation learnt of a DATA packet's frames, so that a reader need not walk them again to find
 /// where a run of whole messages ends: every frame between the first and the last carries both
 /// [`FRAME_FIRST`] and [`FRAME_LAST`] (the layout allows nothing else), so only the two ends can be pieces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FrameShape {
     /// Number of frames.
     pub count: usize,
