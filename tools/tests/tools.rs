@@ -172,3 +172,22 @@ fn blip_bench_cost_and_claim_deliver_every_message() {
         assert!(out.contains("\"messages\": 20000, \"expected\": 20000"), "{args:?}: every message delivered: {out}");
     }
 }
+
+#[test]
+fn blip_bench_compare_completes() {
+    // The main job, small: raw and Blip throughput, then raw and Blip ping-pong (whose ponger must be up
+    // before the first raw ping, which has no repair).
+    let (group, port) = unique_group();
+    let child = Command::new(env!("CARGO_BIN_EXE_blip-bench"))
+        .args(["compare", "--messages", "20000", "--count", "300", "--runs", "1", "--json"])
+        .args(["--group", &group.to_string(), "--port", &port.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start blip-bench");
+    let (status, out) = finish(child, Duration::from_secs(90), "blip-bench compare");
+    assert!(status.success(), "{status}\n{out}");
+    for name in ["raw 64B packed", "blip 64B 1->1", "raw latency 64B", "blip latency 64B"] {
+        assert!(out.contains(&format!("\"name\": \"{name}\"")), "{name} missing: {out}");
+    }
+    assert!(out.contains("\"ratio_to_raw\""), "{out}");
+}

@@ -826,13 +826,20 @@ fn percentiles(h: &Histogram<u64>) -> [f64; 6] {
 }
 
 /// Ping-pong between two nodes (the ponger in a second thread); raw = plain sockets instead of Blip.
+/// How long the raw ping-pong waits for a reply before sending the ping again.
+const RAW_RESEND: Duration = Duration::from_millis(100);
+
 fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
     let stop = Arc::new(AtomicBool::new(false));
-    let (c2, s2) = (c.clone(), stop.clone());
+    // The ponger's sockets are open (its group joined) before the first ping: raw UDP would lose a ping
+    // sent earlier.
+    let ready = Arc::new(AtomicBool::new(false));
+    let (c2, s2, r2) = (c.clone(), stop.clone(), ready.clone());
     let ponger = std::thread::spawn(move || -> Result<()> {
         pin(&c2.cores, 1);
         if raw {
             let (mut b, group, _) = raw_sockets(&c2, 3, None)?;
+            r2.store(true, Ordering::SeqCst);
             let mut reply = Vec::with_capacity(2048);
             while !s2.load(Ordering::Relaxed) {
                 reply.clear();
@@ -854,6 +861,7 @@ fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
         let mut node = build(builder(&c2, 2)?.stream(0), c2.threads)?;
         let mut p = node.publisher().ok_or("publisher taken")?;
         let mut s = node.subscriber().ok_or("subscriber taken")?;
+        r2.store(true, Ordering::SeqCst);
         let mut reply = vec![0u8; c2.size];
         while !s2.load(Ordering::Relaxed) {
             drive(&mut node)?;
@@ -877,6 +885,14 @@ fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
         Ok(())
     });
     pin(&c.cores, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready.load(Ordering::SeqCst) && !ponger.is_finished() {
+        if Instant::now() > deadline {
+            stop.store(true, Ordering::SeqCst);
+            return Err("the ponger did not start within 10 s".into());
+        }
+        std::thread::yield_now();
+    }
     let total = a.warmup + a.count;
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
     let mut msg = vec![0u8; c.size];
@@ -919,10 +935,18 @@ fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
             if let Some((b, group)) = raw_b.as_mut() {
                 b.queue_send(*group, &msg).map_err(|e| e.to_string())?;
                 b.flush().map_err(|e| e.to_string())?;
+                let mut resend_at = sent_at + RAW_RESEND;
                 while !got {
-                    if Instant::now() > deadline {
-                        // Raw UDP has no repair: a lost ping is resent.
+                    let now = Instant::now();
+                    if now > deadline {
                         return Err(format!("raw ping {i} lost (no reply in 5 s)"));
+                    }
+                    if now > resend_at {
+                        // Raw UDP has no repair: a ping or pong the kernel dropped is sent again (the
+                        // round trip then counts from the first send).
+                        b.queue_send(*group, &msg).map_err(|e| e.to_string())?;
+                        b.flush().map_err(|e| e.to_string())?;
+                        resend_at = now + RAW_RESEND;
                     }
                     b.receive(Some(Duration::ZERO), &mut |_, bytes| {
                         got |= bytes.first() == Some(&b'R') && bytes[1..9] == i.to_le_bytes();
