@@ -1014,7 +1014,7 @@ pub struct Publisher {
 
 impl Publisher {
     /// Queues a message without topic, without blocking.
-    #[inline]
+    #[inline(always)]
     pub fn try_send(&mut self, msg: &[u8]) -> Result<(), SendError> {
         if self.shared.closed.load(Ordering::Relaxed) {
             return Err(SendError::Closed);
