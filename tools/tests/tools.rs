@@ -189,5 +189,5 @@ fn blip_bench_compare_completes() {
     for name in ["raw 64B packed", "blip 64B 1->1", "raw latency 64B", "blip latency 64B"] {
         assert!(out.contains(&format!("\"name\": \"{name}\"")), "{name} missing: {out}");
     }
-    assert!(out.contains("\"ratio_to_raw\""), "{out}");
+    assert!(out.contains("\"ratio_to_raw\"") && out.contains("\"runs\": [{\"raw\": "), "{out}");
 }

@@ -242,6 +242,8 @@ struct Row {
     cpu_s_per_m: f64,
     latency: Option<[f64; 6]>,
     ratio: Option<f64>,
+    /// `compare`: each run's (raw, Blip) figure, measured back to back.
+    runs: Vec<(f64, f64)>,
 }
 
 /// Writes a random 32-byte key to a new private file in the temporary directory, for `--encrypt`.
@@ -1016,9 +1018,11 @@ fn compare(c: &Common, a: &CompareArgs) -> Result<Vec<Row>> {
         raw.push(raw_throughput(c, &a.throughput)?);
         blip.push(throughput(c, &a.throughput)?);
     }
+    let pairs = raw.iter().zip(&blip).map(|(r, b)| (r.msgs_per_sec, b.msgs_per_sec)).collect();
     let raw = median_by(raw, |r| r.msgs_per_sec);
     let mut blip = median_by(blip, |r| r.msgs_per_sec);
     blip.ratio = Some(blip.msgs_per_sec / raw.msgs_per_sec.max(1e-9));
+    blip.runs = pairs;
     let mut rows = vec![raw, blip];
     if a.count > 0 {
         let la = LatencyArgs { count: a.count, warmup: a.count / 10, rate: 0 };
@@ -1032,6 +1036,20 @@ fn compare(c: &Common, a: &CompareArgs) -> Result<Vec<Row>> {
         rows.push(blip_l);
     }
     Ok(rows)
+}
+
+/// `, "runs": [...]` for a compare row: each run's raw and Blip figures and their ratio.
+fn runs_json(runs: &[(f64, f64)]) -> String {
+    if runs.is_empty() {
+        return String::new();
+    }
+    let items: Vec<String> = runs
+        .iter()
+        .map(|(raw, blip)| {
+            format!("{{\"raw\": {raw:.0}, \"blip\": {blip:.0}, \"ratio\": {:.3}}}", blip / raw.max(1e-9))
+        })
+        .collect();
+    format!(", \"runs\": [{}]", items.join(", "))
 }
 
 fn kernel() -> String {
@@ -1074,7 +1092,7 @@ fn report(c: &Common, rows: &[Row]) {
                 r.retransmits,
                 r.cpu_s_per_m,
                 lat.unwrap_or_default(),
-                r.ratio.map(|x| format!(", \"ratio_to_raw\": {x:.3}")).unwrap_or_default(),
+                r.ratio.map(|x| format!(", \"ratio_to_raw\": {x:.3}")).unwrap_or_default() + &runs_json(&r.runs),
                 if i + 1 < rows.len() { "," } else { "" }
             );
         }
@@ -1122,5 +1140,15 @@ fn report(c: &Common, rows: &[Row]) {
                 r.ratio.map(|x| format!("{x:.2}")).unwrap_or_default()
             );
         }
+    }
+    // The ceiling moves from run to run on a shared machine: each run's pair, measured back to back.
+    for r in rows.iter().filter(|r| r.runs.len() > 1) {
+        let m = |v: f64| format!("{:.1} M", v / 1e6);
+        let runs: Vec<String> = r
+            .runs
+            .iter()
+            .map(|(raw, blip)| format!("{} / {} = {:.2}", m(*blip), m(*raw), blip / raw.max(1e-9)))
+            .collect();
+        println!("{} per run (Blip / raw): {}", r.name, runs.join(", "));
     }
 }
