@@ -134,17 +134,24 @@ fn blip_tap_prints_a_senders_data() {
     assert!(lines.iter().all(|l| l.contains(" DATA ") && l.contains(&session)), "{out}");
 }
 
+/// Runs blip-bench with `args` on a group and port of its own, to completion (at most `limit`); returns its
+/// status and stdout.
+fn blip_bench(args: &[&str], limit: Duration) -> (std::process::ExitStatus, String) {
+    let (group, port) = unique_group();
+    let child = Command::new(env!("CARGO_BIN_EXE_blip-bench"))
+        .args(args)
+        .args(["--group", &group.to_string(), "--port", &port.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start blip-bench");
+    finish(child, limit, &format!("blip-bench {}", args.join(" ")))
+}
+
 #[test]
 fn blip_bench_seals_with_the_chosen_cipher() {
     for (cipher, name) in [("aegis128l", "AEGIS-128L"), ("aes256gcm", "AES-256-GCM")] {
-        let (group, port) = unique_group();
-        let child = Command::new(env!("CARGO_BIN_EXE_blip-bench"))
-            .args(["throughput", "--size", "1024", "--messages", "3000", "--encrypt", "--cipher", cipher, "--json"])
-            .args(["--group", &group.to_string(), "--port", &port.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start blip-bench");
-        let (status, out) = finish(child, Duration::from_secs(60), "blip-bench throughput --encrypt");
+        let args = ["throughput", "--size", "1024", "--messages", "3000", "--encrypt", "--cipher", cipher, "--json"];
+        let (status, out) = blip_bench(&args, Duration::from_secs(60));
         assert!(status.success(), "{cipher}: {status}\n{out}");
         assert!(out.contains("\"encrypted\": true") && out.contains(&format!("\"cipher\": \"{name}\"")), "{out}");
         assert!(out.contains("\"messages\": 3000, \"expected\": 3000"), "every message delivered: {out}");
@@ -160,14 +167,7 @@ fn blip_bench_seals_with_the_chosen_cipher() {
 #[test]
 fn blip_bench_cost_and_claim_deliver_every_message() {
     for args in [&["cost", "--messages", "20000"][..], &["throughput", "--messages", "20000", "--claim"][..]] {
-        let (group, port) = unique_group();
-        let child = Command::new(env!("CARGO_BIN_EXE_blip-bench"))
-            .args(args)
-            .args(["--json", "--group", &group.to_string(), "--port", &port.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start blip-bench");
-        let (status, out) = finish(child, Duration::from_secs(60), "blip-bench");
+        let (status, out) = blip_bench(&[args, &["--json"]].concat(), Duration::from_secs(60));
         assert!(status.success(), "{args:?}: {status}\n{out}");
         assert!(out.contains("\"messages\": 20000, \"expected\": 20000"), "{args:?}: every message delivered: {out}");
     }
@@ -177,14 +177,8 @@ fn blip_bench_cost_and_claim_deliver_every_message() {
 fn blip_bench_compare_completes() {
     // The main job, small: raw and Blip throughput, then raw and Blip ping-pong (whose ponger must be up
     // before the first raw ping, which has no repair).
-    let (group, port) = unique_group();
-    let child = Command::new(env!("CARGO_BIN_EXE_blip-bench"))
-        .args(["compare", "--messages", "20000", "--count", "300", "--runs", "1", "--json"])
-        .args(["--group", &group.to_string(), "--port", &port.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start blip-bench");
-    let (status, out) = finish(child, Duration::from_secs(90), "blip-bench compare");
+    let args = ["compare", "--messages", "20000", "--count", "300", "--runs", "1", "--json"];
+    let (status, out) = blip_bench(&args, Duration::from_secs(90));
     assert!(status.success(), "{status}\n{out}");
     for name in ["raw 64B packed", "blip 64B 1->1", "raw latency 64B", "blip latency 64B"] {
         assert!(out.contains(&format!("\"name\": \"{name}\"")), "{name} missing: {out}");
