@@ -345,7 +345,7 @@ impl NodeBuilder {
     /// Starts the counters server of a node just assembled (dropping the node on failure stops it).
     fn finish(&self, mut node: Node) -> Result<Node, Error> {
         if let Some(dir) = self.counters_dir() {
-            node.counters = Some(counters::Server::start(&dir, node.identity.clone(), node.shared.clone())?);
+            node.counters = Some(counters::Server::start(&dir, node.identity.clone(), node.factory.shared.clone())?);
         }
         Ok(node)
     }
@@ -779,8 +779,8 @@ pub struct Node {
     subscriber: Option<Subscriber>,
     /// Subscribers made by `NodeBuilder::subscribe`, not yet taken.
     preset: Vec<(String, Subscriber)>,
+    /// Makes handles; holds the state shared with the engine (`factory.shared`).
     factory: HandleFactory,
-    shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
     engine: Option<Engine>,
     identity: Identity,
@@ -805,7 +805,6 @@ impl Node {
             publisher: Some(h.publisher),
             subscriber: Some(h.subscriber),
             preset: h.preset,
-            shared: h.factory.shared.clone(),
             factory: h.factory,
             thread,
             engine,
@@ -872,29 +871,29 @@ impl Node {
         let reply_topic = topic::private_topic(self.info.node_id, &format!("reply.{k}"))?;
         let replies = self.subscribe(&reply_topic)?;
         let publisher = self.publisher().ok_or(Error::Closed)?;
-        Ok(Requester::new(publisher, replies, reply_topic, self.shared.clone(), self.info.node_id))
+        Ok(Requester::new(publisher, replies, reply_topic, self.factory.shared.clone(), self.info.node_id))
     }
 
     /// The nodes currently alive on the group (not this one), as last announced. Refreshed by the engine
     /// whenever membership changes; joins, leaves, expiries and restarts also arrive as events.
     pub fn peers(&self) -> Vec<Member> {
-        self.shared.members.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.factory.shared.members.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// A snapshot of the counters (refreshed by the engine every 50 ms and whenever it goes idle).
     pub fn stats(&self) -> NodeStats {
-        self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.factory.shared.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Per-peer counters (refreshed by the engine every 50 ms): one row per sender this node follows and
     /// one per receiver of its stream.
     pub fn peer_stats(&self) -> Vec<PeerStats> {
-        self.shared.peers.lock().unwrap_or_else(|e| e.into_inner()).peers.clone()
+        self.factory.shared.peers.lock().unwrap_or_else(|e| e.into_inner()).peers.clone()
     }
 
     /// Everything the counters socket serves, taken in this process: identity, node and per-peer counters.
     pub fn counters(&self) -> Snapshot {
-        self.identity.snapshot(&self.shared)
+        self.identity.snapshot(&self.factory.shared)
     }
 
     /// The counters socket, if [`NodeBuilder::export_counters`] (or `BLIP_COUNTERS_DIR`) turned it on.
@@ -930,19 +929,19 @@ impl Node {
 
     fn key_op(&self, op: KeyOp) -> Result<(), crate::proto::KeyError> {
         // A closed engine takes no more commands; the copy still says what would have been refused.
-        self.shared.keys.request(op, |op| {
+        self.factory.shared.keys.request(op, |op| {
             self.factory.send(Command::Key(op));
         })
     }
 
     /// Whether the engine has stopped (shut down or failed; see [`error`](Self::error)).
     pub fn is_closed(&self) -> bool {
-        self.shared.closed.load(Ordering::SeqCst)
+        self.factory.shared.closed.load(Ordering::SeqCst)
     }
 
     /// The error that stopped the engine, if one did.
     pub fn error(&self) -> Option<String> {
-        self.shared.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.factory.shared.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Announces departure, stops the engine, joins its thread and closes the sockets.
@@ -953,10 +952,10 @@ impl Node {
     fn stop(&mut self) {
         // The socket goes first, so that a listed socket always belongs to a running node.
         self.counters = None;
-        self.shared.shutdown.store(true, Ordering::SeqCst);
+        self.factory.shared.shutdown.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             // Wake it until it has seen the flag; the wait is bounded by its own timers otherwise.
-            self.shared.wake_engine();
+            self.factory.shared.wake_engine();
             let _ = t.join();
         }
         if let Some(mut e) = self.engine.take() {
