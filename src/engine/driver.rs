@@ -811,20 +811,24 @@ impl Router {
         }
         let mut filtered = false;
         for o in self.outlets.iter_mut() {
-            if o.filter.is_none() {
-                let mut c = o.ring.claim(OUT_HEADER + run.frames.len()).expect("room checked");
-                c[..8].copy_from_slice(&run.session.to_ne_bytes());
-                c[8..16].copy_from_slice(&run.first_seq.to_ne_bytes());
-                c[OUT_HEADER..].copy_from_slice(run.frames);
-                c.commit(OUT_RUN);
+            if o.filter.is_some() {
+                filtered = true;
                 continue;
             }
-            filtered = true;
+            let mut c = o.ring.claim(OUT_HEADER + run.frames.len()).expect("room checked");
+            c[..8].copy_from_slice(&run.session.to_ne_bytes());
+            c[8..16].copy_from_slice(&run.first_seq.to_ne_bytes());
+            c[OUT_HEADER..].copy_from_slice(run.frames);
+            c.commit(OUT_RUN);
+        }
+        if filtered {
+            // Each envelope parsed once, whatever the number of filtered subscribers.
             for m in run.messages() {
-                if let Ok((env, _)) = Envelope::parse(m.payload)
-                    && o.accepts(env.topic, node_id)
-                {
-                    push_message(o, self.inline_max, m.session, m.seq, m.payload);
+                let Ok((env, _)) = Envelope::parse(m.payload) else { continue };
+                for o in self.outlets.iter_mut().filter(|o| o.filter.is_some()) {
+                    if o.accepts(env.topic, node_id) {
+                        push_message(o, self.inline_max, m.session, m.seq, m.payload);
+                    }
                 }
             }
         }
