@@ -102,8 +102,14 @@ impl FrameProducer {
         let at = start + FRAME_HEADER_LEN;
         self.w.write(at, head);
         self.w.write(at + head.len(), body);
-        self.w.write(start, &header(len, flags, 0));
-        Some(self.w.publish_fenced(at + len))
+        Some(self.publish(start, len, flags, 0))
+    }
+
+    /// Writes the header of the frame at `start` (its payload written) and publishes it.
+    #[inline]
+    fn publish(&mut self, start: usize, len: usize, flags: u8, kind: u8) -> Fenced {
+        self.w.write(start, &header(len, flags, kind));
+        self.w.publish_fenced(start + FRAME_HEADER_LEN + len)
     }
 
     /// Publishes an empty [`MARKER`] frame. Returns `None` when full.
@@ -122,9 +128,7 @@ impl FrameClaim<'_> {
 
     #[inline]
     fn commit_as(self, flags: u8, kind: u8) -> Fenced {
-        let w = &mut self.producer.w;
-        w.write(self.start, &header(self.len, flags, kind));
-        w.publish_fenced(self.start + FRAME_HEADER_LEN + self.len)
+        self.producer.publish(self.start, self.len, flags, kind)
     }
 }
 
