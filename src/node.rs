@@ -910,6 +910,24 @@ impl Node {
         }
     }
 
+    /// On a node built with [`NodeBuilder::build_driven`], sends a message without topic from the thread that
+    /// drives it, straight into the retransmission window: no ring between, one copy fewer than a
+    /// [`Publisher`], no wake. It leaves at the next [`duty_cycle`](Self::duty_cycle). Its order is kept with
+    /// the node's other direct sends; with respect to publishers' messages it is like another publisher's.
+    /// [`SendError::Full`] means the window is full: run a duty cycle (which takes acknowledgements in) and
+    /// try again. A threaded node refuses with [`SendError::NotDriven`].
+    #[inline(always)]
+    pub fn try_send(&mut self, msg: &[u8]) -> Result<(), SendError> {
+        let Some(engine) = self.engine.as_mut() else { return Err(SendError::NotDriven) };
+        if self.factory.shared.closed.load(Ordering::Relaxed) {
+            return Err(SendError::Closed);
+        }
+        engine.send_direct(&[0u8; envelope::MIN_ENVELOPE_LEN], msg).map_err(|e| match e {
+            crate::proto::SendError::WouldBlock => SendError::Full,
+            crate::proto::SendError::TooLarge { size, max } => SendError::TooLarge { size, max },
+        })
+    }
+
     /// Adds a key to the node's keyring: packets sealed under it are accepted from the engine's next pass on.
     /// Rotation, done on every node: add the new key, then [`use_key`](Self::use_key) it once every node
     /// has it, then [`remove_key`](Self::remove_key) the old one once every node sends under the new one.
@@ -996,6 +1014,9 @@ pub enum SendError {
     /// A reply was asked for to a message that is not a request.
     #[error("not a request")]
     NotARequest,
+    /// [`Node::try_send`] on a node whose engine runs on its own thread: use a [`Publisher`].
+    #[error("direct sends need a node built with build_driven; use a Publisher")]
+    NotDriven,
 }
 
 /// Hands messages to the engine. A node may have several; each may move to another thread.

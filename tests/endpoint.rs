@@ -507,6 +507,80 @@ proptest! {
     }
 }
 
+/// `max_message` holds even for a message that would fit the open datagram, in one piece or in two.
+#[test]
+fn a_message_over_max_message_is_refused_when_it_would_fit() {
+    let now = Instant::now();
+    let cfg = Config { max_message: 100, ..Config::default() };
+    let mut ep = Endpoint::new(cfg, 7, 7, now).unwrap();
+    ep.send(now, &[1; 10]).unwrap();
+    let too_large = Err(SendError::TooLarge { size: 101, max: 100 });
+    assert_eq!(ep.send(now, &[2; 101]), too_large);
+    assert_eq!(ep.send_parts(now, &[2; 50], &[3; 51]), too_large);
+    ep.send_parts(now, &[4; 40], &[5; 60]).unwrap();
+    assert_eq!(ep.stats().messages_sent, 2);
+    let mut expected = Vec::new();
+    frame(&[1; 10], &mut expected);
+    frame(&[[4u8; 40].as_slice(), &[5; 60]].concat(), &mut expected);
+    let sent = transmitted(&mut ep, now);
+    assert!(sent.iter().any(|d| d.ends_with(&expected)), "no datagram ends with both frames: {sent:?}");
+}
+
+proptest! {
+    /// A message given to `send_parts` as a head and a body, split anywhere, makes exactly the datagrams,
+    /// refusals and counters that `send` makes of it in one piece: whole messages that fit the open
+    /// datagram, ones that open the next, ones that fragment, and ones over `max_message`.
+    #[test]
+    fn send_parts_makes_the_datagrams_send_makes(
+        msgs in proptest::collection::vec(
+            // Small ones leave room in the open datagram; 1380..1480 straddle `small_max` and a datagram's room.
+            (prop_oneof![0usize..24, 0usize..200, 1380usize..1480, 3000usize..5000], any::<proptest::sample::Index>()),
+            1..120,
+        ),
+        flush_every in 1usize..50,
+        small_window in any::<bool>(),
+        small_max in any::<bool>(),
+    ) {
+        let now = Instant::now();
+        let mut cfg = Config::default();
+        if small_window {
+            cfg.window = 8;
+        }
+        if small_max {
+            cfg.max_message = 1400;
+        }
+        let mut one = Endpoint::new(cfg.clone(), 7, 7, now).unwrap();
+        let mut parts = Endpoint::new(cfg, 7, 7, now).unwrap();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for (i, (size, split)) in msgs.iter().enumerate() {
+            let m: Vec<u8> = (0..*size).map(|k| (k ^ i) as u8).collect();
+            let (head, body) = m.split_at(split.index(m.len() + 1));
+            let r1 = loop {
+                match one.send(now, &m) {
+                    Err(SendError::WouldBlock) => a.extend(transmitted(&mut one, now)),
+                    r => break r,
+                }
+            };
+            let r2 = loop {
+                match parts.send_parts(now, head, body) {
+                    Err(SendError::WouldBlock) => b.extend(transmitted(&mut parts, now)),
+                    r => break r,
+                }
+            };
+            prop_assert_eq!(r1, r2);
+            if i % flush_every == 0 {
+                a.extend(transmitted(&mut one, now));
+                b.extend(transmitted(&mut parts, now));
+            }
+        }
+        a.extend(transmitted(&mut one, now));
+        b.extend(transmitted(&mut parts, now));
+        prop_assert_eq!(a.len(), b.len());
+        prop_assert!(a == b, "different datagrams");
+        prop_assert_eq!(one.stats(), parts.stats());
+    }
+}
+
 proptest! {
     /// `send_frames` on arbitrary bytes never panics, takes only whole frames it can vouch for, and never
     /// reports more than it was given.

@@ -197,6 +197,57 @@ fn driven_by_caller(backend: BackendChoice) {
     }
 }
 
+/// `Node::try_send` from the thread that drives the node: every message reaches another node and, with
+/// local delivery, the sender's own subscriber, in order, whole (fragmented ones too), through a window
+/// small enough that the sender must wait for acknowledgements; limits and threaded nodes are refused.
+fn direct_sends(backend: BackendChoice) {
+    const N: u64 = 20_000;
+    let group = unique_group();
+    let mut a = builder(backend, group).window(64).max_message(10_000).local_delivery(true).build_driven().unwrap();
+    let mut b = builder(backend, group).window(64).build_driven().unwrap();
+    let mut own = a.subscriber().unwrap();
+    let mut sb = b.subscriber().unwrap();
+    let size = |i: u64| if i % 1000 == 999 { 5000 } else { 64 };
+    let (mut sent, mut next_b, mut next_own, mut fulls) = (0u64, 0u64, 0u64, 0u64);
+    let mut buf = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while next_b < N || next_own < N {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "direct sends: {sent} sent, {next_b} delivered to the other node, {next_own} to the sender's own"
+        );
+        while sent < N {
+            payload(sent, size(sent), &mut buf);
+            match a.try_send(&buf) {
+                Ok(()) => sent += 1,
+                Err(blip::SendError::Full) => {
+                    fulls += 1;
+                    break;
+                }
+                Err(e) => panic!("direct send {sent}: {e}"),
+            }
+        }
+        a.duty_cycle(Some(Duration::from_millis(1))).unwrap();
+        b.duty_cycle(Some(Duration::from_millis(1))).unwrap();
+        for (sub, next) in [(&mut sb, &mut next_b), (&mut own, &mut next_own)] {
+            sub.poll(4096, |r| match r {
+                Received::Message(m) => {
+                    assert_eq!(m.seq, *next);
+                    assert_eq!(m.payload.len(), size(m.seq), "message {}", m.seq);
+                    assert!(check_payload(m.seq, m.payload), "message {} corrupted", m.seq);
+                    *next += 1;
+                }
+                Received::Loss { .. } => panic!("loss on a lossless run"),
+                _ => {}
+            });
+        }
+    }
+    assert!(fulls > 0, "a window of 64 datagrams never filled over {N} messages");
+    assert_eq!(a.try_send(&[0; 9_999]), Err(blip::SendError::TooLarge { size: 10_001, max: 10_000 }));
+    let mut threaded = builder(backend, unique_group()).build().unwrap();
+    assert_eq!(threaded.try_send(b"x"), Err(blip::SendError::NotDriven));
+}
+
 /// A node that dropped its subscriber consumes and discards: it never holds a sender back, even with a
 /// window far smaller than what is sent.
 fn dropped_subscriber_never_holds_back(backend: BackendChoice) {
@@ -342,6 +393,12 @@ macro_rules! suite {
             fn engine_driven_from_the_callers_thread() {
                 if $available {
                     driven_by_caller($choice)
+                }
+            }
+            #[test]
+            fn direct_sends_from_the_driving_thread() {
+                if $available {
+                    direct_sends($choice)
                 }
             }
             #[test]

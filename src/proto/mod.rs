@@ -453,6 +453,13 @@ impl Endpoint {
         self.sender.send(now, msg, &mut self.events, &mut self.stats)
     }
 
+    /// [`send`](Self::send) of the message made of `head` followed by `body` (an application envelope and its
+    /// payload, say), written into the window in one pass with no staging copy.
+    #[inline(always)]
+    pub fn send_parts(&mut self, now: Instant, head: &[u8], body: &[u8]) -> Result<(), SendError> {
+        self.sender.send_parts(now, head, body, &mut self.events, &mut self.stats)
+    }
+
     /// Queues whole messages already framed as DATA carries them (`[len u16 BE][FRAME_FIRST | FRAME_LAST][0]
     /// [message]` each, back to back), as many as the window takes, copying each datagram's worth at once
     /// instead of one message at a time. Stops at the end or after `max_messages` ([`FramesStop::Done`]),

@@ -133,8 +133,44 @@ impl Sender {
         events: &mut VecDeque<Event>,
         stats: &mut Stats,
     ) -> Result<(), SendError> {
-        if msg.len() > self.max_message {
-            return Err(SendError::TooLarge { size: msg.len(), max: self.max_message });
+        self.send_parts(now, &[], msg, events, stats)
+    }
+
+    /// [`send`](Self::send) of the message `head` followed by `body`, written into the window in one pass.
+    #[inline(always)]
+    pub(crate) fn send_parts(
+        &mut self,
+        now: Instant,
+        head: &[u8],
+        body: &[u8],
+        events: &mut VecDeque<Event>,
+        stats: &mut Stats,
+    ) -> Result<(), SendError> {
+        let len = head.len() + body.len();
+        // The common case first: a whole message that fits the open datagram. (A fragmented message still
+        // under way has sealed its last datagram, so an open one means none is.)
+        if self.open_len > 0 && self.open_len + FRAME_HEADER_LEN + len <= self.max_datagram && len <= self.max_message {
+            debug_assert!(!self.staged_active);
+            self.append_whole(head, body);
+            self.count_sent(len, stats);
+            return Ok(());
+        }
+        self.send_parts_opening(now, head, body, events, stats)
+    }
+
+    /// The rest of [`send_parts`](Self::send_parts): a datagram to open, a message to fragment, or a refusal.
+    #[inline(never)]
+    fn send_parts_opening(
+        &mut self,
+        now: Instant,
+        head: &[u8],
+        body: &[u8],
+        events: &mut VecDeque<Event>,
+        stats: &mut Stats,
+    ) -> Result<(), SendError> {
+        let len = head.len() + body.len();
+        if len > self.max_message {
+            return Err(SendError::TooLarge { size: len, max: self.max_message });
         }
         if self.staged_active {
             self.progress_staged(now, events, stats);
@@ -142,28 +178,34 @@ impl Sender {
                 return Err(SendError::WouldBlock);
             }
         }
-        let need = FRAME_HEADER_LEN + msg.len();
+        let need = FRAME_HEADER_LEN + len;
         if self.open_len > 0 && self.open_len + need <= self.max_datagram {
-            self.append(FRAME_FIRST | FRAME_LAST, msg);
+            self.append_whole(head, body);
         } else if DATA_HEADER_LEN + need <= self.max_datagram {
             self.seal();
             if !self.open(now, events, stats) {
                 return Err(SendError::WouldBlock);
             }
-            self.append(FRAME_FIRST | FRAME_LAST, msg);
+            self.append_whole(head, body);
         } else {
             // Larger than a datagram: copy once and fragment as the window allows.
             self.staged.clear();
-            self.staged.extend_from_slice(msg);
+            self.staged.extend_from_slice(head);
+            self.staged.extend_from_slice(body);
             self.staged_offset = 0;
             self.staged_active = true;
             self.staged_msg = self.next_msg;
             self.progress_staged(now, events, stats);
         }
-        stats.messages_sent += 1;
-        stats.bytes_sent += msg.len() as u64;
-        self.next_msg += 1;
+        self.count_sent(len, stats);
         Ok(())
+    }
+
+    #[inline(always)]
+    fn count_sent(&mut self, len: usize, stats: &mut Stats) {
+        stats.messages_sent += 1;
+        stats.bytes_sent += len as u64;
+        self.next_msg += 1;
     }
 
     /// See [`Endpoint::send_frames`](super::Endpoint::send_frames).
@@ -243,11 +285,20 @@ impl Sender {
         !self.staged_active && (self.open_len > 0 || self.may_open(self.next_seq, now, events))
     }
 
-    fn append(&mut self, flags: u8, payload: &[u8]) {
+    /// Appends a whole message, `head` then `body`, as one frame of the open datagram (room checked by the
+    /// caller).
+    #[inline(always)]
+    fn append_whole(&mut self, head: &[u8], body: &[u8]) {
         let at = self.open_len;
+        let len = head.len() + body.len();
         let buf = self.window.building_mut(self.next_seq);
-        // The callers checked the space, so the writer cannot fail.
-        self.open_len = DataWriter::push_frame(buf, at, flags, payload).expect("space checked by caller");
+        let frame = &mut buf[at..at + FRAME_HEADER_LEN + len];
+        frame[..2].copy_from_slice(&(len as u16).to_be_bytes());
+        frame[2] = FRAME_FIRST | FRAME_LAST;
+        frame[3] = 0;
+        frame[FRAME_HEADER_LEN..FRAME_HEADER_LEN + head.len()].copy_from_slice(head);
+        frame[FRAME_HEADER_LEN + head.len()..].copy_from_slice(body);
+        self.open_len = at + FRAME_HEADER_LEN + len;
         self.open_frames += 1;
     }
 

@@ -13,7 +13,7 @@ pub(crate) struct Window {
     retransmitted_at: Box<[Option<Instant>]>,
     slot_size: usize,
     capacity: usize,
-    /// `(seq, index(seq))` of the datagram being built: saves a division per appended message.
+    /// `(seq, byte offset of its slot)` of the datagram being built: saves a division per appended message.
     building: (u64, usize),
 }
 
@@ -46,15 +46,16 @@ impl Window {
     }
 
     /// The slot for `seq` as it is being built (length unchanged).
+    #[inline(always)]
     pub(crate) fn building_mut(&mut self, seq: u64) -> &mut [u8] {
-        let i = if self.building.0 == seq {
+        let at = if self.building.0 == seq {
             self.building.1
         } else {
-            let i = self.index(seq);
-            self.building = (seq, i);
-            i
+            let at = self.index(seq) * self.slot_size;
+            self.building = (seq, at);
+            at
         };
-        &mut self.bytes[i * self.slot_size..(i + 1) * self.slot_size]
+        &mut self.bytes[at..at + self.slot_size]
     }
 
     pub(crate) fn set_len(&mut self, seq: u64, len: usize) {

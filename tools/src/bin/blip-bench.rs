@@ -129,6 +129,10 @@ struct ThroughputArgs {
     /// of copying it in with `Publisher::try_send`.
     #[arg(long)]
     claim: bool,
+    /// Send from the thread that drives the publisher's node with `Node::try_send` (no ring between the
+    /// application and the engine) instead of through a `Publisher`.
+    #[arg(long, conflicts_with = "claim")]
+    direct: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -136,6 +140,9 @@ struct CostArgs {
     /// Messages to send.
     #[arg(long, default_value_t = 2_000_000)]
     messages: u64,
+    /// Send with `Node::try_send` (no ring) instead of through a `Publisher`.
+    #[arg(long)]
+    direct: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -200,6 +207,7 @@ fn main() -> ExitCode {
             seconds: None,
             processes: false,
             claim: false,
+            direct: false,
         },
         count: 50_000,
         runs: 3,
@@ -359,6 +367,12 @@ fn fill(buf: &mut [u8], seq: u64) {
     buf[..8].copy_from_slice(&seq.to_le_bytes());
 }
 
+/// Messages sent with `Node::try_send` between two duty cycles: about what a publisher's 256 KiB ring holds,
+/// so that both ways of sending hand the engine the same bursts.
+fn direct_round(size: usize) -> u64 {
+    (256 << 10) / (size as u64 + 8)
+}
+
 /// Drives a driven node (no-op for a threaded one) without waiting.
 fn drive(node: &mut Node) -> Result<usize> {
     node.duty_cycle(Some(Duration::ZERO)).map_err(|e| e.to_string())
@@ -491,7 +505,13 @@ fn throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
         if seq % 1024 == 0 && send_until.is_some_and(|t| Instant::now() >= t) {
             break;
         }
-        let sent = if a.claim {
+        let sent = if a.direct {
+            fill(&mut msg, seq);
+            if seq % direct_round(c.size) == 0 {
+                drive(&mut node)?;
+            }
+            node.try_send(&msg)
+        } else if a.claim {
             publisher.claim(c.size).map(|mut m| {
                 fill(&mut m, seq);
                 m.commit()
@@ -629,9 +649,18 @@ fn cost(c: &Common, a: &CostArgs) -> Result<Row> {
         if Instant::now() > deadline {
             return Err(format!("timed out at {got} of {n} delivered"));
         }
+        let round_end = seq + direct_round(c.size);
         while seq < n {
             fill(&mut msg, seq);
-            match publisher.try_send(&msg) {
+            let sent = if a.direct {
+                if seq >= round_end {
+                    break;
+                }
+                node.try_send(&msg)
+            } else {
+                publisher.try_send(&msg)
+            };
+            match sent {
                 Ok(()) => seq += 1,
                 Err(blip::SendError::Full) => break,
                 Err(e) => return Err(e.to_string()),
