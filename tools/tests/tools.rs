@@ -165,12 +165,26 @@ fn blip_bench_seals_with_the_chosen_cipher() {
 }
 
 #[test]
-fn blip_bench_cost_and_claim_deliver_every_message() {
-    for args in [&["cost", "--messages", "20000"][..], &["throughput", "--messages", "20000", "--claim"][..]] {
+fn blip_bench_cost_claim_and_direct_deliver_every_message() {
+    for args in [
+        &["cost", "--messages", "20000"][..],
+        &["cost", "--messages", "20000", "--direct"][..],
+        &["throughput", "--messages", "20000", "--claim"][..],
+        &["throughput", "--messages", "20000", "--direct"][..],
+    ] {
         let (status, out) = blip_bench(&[args, &["--json"]].concat(), Duration::from_secs(60));
         assert!(status.success(), "{args:?}: {status}\n{out}");
         assert!(out.contains("\"messages\": 20000, \"expected\": 20000"), "{args:?}: every message delivered: {out}");
     }
+}
+
+#[test]
+fn blip_bench_reports_the_machines_cpus_when_pinned() {
+    // Pinning the benchmark's threads must not change what the header says the machine has.
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let (status, out) = blip_bench(&["cost", "--messages", "1000", "--cores", "0", "--json"], Duration::from_secs(60));
+    assert!(status.success(), "{status}\n{out}");
+    assert!(out.contains(&format!("\"cpus\": {cpus},")), "expected {cpus} cpus: {out}");
 }
 
 #[test]

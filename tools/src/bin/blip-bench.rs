@@ -172,6 +172,7 @@ struct CompareArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    machine_cpus(); // before any pinning narrows what the thread sees
     let mut c = cli.common;
     let mut generated_key = None;
     if let Err(e) = cipher_choice(&c.cipher) {
@@ -500,6 +501,7 @@ fn throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
     let cpu0 = cpu_seconds();
     let mut progress = Progress::new(c.json);
     let mut seq = 1;
+    let (round, mut next_drive) = (direct_round(c.size), direct_round(c.size));
     let send_until = a.seconds.map(|s| Instant::now() + Duration::from_secs_f64(s));
     while seq < n {
         if seq % 1024 == 0 && send_until.is_some_and(|t| Instant::now() >= t) {
@@ -507,8 +509,9 @@ fn throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
         }
         let sent = if a.direct {
             fill(&mut msg, seq);
-            if seq % direct_round(c.size) == 0 {
+            if seq == next_drive {
                 drive(&mut node)?;
+                next_drive += round;
             }
             node.try_send(&msg)
         } else if a.claim {
@@ -1081,6 +1084,12 @@ fn runs_json(runs: &[(f64, f64)]) -> String {
     format!(", \"runs\": [{}]", items.join(", "))
 }
 
+/// The CPUs this process may use, as found before `--cores` pinned the main thread to one of them.
+fn machine_cpus() -> usize {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
 fn kernel() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
@@ -1095,7 +1104,7 @@ fn report(c: &Common, rows: &[Row]) {
         let mut out = format!(
             "{{\n  \"kernel\": \"{}\",\n  \"cpus\": {},\n  \"pinning\": \"{cores}\",\n  \"interface\": \"{where_}\",\n  \"loss\": {},\n  \"encrypted\": {},\n  \"cipher\": {},\n  \"results\": [\n",
             kernel(),
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            machine_cpus(),
             c.loss,
             c.key_file.is_some(),
             cipher.map(|c| format!("\"{c}\"")).unwrap_or_else(|| "null".into())
@@ -1132,7 +1141,7 @@ fn report(c: &Common, rows: &[Row]) {
     println!(
         "blip-bench: kernel {}, {} cpus, pinning {cores}, interface {where_}, injected loss {}, encryption {}",
         kernel(),
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        machine_cpus(),
         c.loss,
         cipher.map(|c| format!("on ({c})")).unwrap_or_else(|| "off".into())
     );
