@@ -13,15 +13,28 @@
 //! consumer Acquire-loads `tail` before reading. Symmetrically the consumer frees space with a Release store
 //! of `head`. Each side caches the other's counter and reloads it only when the cache says "full"/"empty".
 //! The counters sit on their own cache lines (crossbeam's `CachePadded`) so the two threads do not
-//! false-share.
+//! false-share. `loom_tests` model-checks both rings (`--cfg blip_loom`).
 
 use std::cell::UnsafeCell;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+
+// Under `--cfg blip_loom` the positions are loom's atomics, so that `loom_tests` can explore every
+// interleaving of a producer and a consumer.
+#[cfg(blip_loom)]
+use loom::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
+#[cfg(not(blip_loom))]
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
 
 use crossbeam_utils::CachePadded;
 
 pub mod frames;
+#[cfg(all(test, blip_loom))]
+mod loom_tests;
 
 /// Proof that a record was just published by a sequentially consistent exchange, which is also a full
 /// fence. A check of whether the consumer went to sleep needs one between the publish and its own
@@ -41,6 +54,10 @@ struct Shared {
     mask: usize,
     head: CachePadded<AtomicUsize>,
     tail: CachePadded<AtomicUsize>,
+    /// Under loom, one cell per byte of `buf`, touched wherever the byte is read or written, for loom's
+    /// race detector: the bytes stay in `buf`, where the rings hand out slices of many bytes.
+    #[cfg(blip_loom)]
+    track: Box<[loom::cell::UnsafeCell<()>]>,
 }
 
 // SAFETY: the buffer is only accessed through a `Writer` (bytes in [tail, head + capacity)) and a `Reader`
@@ -58,8 +75,27 @@ impl Shared {
             mask: cap - 1,
             head: CachePadded::new(AtomicUsize::new(0)),
             tail: CachePadded::new(AtomicUsize::new(0)),
+            #[cfg(blip_loom)]
+            track: (0..cap).map(|_| loom::cell::UnsafeCell::new(())).collect(),
         }
     }
+
+    /// Tells loom that bytes [pos, pos + len) are written (or read) now.
+    #[cfg(blip_loom)]
+    fn touch(&self, pos: usize, len: usize, write: bool) {
+        for i in pos..pos + len {
+            let cell = &self.track[i & self.mask];
+            if write {
+                cell.with_mut(|_| ());
+            } else {
+                cell.with(|_| ());
+            }
+        }
+    }
+
+    #[cfg(not(blip_loom))]
+    #[inline(always)]
+    fn touch(&self, _pos: usize, _len: usize, _write: bool) {}
 
     #[inline]
     fn capacity(&self) -> usize {
@@ -150,6 +186,7 @@ impl Writer {
     #[inline]
     fn write(&self, pos: usize, bytes: &[u8]) {
         debug_assert!((pos & self.shared.mask) + bytes.len() <= self.capacity());
+        self.shared.touch(pos, bytes.len(), true);
         // SAFETY: the caller keeps [pos, pos + len) inside [tail, head + capacity), space the reader does not
         // touch until the next Release store of `tail`, and before the end of the buffer (records never wrap).
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.shared.ptr(pos), bytes.len()) }
@@ -159,6 +196,7 @@ impl Writer {
     #[inline]
     fn region(&self, pos: usize, len: usize) -> &[u8] {
         debug_assert!((pos & self.shared.mask) + len <= self.capacity());
+        self.shared.touch(pos, len, false);
         // SAFETY: as in `write`; the region is not published, so only this writer sees it, and nothing writes
         // to it while the slice lives: the claims that hand it out hold the producer by `&mut`, and their
         // own writes (commit) consume them.
@@ -169,6 +207,7 @@ impl Writer {
     #[inline]
     fn region_mut(&mut self, pos: usize, len: usize) -> &mut [u8] {
         debug_assert!((pos & self.shared.mask) + len <= self.capacity());
+        self.shared.touch(pos, len, true);
         // SAFETY: as in `region`.
         unsafe { std::slice::from_raw_parts_mut(self.shared.ptr(pos), len) }
     }
@@ -218,6 +257,7 @@ impl Reader {
     #[inline]
     fn bytes(&self, offset: usize, len: usize) -> &[u8] {
         debug_assert!(offset + len <= self.cached_tail - self.head && offset + len <= self.to_end());
+        self.shared.touch(self.head + offset, len, false);
         // SAFETY: the range lies below the Acquire-loaded `tail`, so the producer finished writing it and does
         // not touch it until `head` moves past it (only `advance`, which needs `&mut self`, moves it); it does
         // not cross the end of the buffer.
