@@ -912,16 +912,19 @@ impl Node {
 
     /// On a node built with [`NodeBuilder::build_driven`], sends a message without topic from the thread that
     /// drives it, straight into the retransmission window: no ring between, one copy fewer than a
-    /// [`Publisher`], no wake. It leaves at the next [`duty_cycle`](Self::duty_cycle). Its order is kept with
-    /// the node's other direct sends; with respect to publishers' messages it is like another publisher's.
-    /// [`SendError::Full`] means the window is full: run a duty cycle (which takes acknowledgements in) and
-    /// try again. A threaded node refuses with [`SendError::NotDriven`].
+    /// [`Publisher`], no wake. Messages fill the datagram being built and leave at the next
+    /// [`duty_cycle`](Self::duty_cycle): run one after each burst (every few hundred kilobytes at most, and
+    /// at once when latency matters). Their order is kept among the node's direct sends; with respect to
+    /// publishers' messages they are like another publisher's.
+    ///
+    /// [`SendError::Full`]: the window is full, or a message larger than a datagram is still being cut into
+    /// fragments (run a duty cycle, which transmits and takes acknowledgements in, and try again); with
+    /// [`NodeBuilder::local_delivery`], also when this node's own subscribers' rings are full (poll them).
+    /// A threaded node refuses with [`SendError::NotDriven`]. Errors of the engine itself come from
+    /// `duty_cycle`.
     #[inline(always)]
     pub fn try_send(&mut self, msg: &[u8]) -> Result<(), SendError> {
         let Some(engine) = self.engine.as_mut() else { return Err(SendError::NotDriven) };
-        if self.factory.shared.closed.load(Ordering::Relaxed) {
-            return Err(SendError::Closed);
-        }
         engine.send_direct(&[0u8; envelope::MIN_ENVELOPE_LEN], msg).map_err(|e| match e {
             crate::proto::SendError::WouldBlock => SendError::Full,
             crate::proto::SendError::TooLarge { size, max } => SendError::TooLarge { size, max },
@@ -991,8 +994,9 @@ impl Drop for Node {
 /// Why a message was not taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
-    /// The ring to the engine is full: the engine or the network is behind (back-pressure).
-    #[error("publisher ring full")]
+    /// No room now: a publisher's ring to the engine is full, or for [`Node::try_send`] the sender's window;
+    /// the engine or the network is behind (back-pressure).
+    #[error("no room: the publisher's ring or the sender's window is full")]
     Full,
     /// The message exceeds the configured maximum message size.
     #[error("message of {size} bytes exceeds the maximum of {max} bytes (NodeBuilder::max_message)")]

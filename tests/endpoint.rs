@@ -527,9 +527,12 @@ fn a_message_over_max_message_is_refused_when_it_would_fit() {
 }
 
 proptest! {
-    /// A message given to `send_parts` as a head and a body, split anywhere, makes exactly the datagrams,
-    /// refusals and counters that `send` makes of it in one piece: whole messages that fit the open
-    /// datagram, ones that open the next, ones that fragment, and ones over `max_message`.
+    /// A message given as a head and a body, split anywhere, to `try_append_parts` and then (when that did
+    /// nothing) to `send_parts`, as the engine's direct sends do, makes exactly the datagrams, refusals and
+    /// counters that `send` makes of it in one piece: whole messages that fit the open datagram, ones that
+    /// open the next, ones that fragment, and ones over `max_message`. (`send` is `send_parts` with an empty
+    /// head; `send_frames_makes_the_datagrams_send_makes` checks it against `send_frames`, which frames by
+    /// other code.)
     #[test]
     fn send_parts_makes_the_datagrams_send_makes(
         msgs in proptest::collection::vec(
@@ -562,6 +565,9 @@ proptest! {
                 }
             };
             let r2 = loop {
+                if parts.try_append_parts(head, body) {
+                    break Ok(());
+                }
                 match parts.send_parts(now, head, body) {
                     Err(SendError::WouldBlock) => b.extend(transmitted(&mut parts, now)),
                     r => break r,

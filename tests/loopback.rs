@@ -248,6 +248,40 @@ fn direct_sends(backend: BackendChoice) {
     assert_eq!(threaded.try_send(b"x"), Err(blip::SendError::NotDriven));
 }
 
+/// A direct send that first finds the window held by a stalled receiver times `DropAfter` from then, not
+/// from the node's last duty cycle: the application may have run for longer than the limit in between.
+fn direct_send_times_a_stall_from_the_send(backend: BackendChoice) {
+    let limit = Duration::from_secs(1);
+    let group = unique_group();
+    let policy = blip::proto::SlowReceiverPolicy::DropAfter(limit);
+    let mut a = builder(backend, group).window(64).slow_receiver(policy).build_driven().unwrap();
+    let mut b = builder(backend, group).window(64).build_driven().unwrap();
+    // b follows a's stream and acknowledges a's first datagram.
+    a.try_send(b"hello").unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let position = loop {
+        assert!(std::time::Instant::now() < deadline, "b never acknowledged a's first datagram");
+        a.duty_cycle(Some(Duration::from_millis(1))).unwrap();
+        b.duty_cycle(Some(Duration::from_millis(1))).unwrap();
+        let rows = a.peer_stats();
+        if let Some(r) = rows.iter().find(|r| r.role == blip::proto::PeerRole::Receiver && r.counters.position > 0) {
+            break r.counters.position;
+        }
+    };
+    // b stalls from here on. a fills the room b advertised (64 datagrams from its position), one datagram
+    // per message, transmitting as it goes.
+    for k in 0..position + 63 {
+        a.try_send(&[7; 1400]).unwrap_or_else(|e| panic!("message {k} of {}: {e}", position + 63));
+        a.duty_cycle(Some(Duration::ZERO)).unwrap();
+    }
+    // The application runs for longer than the limit without a duty cycle, then sends into b's stall.
+    std::thread::sleep(limit + limit / 2);
+    assert_eq!(a.try_send(&[7; 1400]), Err(blip::SendError::Full), "b's room should be used up");
+    a.duty_cycle(Some(Duration::ZERO)).unwrap();
+    // b has held a back for microseconds, not for the limit: it is still waited for.
+    assert_eq!(a.try_send(&[7; 1400]), Err(blip::SendError::Full), "b was dropped before its time");
+}
+
 /// A node that dropped its subscriber consumes and discards: it never holds a sender back, even with a
 /// window far smaller than what is sent.
 fn dropped_subscriber_never_holds_back(backend: BackendChoice) {
@@ -399,6 +433,12 @@ macro_rules! suite {
             fn direct_sends_from_the_driving_thread() {
                 if $available {
                     direct_sends($choice)
+                }
+            }
+            #[test]
+            fn a_direct_send_times_a_stall_from_the_send() {
+                if $available {
+                    direct_send_times_a_stall_from_the_send($choice)
                 }
             }
             #[test]

@@ -288,8 +288,6 @@ pub(crate) struct Engine {
     stats_at: Instant,
     /// Membership events since the member list was last published.
     members_changed: bool,
-    /// The clock read of the last duty cycle: what a direct send stamps its datagram with.
-    now: Instant,
     /// A direct send's message in one piece, for local delivery.
     own_scratch: Vec<u8>,
 }
@@ -356,7 +354,6 @@ impl Engine {
             loss: parts.loss,
             stats_at: Instant::now(),
             members_changed: false,
-            now: Instant::now(),
             own_scratch: Vec::new(),
         }
     }
@@ -392,7 +389,6 @@ impl Engine {
         let mut work = self.run_commands();
         // One clock read per cycle: the cycle takes microseconds, far below any protocol timer.
         let now = Instant::now();
-        self.now = now;
         // What the application queued leaves before this cycle's receive system call (a reply does not wait
         // for it); what the receive opens up (a STATUS widening the window) is taken after it.
         work += self.take_messages(now);
@@ -522,17 +518,23 @@ impl Engine {
 
     /// Sends the message `head` followed by `body` straight into the protocol, from the thread that drives
     /// this engine: no ring between, so one copy fewer than a publisher's. It goes out at the next transmit
-    /// (the next duty cycle). Stamped with the last cycle's clock read.
+    /// (the next duty cycle). The clock is read only when a datagram is opened (flow control's timing
+    /// needs it then; the application may have run for any time since the last cycle).
     #[inline(always)]
     pub(crate) fn send_direct(&mut self, head: &[u8], body: &[u8]) -> Result<(), SendError> {
         if !self.local_delivery {
-            return self.endpoint.send_parts(self.now, head, body);
+            if self.endpoint.try_append_parts(head, body) {
+                return Ok(());
+            }
+            return self.endpoint.send_parts(Instant::now(), head, body);
         }
         if !self.router.has_room() {
             return Err(SendError::WouldBlock);
         }
         let seq = self.endpoint.stats().messages_sent;
-        self.endpoint.send_parts(self.now, head, body)?;
+        if !self.endpoint.try_append_parts(head, body) {
+            self.endpoint.send_parts(Instant::now(), head, body)?;
+        }
         let mut msg = std::mem::take(&mut self.own_scratch);
         msg.clear();
         msg.extend_from_slice(head);

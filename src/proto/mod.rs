@@ -460,6 +460,15 @@ impl Endpoint {
         self.sender.send_parts(now, head, body, &mut self.events, &mut self.stats)
     }
 
+    /// The part of [`send_parts`](Self::send_parts) that needs no time: appends the message to the datagram
+    /// being filled if it fits there whole, and returns whether it did. When it returns false nothing
+    /// changed, and `send_parts` (which may open a datagram, so reads `now`) takes the message. A caller
+    /// whose clock read costs something calls this first.
+    #[inline(always)]
+    pub fn try_append_parts(&mut self, head: &[u8], body: &[u8]) -> bool {
+        self.sender.try_append(head, body, &mut self.stats)
+    }
+
     /// Queues whole messages already framed as DATA carries them (`[len u16 BE][FRAME_FIRST | FRAME_LAST][0]
     /// [message]` each, back to back), as many as the window takes, copying each datagram's worth at once
     /// instead of one message at a time. Stops at the end or after `max_messages` ([`FramesStop::Done`]),

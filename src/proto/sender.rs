@@ -146,16 +146,25 @@ impl Sender {
         events: &mut VecDeque<Event>,
         stats: &mut Stats,
     ) -> Result<(), SendError> {
+        if self.try_append(head, body, stats) {
+            return Ok(());
+        }
+        self.send_parts_opening(now, head, body, events, stats)
+    }
+
+    /// The common case of [`send_parts`](Self::send_parts), which needs no clock: a whole message that fits
+    /// the open datagram. Returns false, having done nothing, otherwise.
+    #[inline(always)]
+    pub(crate) fn try_append(&mut self, head: &[u8], body: &[u8], stats: &mut Stats) -> bool {
         let len = head.len() + body.len();
-        // The common case first: a whole message that fits the open datagram. (A fragmented message still
-        // under way has sealed its last datagram, so an open one means none is.)
+        // A fragmented message still under way has sealed its last datagram, so an open one means none is.
         if self.open_len > 0 && self.open_len + FRAME_HEADER_LEN + len <= self.max_datagram && len <= self.max_message {
             debug_assert!(!self.staged_active);
             self.append_whole(head, body);
             self.count_sent(len, stats);
-            return Ok(());
+            return true;
         }
-        self.send_parts_opening(now, head, body, events, stats)
+        false
     }
 
     /// The rest of [`send_parts`](Self::send_parts): a datagram to open, a message to fragment, or a refusal.
@@ -290,15 +299,9 @@ impl Sender {
     #[inline(always)]
     fn append_whole(&mut self, head: &[u8], body: &[u8]) {
         let at = self.open_len;
-        let len = head.len() + body.len();
         let buf = self.window.building_mut(self.next_seq);
-        let frame = &mut buf[at..at + FRAME_HEADER_LEN + len];
-        frame[..2].copy_from_slice(&(len as u16).to_be_bytes());
-        frame[2] = FRAME_FIRST | FRAME_LAST;
-        frame[3] = 0;
-        frame[FRAME_HEADER_LEN..FRAME_HEADER_LEN + head.len()].copy_from_slice(head);
-        frame[FRAME_HEADER_LEN + head.len()..].copy_from_slice(body);
-        self.open_len = at + FRAME_HEADER_LEN + len;
+        self.open_len = DataWriter::push_frame_parts(buf, at, FRAME_FIRST | FRAME_LAST, head, body)
+            .expect("space checked by caller");
         self.open_frames += 1;
     }
 

@@ -192,7 +192,7 @@ impl FrameConsumer {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(blip_loom)))]
 mod tests {
     use super::*;
     use crate::wire::{FRAME_FIRST, FRAME_LAST};

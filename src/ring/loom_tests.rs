@@ -1,5 +1,5 @@
-//! Model checks of both rings under loom: `RUSTFLAGS="--cfg blip_loom" cargo test --release --lib
-//! ring::loom_tests` (`.ci/run` does). Every interleaving of a producer and a consumer thread, within a
+//! Model checks of both rings under loom: `RUSTFLAGS="--cfg blip_loom -C debug-assertions" cargo test
+//! --release --lib ring::loom_tests` (`.ci/run` does). Every interleaving of a producer and a consumer thread, within a
 //! preemption bound of 3, must deliver each record once, in order and intact, through waits for room and a
 //! wrap with padding; and the two threads must never touch the same bytes without a happens-before edge
 //! between them (loom's race detector sees every byte read or written, through `Shared::touch`).
@@ -63,9 +63,12 @@ fn records_arrive_once_in_order_and_intact() {
     });
 }
 
-/// Frame payload lengths: in a 64-byte frame ring, frames of 24, 13 and 30 bytes, so the third waits for
-/// room and wraps after a padding frame; the second is a marker.
-const FRAME_LENS: [usize; 3] = [20, 9, 26];
+/// Frame payload lengths: in a 64-byte frame ring, frames of 24, 13, 25 and 14 bytes. The first three leave
+/// 2 bytes before the end, too few for a header, which both ends skip; the fourth waits for room at index
+/// 0. A marker frame follows.
+const FRAME_LENS: [usize; 4] = [20, 9, 21, 10];
+/// Each frame's flags byte, to tell them apart.
+const FRAME_FLAGS: [u8; 4] = [FRAME_FIRST | FRAME_LAST, FRAME_FIRST, 0, FRAME_LAST];
 
 #[test]
 fn frames_arrive_once_in_order_and_intact() {
@@ -74,16 +77,14 @@ fn frames_arrive_once_in_order_and_intact() {
         let producer = thread::spawn(move || {
             for (i, &len) in FRAME_LENS.iter().enumerate() {
                 loop {
-                    let published = match i {
-                        0 => p.push_parts(FRAME_FIRST | FRAME_LAST, &[0], &vec![0; len - 1]),
-                        1 => p.claim(len).map(|mut claim| {
-                            claim.fill(1);
-                            claim.commit(FRAME_FIRST)
-                        }),
-                        _ => p.claim(len).map(|mut claim| {
-                            claim.fill(2);
-                            claim.commit(FRAME_LAST)
-                        }),
+                    // The first copied in from two parts, the others written in place.
+                    let published = if i == 0 {
+                        p.push_parts(FRAME_FLAGS[0], &[0], &vec![0; len - 1])
+                    } else {
+                        p.claim(len).map(|mut claim| {
+                            claim.fill(i as u8);
+                            claim.commit(FRAME_FLAGS[i])
+                        })
                     };
                     if published.is_some() {
                         break;
@@ -96,7 +97,6 @@ fn frames_arrive_once_in_order_and_intact() {
                 thread::yield_now();
             }
         });
-        let flags = [FRAME_FIRST | FRAME_LAST, FRAME_FIRST, FRAME_LAST];
         let mut next = 0;
         while next <= FRAME_LENS.len() {
             let Some(frames) = c.peek() else {
@@ -109,7 +109,7 @@ fn frames_arrive_once_in_order_and_intact() {
                 assert_eq!((len, frames[3]), (0, MARKER), "the marker");
             } else {
                 assert_eq!(len, FRAME_LENS[next], "frame {next}'s length");
-                assert_eq!((frames[2], frames[3]), (flags[next], 0), "frame {next}'s header");
+                assert_eq!((frames[2], frames[3]), (FRAME_FLAGS[next], 0), "frame {next}'s header");
                 let payload = &frames[FRAME_HEADER_LEN..FRAME_HEADER_LEN + len];
                 assert!(payload.iter().all(|&b| b == next as u8), "frame {next} not intact");
             }

@@ -194,14 +194,31 @@ impl DataWriter {
 
     /// Appends a frame at `at` (the current length); returns the new length.
     pub fn push_frame(buf: &mut [u8], at: usize, flags: u8, payload: &[u8]) -> Result<usize, WireError> {
-        let end = at + FRAME_HEADER_LEN + payload.len();
-        if payload.len() > u16::MAX as usize || end > buf.len() {
+        DataWriter::push_frame_parts(buf, at, flags, &[], payload)
+    }
+
+    /// Appends a frame whose payload is `head` followed by `body` (an application envelope and its
+    /// message, say), written in one pass; returns the new length.
+    #[inline(always)]
+    pub fn push_frame_parts(
+        buf: &mut [u8],
+        at: usize,
+        flags: u8,
+        head: &[u8],
+        body: &[u8],
+    ) -> Result<usize, WireError> {
+        let len = head.len() + body.len();
+        let end = at + FRAME_HEADER_LEN + len;
+        if len > u16::MAX as usize || end > buf.len() {
             return Err(WireError::BufferTooSmall);
         }
-        buf[at..at + 2].copy_from_slice(&(payload.len() as u16).to_be_bytes());
-        buf[at + 2] = flags;
-        buf[at + 3] = 0;
-        buf[at + FRAME_HEADER_LEN..end].copy_from_slice(payload);
+        let frame = &mut buf[at..end];
+        frame[..2].copy_from_slice(&(len as u16).to_be_bytes());
+        frame[2] = flags;
+        frame[3] = 0;
+        let (h, b) = frame[FRAME_HEADER_LEN..].split_at_mut(head.len());
+        h.copy_from_slice(head);
+        b.copy_from_slice(body);
         Ok(end)
     }
 

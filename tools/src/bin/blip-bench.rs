@@ -371,7 +371,7 @@ fn fill(buf: &mut [u8], seq: u64) {
 /// Messages sent with `Node::try_send` between two duty cycles: about what a publisher's 256 KiB ring holds,
 /// so that both ways of sending hand the engine the same bursts.
 fn direct_round(size: usize) -> u64 {
-    (256 << 10) / (size as u64 + 8)
+    ((256 << 10) / (size as u64 + 8)).max(1)
 }
 
 /// Drives a driven node (no-op for a threaded one) without waiting.
@@ -452,6 +452,9 @@ fn subscriber_child(c: &Common, a: &ChildArgs) -> Result<()> {
 fn throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
     if a.processes && a.seconds.is_some() {
         return Err("--seconds works with subscribers in threads only; use --messages with --processes".into());
+    }
+    if a.direct && c.threads {
+        return Err("--direct sends from the thread that drives the node; it does not go with --threads".into());
     }
     let n = if a.seconds.is_some() { u64::MAX } else { a.messages.max(2) };
     let target = Arc::new(AtomicU64::new(n));
