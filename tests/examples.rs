@@ -133,6 +133,15 @@ fn replicated_map() {
     );
 }
 
+#[test]
+fn driven_loop() {
+    run_ok(
+        "driven_loop",
+        &["--messages", "50000", "--size", "100", "--burst", "500"],
+        &["50000 ticks of 100 bytes in order"],
+    );
+}
+
 /// The harness sees a failing example as one: its exit status and message come through.
 #[test]
 fn a_failing_example_is_reported() {
