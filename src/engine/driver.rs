@@ -12,7 +12,7 @@ use super::backend::{Backend, Wake};
 use crate::envelope::Envelope;
 use crate::proto::rng::Rng;
 use crate::proto::{
-    Batch, Delivery, Destination, Endpoint, Event, FramesStop, Member, PeerStats, Run, SendError, Stats,
+    Batch, Delivery, Destination, Endpoint, Event, FramesStop, Member, Now, PeerStats, Run, SendError, Stats,
 };
 use crate::ring::Fenced;
 use crate::ring::Producer;
@@ -257,6 +257,17 @@ impl Shared {
         if let Some(w) = self.waker.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             w.wake();
         }
+    }
+}
+
+/// The clock, read once and only if the protocol asks (`proto::Now`).
+#[derive(Default)]
+struct ReadClock(Option<Instant>);
+
+impl Now for ReadClock {
+    #[inline]
+    fn now(&mut self) -> Instant {
+        *self.0.get_or_insert_with(Instant::now)
     }
 }
 
@@ -518,22 +529,22 @@ impl Engine {
 
     /// Sends the message `head` followed by `body` straight into the protocol, from the thread that drives
     /// this engine: no ring between, so one copy fewer than a publisher's. It goes out at the next transmit
-    /// (the next duty cycle). The clock is read only when a datagram is opened (flow control's timing
-    /// needs it then; the application may have run for any time since the last cycle).
+    /// (the next duty cycle). The clock is read only if a slow receiver holds the window (its wait is timed
+    /// from then; the application may have run for any time since the last cycle), not for every datagram.
     #[inline(always)]
     pub(crate) fn send_direct(&mut self, head: &[u8], body: &[u8]) -> Result<(), SendError> {
         if !self.local_delivery {
             if self.endpoint.try_append_parts(head, body) {
                 return Ok(());
             }
-            return self.endpoint.send_parts(Instant::now(), head, body);
+            return self.endpoint.send_parts_at(&mut ReadClock::default(), head, body);
         }
         if !self.router.has_room() {
             return Err(SendError::WouldBlock);
         }
         let seq = self.endpoint.stats().messages_sent;
         if !self.endpoint.try_append_parts(head, body) {
-            self.endpoint.send_parts(Instant::now(), head, body)?;
+            self.endpoint.send_parts_at(&mut ReadClock::default(), head, body)?;
         }
         let mut msg = std::mem::take(&mut self.own_scratch);
         msg.clear();

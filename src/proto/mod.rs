@@ -64,6 +64,21 @@ pub enum SendError {
     WouldBlock,
 }
 
+/// The time, for the sender's flow control, which needs it only when a slow receiver holds the window
+/// (`SlowReceiverPolicy::DropAfter` times the wait): an `Instant` the caller has, or, in the engine, a clock
+/// it reads only if asked. The protocol itself never reads a clock.
+pub(crate) trait Now {
+    /// The current time.
+    fn now(&mut self) -> Instant;
+}
+
+impl Now for Instant {
+    #[inline]
+    fn now(&mut self) -> Instant {
+        *self
+    }
+}
+
 /// Where a datagram from [`Endpoint::poll_transmit`] goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Destination {
@@ -457,6 +472,13 @@ impl Endpoint {
     /// payload, say), written into the window in one pass with no staging copy.
     #[inline(always)]
     pub fn send_parts(&mut self, now: Instant, head: &[u8], body: &[u8]) -> Result<(), SendError> {
+        self.sender.send_parts(&mut { now }, head, body, &mut self.events, &mut self.stats)
+    }
+
+    /// [`send_parts`](Self::send_parts) with the time given as a [`Now`], asked only if a slow receiver holds
+    /// the window.
+    #[inline(always)]
+    pub(crate) fn send_parts_at(&mut self, now: &mut impl Now, head: &[u8], body: &[u8]) -> Result<(), SendError> {
         self.sender.send_parts(now, head, body, &mut self.events, &mut self.stats)
     }
 

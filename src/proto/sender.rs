@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use super::Now;
 use super::config::{Config, SlowReceiverPolicy};
 use super::peers::PeerCounters;
 use super::ratelimit::TokenBucket;
@@ -133,14 +134,14 @@ impl Sender {
         events: &mut VecDeque<Event>,
         stats: &mut Stats,
     ) -> Result<(), SendError> {
-        self.send_parts(now, &[], msg, events, stats)
+        self.send_parts(&mut { now }, &[], msg, events, stats)
     }
 
     /// [`send`](Self::send) of the message `head` followed by `body`, written into the window in one pass.
     #[inline(always)]
     pub(crate) fn send_parts(
         &mut self,
-        now: Instant,
+        now: &mut impl Now,
         head: &[u8],
         body: &[u8],
         events: &mut VecDeque<Event>,
@@ -171,7 +172,7 @@ impl Sender {
     #[inline(never)]
     fn send_parts_opening(
         &mut self,
-        now: Instant,
+        now: &mut impl Now,
         head: &[u8],
         body: &[u8],
         events: &mut VecDeque<Event>,
@@ -227,7 +228,7 @@ impl Sender {
         stats: &mut Stats,
     ) -> FramesTaken {
         if self.staged_active {
-            self.progress_staged(now, events, stats);
+            self.progress_staged(&mut { now }, events, stats);
             if self.staged_active {
                 return FramesTaken { bytes: 0, messages: 0, stop: FramesStop::WouldBlock };
             }
@@ -267,7 +268,7 @@ impl Sender {
             }
             // The next frame does not fit what is left of the open datagram (it fits an empty one).
             self.seal();
-            if !self.open(now, events, stats) {
+            if !self.open(&mut { now }, events, stats) {
                 break FramesStop::WouldBlock;
             }
         };
@@ -291,7 +292,7 @@ impl Sender {
 
     /// Whether a message could be accepted now (window space and no fragmented message in progress).
     pub(crate) fn is_writable(&mut self, now: Instant, events: &mut VecDeque<Event>) -> bool {
-        !self.staged_active && (self.open_len > 0 || self.may_open(self.next_seq, now, events))
+        !self.staged_active && (self.open_len > 0 || self.may_open(self.next_seq, &mut { now }, events))
     }
 
     /// Appends a whole message, `head` then `body`, as one frame of the open datagram (room checked by the
@@ -305,7 +306,7 @@ impl Sender {
         self.open_frames += 1;
     }
 
-    fn progress_staged(&mut self, now: Instant, events: &mut VecDeque<Event>, stats: &mut Stats) {
+    fn progress_staged(&mut self, now: &mut impl Now, events: &mut VecDeque<Event>, stats: &mut Stats) {
         while self.staged_active {
             let room = if self.open_len > 0 { self.max_datagram - self.open_len } else { 0 };
             if room <= FRAME_HEADER_LEN {
@@ -353,7 +354,7 @@ impl Sender {
     }
 
     /// Opens datagram `next_seq` in its window slot if flow control allows evicting the slot's old datagram.
-    fn open(&mut self, now: Instant, events: &mut VecDeque<Event>, stats: &mut Stats) -> bool {
+    fn open(&mut self, now: &mut impl Now, events: &mut VecDeque<Event>, stats: &mut Stats) -> bool {
         debug_assert_eq!(self.open_len, 0);
         if !self.may_open(self.next_seq, now, events) {
             stats.flow_control_blocked += 1;
@@ -373,7 +374,7 @@ impl Sender {
     }
 
     /// Flow control: may the slot for `seq` be reused (evicting `seq - window`)?
-    fn may_open(&mut self, seq: u64, now: Instant, events: &mut VecDeque<Event>) -> bool {
+    fn may_open(&mut self, seq: u64, now: &mut impl Now, events: &mut VecDeque<Event>) -> bool {
         let cap = self.window.capacity() as u64;
         // Opening `seq` evicts `seq - window` from the ring; never what has not been transmitted once.
         let evict = seq.checked_sub(cap);
@@ -394,6 +395,7 @@ impl Sender {
             match self.policy {
                 SlowReceiverPolicy::HoldBack => ok = false,
                 SlowReceiverPolicy::DropAfter(limit) => {
+                    let now = now.now();
                     let since = *r.blocking_since.get_or_insert(now);
                     if now.saturating_duration_since(since) >= limit {
                         r.dropped = true;
@@ -519,7 +521,7 @@ impl Sender {
     /// Makes progress on a fragmented message (window space may have been freed by a STATUS).
     pub(crate) fn on_tick(&mut self, now: Instant, events: &mut VecDeque<Event>, stats: &mut Stats) {
         if self.staged_active {
-            self.progress_staged(now, events, stats);
+            self.progress_staged(&mut { now }, events, stats);
         }
     }
 
@@ -551,7 +553,7 @@ impl Sender {
         }
 
         if self.staged_active {
-            self.progress_staged(now, events, stats);
+            self.progress_staged(&mut { now }, events, stats);
         }
         if self.sent == self.sealed_end() {
             // Flush on poll: whatever the application queued since the last poll goes out now.
