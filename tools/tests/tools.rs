@@ -194,8 +194,9 @@ fn blip_bench_compare_completes() {
     let args = ["compare", "--messages", "20000", "--count", "300", "--runs", "1", "--json"];
     let (status, out) = blip_bench(&args, Duration::from_secs(90));
     assert!(status.success(), "{status}\n{out}");
-    for name in ["raw 64B packed", "blip 64B 1->1", "raw latency 64B", "blip latency 64B"] {
+    for name in ["raw 64B packed", "blip 64B 1->1", "blip 64B 1->1 direct", "raw latency 64B", "blip latency 64B"] {
         assert!(out.contains(&format!("\"name\": \"{name}\"")), "{name} missing: {out}");
     }
+    assert_eq!(out.matches("\"ratio_to_raw\"").count(), 3, "both ways of sending and the latency have a ratio: {out}");
     assert!(out.contains("\"ratio_to_raw\"") && out.contains("\"runs\": [{\"raw\": "), "{out}");
 }

@@ -577,7 +577,7 @@ fn throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
     stop.store(true, Ordering::SeqCst);
     let stats = node.stats();
     let mut row = Row {
-        name: format!("blip {}B 1->{}", c.size, a.subscribers),
+        name: format!("blip {}B 1->{}{}", c.size, a.subscribers, if a.direct { " direct" } else { "" }),
         backend,
         expected: n * a.subscribers as u64,
         naks: stats.protocol.naks_received,
@@ -1047,18 +1047,31 @@ fn median_by<T: Clone>(mut v: Vec<T>, key: impl Fn(&T) -> f64) -> T {
 
 fn compare(c: &Common, a: &CompareArgs) -> Result<Vec<Row>> {
     let runs = a.runs.max(1);
+    // Blip through a publisher, as given; and, where the nodes are driven from their threads and nothing
+    // else was asked for, also with `Node::try_send` (no ring), beside the same raw runs.
+    let mut ways = vec![a.throughput.clone()];
+    if !c.threads && !a.throughput.claim && !a.throughput.direct {
+        ways.push(ThroughputArgs { direct: true, ..a.throughput.clone() });
+    }
     let mut raw = Vec::new();
-    let mut blip = Vec::new();
+    let mut blip: Vec<Vec<Row>> = vec![Vec::new(); ways.len()];
     for _ in 0..runs {
         raw.push(raw_throughput(c, &a.throughput)?);
-        blip.push(throughput(c, &a.throughput)?);
+        for (way, rows) in ways.iter().zip(&mut blip) {
+            rows.push(throughput(c, way)?);
+        }
     }
-    let pairs = raw.iter().zip(&blip).map(|(r, b)| (r.msgs_per_sec, b.msgs_per_sec)).collect();
+    let raw_rates: Vec<f64> = raw.iter().map(|r| r.msgs_per_sec).collect();
     let raw = median_by(raw, |r| r.msgs_per_sec);
-    let mut blip = median_by(blip, |r| r.msgs_per_sec);
-    blip.ratio = Some(blip.msgs_per_sec / raw.msgs_per_sec.max(1e-9));
-    blip.runs = pairs;
-    let mut rows = vec![raw, blip];
+    let mut rows = Vec::new();
+    for way in blip {
+        let pairs = raw_rates.iter().zip(&way).map(|(&r, b)| (r, b.msgs_per_sec)).collect();
+        let mut row = median_by(way, |r| r.msgs_per_sec);
+        row.ratio = Some(row.msgs_per_sec / raw.msgs_per_sec.max(1e-9));
+        row.runs = pairs;
+        rows.push(row);
+    }
+    rows.insert(0, raw);
     if a.count > 0 {
         let la = LatencyArgs { count: a.count, warmup: a.count / 10, rate: 0 };
         let raw_l =
