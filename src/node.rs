@@ -991,8 +991,9 @@ impl Drop for Node {
     }
 }
 
-/// Why a message was not taken.
+/// Why a message was not taken. New causes may be added: match with a wildcard arm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SendError {
     /// No room now: a publisher's ring to the engine is full, or for [`Node::try_send`] the sender's window;
     /// the engine or the network is behind (back-pressure).

@@ -198,5 +198,6 @@ fn blip_bench_compare_completes() {
         assert!(out.contains(&format!("\"name\": \"{name}\"")), "{name} missing: {out}");
     }
     assert_eq!(out.matches("\"ratio_to_raw\"").count(), 3, "both ways of sending and the latency have a ratio: {out}");
+    assert!(out.contains("\"raw_lost\": "), "each run says what the raw path lost: {out}");
     assert!(out.contains("\"ratio_to_raw\"") && out.contains("\"runs\": [{\"raw\": "), "{out}");
 }

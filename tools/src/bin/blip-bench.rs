@@ -251,8 +251,17 @@ struct Row {
     cpu_s_per_m: f64,
     latency: Option<[f64; 6]>,
     ratio: Option<f64>,
-    /// `compare`: each run's (raw, Blip) figure, measured back to back.
-    runs: Vec<(f64, f64)>,
+    /// `compare`: each run's raw and Blip figures, measured back to back.
+    runs: Vec<RunPair>,
+}
+
+/// One `compare` run: the raw ceiling and Blip's rate, and what the raw path lost (it has no repair: its
+/// receiver drops what arrives while it is descheduled, and its rate counts only what arrived).
+#[derive(Debug, Clone, Copy)]
+struct RunPair {
+    raw: f64,
+    blip: f64,
+    raw_lost: f64,
 }
 
 /// Writes a random 32-byte key to a new private file in the temporary directory, for `--encrypt`.
@@ -1061,11 +1070,16 @@ fn compare(c: &Common, a: &CompareArgs) -> Result<Vec<Row>> {
             rows.push(throughput(c, way)?);
         }
     }
-    let raw_rates: Vec<f64> = raw.iter().map(|r| r.msgs_per_sec).collect();
+    let raw_runs: Vec<(f64, f64)> =
+        raw.iter().map(|r| (r.msgs_per_sec, 1.0 - r.messages as f64 / r.expected.max(1) as f64)).collect();
     let raw = median_by(raw, |r| r.msgs_per_sec);
     let mut rows = Vec::new();
     for way in blip {
-        let pairs = raw_rates.iter().zip(&way).map(|(&r, b)| (r, b.msgs_per_sec)).collect();
+        let pairs = raw_runs
+            .iter()
+            .zip(&way)
+            .map(|(&(raw, raw_lost), b)| RunPair { raw, blip: b.msgs_per_sec, raw_lost })
+            .collect();
         let mut row = median_by(way, |r| r.msgs_per_sec);
         row.ratio = Some(row.msgs_per_sec / raw.msgs_per_sec.max(1e-9));
         row.runs = pairs;
@@ -1087,14 +1101,20 @@ fn compare(c: &Common, a: &CompareArgs) -> Result<Vec<Row>> {
 }
 
 /// `, "runs": [...]` for a compare row: each run's raw and Blip figures and their ratio.
-fn runs_json(runs: &[(f64, f64)]) -> String {
+fn runs_json(runs: &[RunPair]) -> String {
     if runs.is_empty() {
         return String::new();
     }
     let items: Vec<String> = runs
         .iter()
-        .map(|(raw, blip)| {
-            format!("{{\"raw\": {raw:.0}, \"blip\": {blip:.0}, \"ratio\": {:.3}}}", blip / raw.max(1e-9))
+        .map(|p| {
+            format!(
+                "{{\"raw\": {:.0}, \"blip\": {:.0}, \"ratio\": {:.3}, \"raw_lost\": {:.4}}}",
+                p.raw,
+                p.blip,
+                p.blip / p.raw.max(1e-9),
+                p.raw_lost
+            )
         })
         .collect();
     format!(", \"runs\": [{}]", items.join(", "))
@@ -1201,7 +1221,14 @@ fn report(c: &Common, rows: &[Row]) {
         let runs: Vec<String> = r
             .runs
             .iter()
-            .map(|(raw, blip)| format!("{} / {} = {:.2}", m(*blip), m(*raw), blip / raw.max(1e-9)))
+            .map(|p| {
+                let lost = if p.raw_lost >= 0.0005 {
+                    format!(" (raw lost {:.1} %)", p.raw_lost * 100.0)
+                } else {
+                    String::new()
+                };
+                format!("{} / {} = {:.2}{lost}", m(p.blip), m(p.raw), p.blip / p.raw.max(1e-9))
+            })
             .collect();
         println!("{} per run (Blip / raw): {}", r.name, runs.join(", "));
     }
