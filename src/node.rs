@@ -915,7 +915,9 @@ impl Node {
     /// [`Publisher`], no wake. Messages fill the datagram being built and leave at the next
     /// [`duty_cycle`](Self::duty_cycle): run one after each burst (every few hundred kilobytes at most, and
     /// at once when latency matters). Their order is kept among the node's direct sends; with respect to
-    /// publishers' messages they are like another publisher's.
+    /// publishers' messages they are like another publisher's. With [`NodeBuilder::local_delivery`], this
+    /// node's own subscribers can poll them at once; one waiting in another thread is woken by the next
+    /// duty cycle.
     ///
     /// [`SendError::Full`]: the window is full, or a message larger than a datagram is still being cut into
     /// fragments (run a duty cycle, which transmits and takes acknowledgements in, and try again); with

@@ -301,6 +301,9 @@ pub(crate) struct Engine {
     members_changed: bool,
     /// A direct send's message in one piece, for local delivery.
     own_scratch: Vec<u8>,
+    /// Direct sends delivered locally since subscribers were last woken: they are woken once, at the next
+    /// cycle, not once per message (each wake is a full fence per subscriber).
+    own_unannounced: bool,
 }
 
 #[derive(Default)]
@@ -366,6 +369,7 @@ impl Engine {
             stats_at: Instant::now(),
             members_changed: false,
             own_scratch: Vec::new(),
+            own_unannounced: false,
         }
     }
 
@@ -397,6 +401,9 @@ impl Engine {
     }
 
     fn poll_once(&mut self) -> io::Result<usize> {
+        if std::mem::take(&mut self.own_unannounced) {
+            self.notify_outlets();
+        }
         let mut work = self.run_commands();
         // One clock read per cycle: the cycle takes microseconds, far below any protocol timer.
         let now = Instant::now();
@@ -552,7 +559,7 @@ impl Engine {
         msg.extend_from_slice(body);
         self.router.deliver_own(self.endpoint.session(), seq, &msg);
         self.own_scratch = msg;
-        self.notify_outlets();
+        self.own_unannounced = true;
         Ok(())
     }
 
