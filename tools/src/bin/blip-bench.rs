@@ -694,7 +694,7 @@ fn cost(c: &Common, a: &CostArgs) -> Result<Row> {
     // Message 0 was delivered before the clock started.
     let timed = n - 1;
     Ok(Row {
-        name: format!("blip {}B 1 core", c.size),
+        name: format!("blip {}B 1 core{}", c.size, if a.direct { " direct" } else { "" }),
         backend,
         messages: got,
         expected: n,
