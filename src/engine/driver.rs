@@ -540,19 +540,21 @@ impl Engine {
     /// from then; the application may have run for any time since the last cycle), not for every datagram.
     #[inline(always)]
     pub(crate) fn send_direct(&mut self, head: &[u8], body: &[u8]) -> Result<(), SendError> {
-        if !self.local_delivery {
-            if self.endpoint.try_append_parts(head, body) {
-                return Ok(());
-            }
-            return self.endpoint.send_parts_at(&mut ReadClock::default(), head, body);
-        }
-        if !self.router.has_room() {
+        if self.local_delivery && !self.router.has_room() {
             return Err(SendError::WouldBlock);
         }
-        let seq = self.endpoint.stats().messages_sent;
         if !self.endpoint.try_append_parts(head, body) {
             self.endpoint.send_parts_at(&mut ReadClock::default(), head, body)?;
         }
+        if self.local_delivery {
+            self.deliver_own_direct(head, body);
+        }
+        Ok(())
+    }
+
+    /// Local delivery of the message a direct send just took (its sequence is the last one counted).
+    fn deliver_own_direct(&mut self, head: &[u8], body: &[u8]) {
+        let seq = self.endpoint.stats().messages_sent - 1;
         let mut msg = std::mem::take(&mut self.own_scratch);
         msg.clear();
         msg.extend_from_slice(head);
@@ -560,7 +562,6 @@ impl Engine {
         self.router.deliver_own(self.endpoint.session(), seq, &msg);
         self.own_scratch = msg;
         self.own_unannounced = true;
-        Ok(())
     }
 
     fn notify_outlets(&self) {

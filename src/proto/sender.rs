@@ -188,10 +188,11 @@ impl Sender {
                 return Err(SendError::WouldBlock);
             }
         }
-        let need = FRAME_HEADER_LEN + len;
-        if self.open_len > 0 && self.open_len + need <= self.max_datagram {
-            self.append_whole(head, body);
-        } else if DATA_HEADER_LEN + need <= self.max_datagram {
+        // Room in the open datagram again, now that a fragmented message is done.
+        if self.try_append(head, body, stats) {
+            return Ok(());
+        }
+        if DATA_HEADER_LEN + FRAME_HEADER_LEN + len <= self.max_datagram {
             self.seal();
             if !self.open(now, events, stats) {
                 return Err(SendError::WouldBlock);

@@ -871,10 +871,10 @@ fn percentiles(h: &Histogram<u64>) -> [f64; 6] {
     [q(0.5), q(0.9), q(0.99), q(0.999), q(0.9999), h.max() as f64 / 1000.0]
 }
 
-/// Ping-pong between two nodes (the ponger in a second thread); raw = plain sockets instead of Blip.
 /// How long the raw ping-pong waits for a reply before sending the ping again.
 const RAW_RESEND: Duration = Duration::from_millis(100);
 
+/// Ping-pong between two nodes (the ponger in a second thread); raw = plain sockets instead of Blip.
 fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
     let stop = Arc::new(AtomicBool::new(false));
     // The ponger's sockets are open (its group joined) before the first ping: raw UDP would lose a ping
