@@ -410,14 +410,15 @@ impl Engine {
         // What the application queued leaves before this cycle's receive system call (a reply does not wait
         // for it); what the receive opens up (a STATUS widening the window) is taken after it.
         work += self.take_messages(now);
-        work += self.transmit(now)?;
+        // Queued, not flushed: the receive below submits it in the same system call.
+        work += self.transmit(now, false)?;
         work += self.receive(now, Some(Duration::ZERO))?;
         if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
             self.endpoint.handle_timeout(now);
         }
         work += self.take_messages(now);
         work += self.deliver();
-        work += self.transmit(now)?;
+        work += self.transmit(now, true)?;
         if now >= self.stats_at || self.members_changed {
             self.publish_stats();
             self.publish_peers();
@@ -646,7 +647,7 @@ impl Engine {
         n
     }
 
-    fn transmit(&mut self, now: Instant) -> io::Result<usize> {
+    fn transmit(&mut self, now: Instant, flush: bool) -> io::Result<usize> {
         let mut n = 0;
         // Each datagram is written straight into the backend's send batch (sealed there too, when encryption
         // is on), not into a buffer of ours and then copied.
@@ -660,7 +661,7 @@ impl Engine {
             self.backend.commit_send(dest, t.len)?;
             n += 1;
         }
-        if n > 0 {
+        if n > 0 && flush {
             self.backend.flush()?;
         }
         Ok(n)
@@ -759,7 +760,7 @@ impl Engine {
     pub(crate) fn close(&mut self) {
         let now = Instant::now();
         self.endpoint.close(now);
-        let _ = self.transmit(now);
+        let _ = self.transmit(now, true);
         self.publish_stats();
         self.publish_peers();
         self.shared.closed.store(true, Ordering::SeqCst);
