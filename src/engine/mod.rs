@@ -14,4 +14,4 @@ pub mod poll;
 pub(crate) use driver::*;
 pub use driver::{IdleStrategy, NodeStats};
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;

@@ -150,3 +150,14 @@ pub(crate) fn send_plan(
     }
     start.elapsed()
 }
+
+/// Waits until `socket` is readable (without reading it) or `deadline` passes.
+#[cfg(unix)]
+pub(crate) fn readable(socket: &UdpSocket, deadline: Instant) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let left = deadline.saturating_duration_since(Instant::now());
+    let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
+    let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, ms), Ok(n) if n > 0) && fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN))
+}

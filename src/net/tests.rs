@@ -7,6 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::engine::test_support::readable;
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -34,16 +35,6 @@ fn test_config(offset: u16, last: u8) -> SocketConfig {
 
 fn payload(test: &str, what: &str) -> Vec<u8> {
     format!("blip net test {} {test} {what}", std::process::id()).into_bytes()
-}
-
-/// Waits until `socket` is readable or `deadline` passes.
-fn readable(socket: &UdpSocket, deadline: Instant) -> bool {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    use std::os::fd::AsFd;
-    let left = deadline.saturating_duration_since(Instant::now());
-    let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
-    let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
-    matches!(poll(&mut fds, ms), Ok(n) if n > 0) && fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN))
 }
 
 /// Receives datagrams until one equals `want` and returns its source; every datagram seen before it is

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 
-use crate::engine::test_support::{FULL, GSO_N as N, group_socket, send_plan, unicast_socket};
+use crate::engine::test_support::{FULL, GSO_N as N, group_socket, readable, send_plan, unicast_socket};
 
 /// A backend and its unicast socket's address.
 fn backend(group: Ipv4Addr, port: u16, opts: PollOptions) -> (PollBackend, SocketAddr) {
@@ -156,4 +156,74 @@ fn flush_sends_a_lone_datagram_at_once() {
         }
         assert_eq!(got.unwrap(), vec![round; FULL]);
     }
+}
+
+/// When traffic is sparse, a receive hands over a lone datagram after one read: it does not read again to
+/// learn that the socket is empty before the datagram goes up (a system call on a ping-pong's round trip).
+/// A burst that follows is still read to the end at the next receive.
+#[test]
+fn sparse_traffic_is_handed_over_after_one_read() {
+    let group = Ipv4Addr::new(239, 255, 203, 10);
+    let (mut rx, _) = backend(group, 46_333, PollOptions::default());
+    let (mut tx, _) = backend(group, 46_334, PollOptions::default());
+    let dest = SocketAddr::from((group, 46_333));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut got = 0;
+    // Idle: the socket is found empty.
+    assert_eq!(rx.receive(Some(Duration::ZERO), &mut |_, _| got += 1).unwrap(), 0);
+    tx.queue_send(dest, &[1; 100]).unwrap();
+    tx.flush().unwrap();
+    assert!(readable(&rx.group, deadline), "datagram not received within 5 s");
+    let reads = rx.reads[KEY_GROUP];
+    assert_eq!(rx.receive(Some(Duration::ZERO), &mut |_, _| got += 1).unwrap(), 1);
+    assert_eq!(rx.reads[KEY_GROUP] - reads, 1, "a lone datagram after idleness took more than one read");
+    // A burst of separate datagrams (no GSO batch): the first receive takes one, the next one the rest.
+    for i in 0..10u8 {
+        tx.queue_send(dest, &[i; 100]).unwrap();
+        tx.flush().unwrap();
+    }
+    let mut burst = 0;
+    let mut receives = 0;
+    while burst < 10 {
+        assert!(Instant::now() < deadline, "burst not received within 5 s ({burst} of 10)");
+        if !readable(&rx.group, deadline) {
+            continue;
+        }
+        burst += rx.receive(Some(Duration::ZERO), &mut |_, _| {}).unwrap();
+        receives += 1;
+    }
+    assert_eq!(burst, 10);
+    if rx.gro() {
+        assert!(receives <= 3, "a burst took {receives} receives: draining after a lone datagram stopped");
+    }
+}
+
+/// The unicast socket carries only STATUS reports: a spinning receive reads it every `UNICAST_EVERY`
+/// calls, a receive that may wait reads it every time. Either way a datagram there is delivered.
+#[test]
+fn unicast_is_read_every_few_spins_and_always_before_waiting() {
+    let group = Ipv4Addr::new(239, 255, 203, 11);
+    let (mut rx, rx_addr) = backend(group, 46_335, PollOptions::default());
+    let (mut tx, _) = backend(group, 46_336, PollOptions::default());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let before = rx.reads;
+    for _ in 0..UNICAST_EVERY * 3 {
+        rx.receive(Some(Duration::ZERO), &mut |_, _| {}).unwrap();
+    }
+    assert_eq!(rx.reads[KEY_GROUP] - before[KEY_GROUP], u64::from(UNICAST_EVERY * 3));
+    assert_eq!(rx.reads[KEY_UNICAST] - before[KEY_UNICAST], 3, "idle spins read the unicast socket");
+    // Spinning: delivered within UNICAST_EVERY receives.
+    tx.queue_send(rx_addr, b"status").unwrap();
+    tx.flush().unwrap();
+    assert!(readable(&rx.unicast, deadline), "unicast datagram not received within 5 s");
+    let mut got = 0;
+    for _ in 0..UNICAST_EVERY {
+        got += rx.receive(Some(Duration::ZERO), &mut |_, b| assert_eq!(b, b"status")).unwrap();
+    }
+    assert_eq!(got, 1, "a spinning receive left the unicast socket unread for {UNICAST_EVERY} calls");
+    // Waiting: the first receive reads it.
+    tx.queue_send(rx_addr, b"status").unwrap();
+    tx.flush().unwrap();
+    assert!(readable(&rx.unicast, deadline), "unicast datagram not received within 5 s");
+    assert_eq!(rx.receive(Some(Duration::from_secs(1)), &mut |_, b| assert_eq!(b, b"status")).unwrap(), 1);
 }
