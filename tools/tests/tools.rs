@@ -190,14 +190,25 @@ fn blip_bench_reports_the_machines_cpus_when_pinned() {
 #[test]
 fn blip_bench_compare_completes() {
     // The main job, small: raw and Blip throughput, then raw and Blip ping-pong (whose ponger must be up
-    // before the first raw ping, which has no repair).
+    // before the first raw ping, which has no repair), the raw one on plain send/recv.
     let args = ["compare", "--messages", "20000", "--count", "300", "--runs", "1", "--json"];
     let (status, out) = blip_bench(&args, Duration::from_secs(90));
     assert!(status.success(), "{status}\n{out}");
     for name in ["raw 64B packed", "blip 64B 1->1", "blip 64B 1->1 direct", "raw latency 64B", "blip latency 64B"] {
         assert!(out.contains(&format!("\"name\": \"{name}\"")), "{name} missing: {out}");
     }
-    assert_eq!(out.matches("\"ratio_to_raw\"").count(), 3, "both ways of sending and the latency have a ratio: {out}");
+    // Where the probe chose io_uring, the poll backend's latency is measured beside it.
+    let uring = out.contains("\"name\": \"blip latency 64B\", \"backend\": \"io_uring\"");
+    if uring {
+        assert!(out.contains("\"name\": \"blip latency 64B\", \"backend\": \"poll\""), "no poll latency: {out}");
+    }
+    let ratios = if uring { 4 } else { 3 };
+    assert_eq!(
+        out.matches("\"ratio_to_raw\"").count(),
+        ratios,
+        "both ways of sending and each latency have a ratio: {out}"
+    );
     assert!(out.contains("\"raw_lost\": "), "each run says what the raw path lost: {out}");
+    assert!(out.contains("\"name\": \"raw latency 64B\", \"backend\": \"send/recv\""), "{out}");
     assert!(out.contains("\"ratio_to_raw\"") && out.contains("\"runs\": [{\"raw\": "), "{out}");
 }

@@ -871,6 +871,45 @@ fn percentiles(h: &Histogram<u64>) -> [f64; 6] {
     [q(0.5), q(0.9), q(0.99), q(0.999), q(0.9999), h.max() as f64 / 1000.0]
 }
 
+/// The raw ping-pong's sockets: the fastest plain path for one datagram at a time, a `send_to` and a
+/// non-blocking `recv` spun on, one system call each (batching calls such as recvmmsg cost more here, with
+/// nothing to batch). The socket layout is a node's: sends leave from the unicast socket, the group's
+/// traffic arrives on the group socket.
+struct RawPing {
+    sockets: blip::net::NodeSockets,
+    group: SocketAddr,
+}
+
+impl RawPing {
+    /// What the report's backend column says.
+    const PATH: &str = "send/recv";
+
+    fn open(c: &Common) -> Result<Self> {
+        let mut cfg = SocketConfig { group: SocketAddr::new(c.group, c.port + 3), ..SocketConfig::default() };
+        if let Some(i) = &c.interface {
+            cfg.interface = Interface::Name(i.clone());
+        }
+        let sockets = blip::net::open(&cfg).map_err(|e| e.to_string())?;
+        Ok(Self { sockets, group: cfg.group })
+    }
+
+    fn send(&self, bytes: &[u8]) -> Result<()> {
+        self.sockets.unicast.send_to(bytes, self.group).map(drop).map_err(|e| format!("raw send: {e}"))
+    }
+
+    /// One non-blocking read from the group socket (both sockets are non-blocking): `None` when nothing
+    /// waits. A datagram longer than `buf` is cut to it.
+    fn try_recv(&self, buf: &mut [u8]) -> Result<Option<usize>> {
+        match self.sockets.group.recv(buf) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => {
+                Ok(None)
+            }
+            Err(e) => Err(format!("raw receive: {e}")),
+        }
+    }
+}
+
 /// How long the raw ping-pong waits for a reply before sending the ping again.
 const RAW_RESEND: Duration = Duration::from_millis(100);
 
@@ -884,22 +923,15 @@ fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
     let ponger = std::thread::spawn(move || -> Result<()> {
         pin(&c2.cores, 1);
         if raw {
-            let (mut b, group, _) = raw_sockets(&c2, 3, None)?;
+            let sock = RawPing::open(&c2)?;
             r2.store(true, Ordering::SeqCst);
-            let mut reply = Vec::with_capacity(2048);
+            let mut buf = vec![0u8; c2.size.max(1) + 1];
             while !s2.load(Ordering::Relaxed) {
-                reply.clear();
-                b.receive(Some(Duration::ZERO), &mut |_, bytes| {
-                    if bytes.first() == Some(&b'P') {
-                        reply.clear();
-                        reply.extend_from_slice(bytes);
-                        reply[0] = b'R';
-                    }
-                })
-                .map_err(|e| e.to_string())?;
-                if !reply.is_empty() {
-                    b.queue_send(group, &reply).map_err(|e| e.to_string())?;
-                    b.flush().map_err(|e| e.to_string())?;
+                if let Some(n) = sock.try_recv(&mut buf)?
+                    && buf[..n].first() == Some(&b'P')
+                {
+                    buf[0] = b'R';
+                    sock.send(&buf[..n])?;
                 }
             }
             return Ok(());
@@ -946,11 +978,10 @@ fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
     let mut progress = Progress::new(c.json);
     let result = (|| -> Result<String> {
         let mut node_opt = None;
-        let mut raw_b = None;
+        let mut raw_sock = None;
         let mut pubsub = None;
         if raw {
-            let (b, group, _) = raw_sockets(c, 3, None)?;
-            raw_b = Some((b, group));
+            raw_sock = Some(RawPing::open(c)?);
         } else {
             let mut b = builder(c, 2)?;
             if c.loss > 0.0 {
@@ -962,7 +993,7 @@ fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
             pubsub = Some((p, s));
             node_opt = Some(node);
         }
-        let backend = node_opt.as_ref().map(|n| n.info().backend.to_string()).unwrap_or("sendmmsg/recvmmsg".into());
+        let backend = node_opt.as_ref().map(|n| n.info().backend.to_string()).unwrap_or(RawPing::PATH.into());
         let interval = if a.rate > 0 { Some(Duration::from_secs_f64(1.0 / a.rate as f64)) } else { None };
         let start = Instant::now();
         let mut i = 0u64;
@@ -978,9 +1009,9 @@ fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
             let sent_at = Instant::now();
             let deadline = sent_at + Duration::from_secs(5);
             let mut got = false;
-            if let Some((b, group)) = raw_b.as_mut() {
-                b.queue_send(*group, &msg).map_err(|e| e.to_string())?;
-                b.flush().map_err(|e| e.to_string())?;
+            if let Some(sock) = raw_sock.as_ref() {
+                let mut reply = [0u8; 16];
+                sock.send(&msg)?;
                 let mut resend_at = sent_at + RAW_RESEND;
                 while !got {
                     let now = Instant::now();
@@ -990,14 +1021,13 @@ fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
                     if now > resend_at {
                         // Raw UDP has no repair: a ping or pong the kernel dropped is sent again (the
                         // round trip then counts from the first send).
-                        b.queue_send(*group, &msg).map_err(|e| e.to_string())?;
-                        b.flush().map_err(|e| e.to_string())?;
+                        sock.send(&msg)?;
                         resend_at = now + RAW_RESEND;
                     }
-                    b.receive(Some(Duration::ZERO), &mut |_, bytes| {
-                        got |= bytes.first() == Some(&b'R') && bytes[1..9] == i.to_le_bytes();
-                    })
-                    .map_err(|e| e.to_string())?;
+                    // Only the first 9 bytes matter; a longer datagram is truncated into `reply`.
+                    if let Some(n) = sock.try_recv(&mut reply)? {
+                        got = n >= 9 && reply[0] == b'R' && reply[1..9] == i.to_le_bytes();
+                    }
                 }
             } else {
                 let node = node_opt.as_mut().unwrap();
@@ -1090,12 +1120,26 @@ fn compare(c: &Common, a: &CompareArgs) -> Result<Vec<Row>> {
         let la = LatencyArgs { count: a.count, warmup: a.count / 10, rate: 0 };
         let raw_l =
             median_by((0..runs).map(|_| latency(c, &la, true)).collect::<Result<Vec<_>>>()?, |r| r.latency.unwrap()[0]);
-        let mut blip_l = median_by((0..runs).map(|_| latency(c, &la, false)).collect::<Result<Vec<_>>>()?, |r| {
-            r.latency.unwrap()[0]
-        });
-        blip_l.ratio = Some(blip_l.latency.unwrap()[0] / raw_l.latency.unwrap()[0].max(1e-9));
+        let raw_p50 = raw_l.latency.unwrap()[0].max(1e-9);
+        let blip_latency = |c: &Common| -> Result<Row> {
+            let mut row = median_by((0..runs).map(|_| latency(c, &la, false)).collect::<Result<Vec<_>>>()?, |r| {
+                r.latency.unwrap()[0]
+            });
+            row.ratio = Some(row.latency.unwrap()[0] / raw_p50);
+            Ok(row)
+        };
+        let blip_l = blip_latency(c)?;
+        // The poll backend's latency beside io_uring's when the choice was left to the probe: io_uring hands
+        // a datagram over through the kernel's deferred task work, which costs a round trip microseconds here
+        // (README, Performance), so a latency-bound user may choose poll.
+        let poll_l = if c.backend == "auto" && blip_l.backend != "poll" {
+            Some(blip_latency(&Common { backend: "poll".into(), ..c.clone() })?)
+        } else {
+            None
+        };
         rows.push(raw_l);
         rows.push(blip_l);
+        rows.extend(poll_l);
     }
     Ok(rows)
 }
