@@ -212,3 +212,16 @@ fn blip_bench_compare_completes() {
     assert!(out.contains("\"name\": \"raw latency 64B\", \"backend\": \"send/recv\""), "{out}");
     assert!(out.contains("\"ratio_to_raw\"") && out.contains("\"runs\": [{\"raw\": "), "{out}");
 }
+
+#[test]
+fn blip_bench_raw_latency_runs_alone() {
+    // The ceiling `compare` sets Blip's round trips against, on its own: plain sockets, no reliability.
+    let (status, out) =
+        blip_bench(&["latency", "--raw", "--count", "300", "--warmup", "30", "--json"], Duration::from_secs(60));
+    assert!(status.success(), "{status}\n{out}");
+    assert!(out.contains("\"name\": \"raw latency 64B\", \"backend\": \"send/recv\""), "{out}");
+    assert!(out.contains("\"p50_us\": "), "{out}");
+    // Injected loss is Blip's; asking it of the raw path is an error, not a silent no-op.
+    let (status, out) = blip_bench(&["latency", "--raw", "--loss", "0.1", "--count", "10"], Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2), "refused as a usage error: {out}");
+}

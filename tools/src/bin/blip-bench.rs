@@ -156,6 +156,10 @@ struct LatencyArgs {
     /// Fixed sending rate in messages per second (latency corrected for coordinated omission); 0 = ping-pong.
     #[arg(long, default_value_t = 0)]
     rate: u64,
+    /// The same round trips on plain UDP sockets (`send_to` and a spun non-blocking `recv`), without
+    /// reliability: the machine's ceiling that `compare` sets Blip's latency against.
+    #[arg(long)]
+    raw: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -195,6 +199,13 @@ fn main() -> ExitCode {
         eprintln!("blip-bench: --loss must be between 0 and 1");
         return ExitCode::from(2);
     }
+    if let Some(Cmd::Latency(a)) = &cli.command
+        && a.raw
+        && c.loss > 0.0
+    {
+        eprintln!("blip-bench: --loss drops datagrams in Blip's receive path; the raw ping-pong has none (nor repair)");
+        return ExitCode::from(2);
+    }
     if c.size < 16 {
         eprintln!("blip-bench: --size must be at least 16 (sequence and timestamp live in the message)");
         return ExitCode::from(2);
@@ -216,7 +227,7 @@ fn main() -> ExitCode {
     let result = match cmd {
         Cmd::Throughput(a) => throughput(&c, &a).map(|r| report(&c, &[r])),
         Cmd::Raw(a) => raw_throughput(&c, &a).map(|r| report(&c, &[r])),
-        Cmd::Latency(a) => latency(&c, &a, false).map(|r| report(&c, &[r])),
+        Cmd::Latency(a) => latency(&c, &a, a.raw).map(|r| report(&c, &[r])),
         Cmd::Compare(a) => compare(&c, &a).map(|rows| report(&c, &rows)),
         Cmd::Cost(a) => cost(&c, &a).map(|r| report(&c, &[r])),
         Cmd::SubscriberChild(a) => subscriber_child(&c, &a),
@@ -925,7 +936,7 @@ fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
         if raw {
             let sock = RawPing::open(&c2)?;
             r2.store(true, Ordering::SeqCst);
-            let mut buf = vec![0u8; c2.size.max(1) + 1];
+            let mut buf = vec![0u8; c2.size + 1];
             while !s2.load(Ordering::Relaxed) {
                 if let Some(n) = sock.try_recv(&mut buf)?
                     && buf[..n].first() == Some(&b'P')
@@ -1117,7 +1128,7 @@ fn compare(c: &Common, a: &CompareArgs) -> Result<Vec<Row>> {
     }
     rows.insert(0, raw);
     if a.count > 0 {
-        let la = LatencyArgs { count: a.count, warmup: a.count / 10, rate: 0 };
+        let la = LatencyArgs { count: a.count, warmup: a.count / 10, rate: 0, raw: false };
         let raw_l =
             median_by((0..runs).map(|_| latency(c, &la, true)).collect::<Result<Vec<_>>>()?, |r| r.latency.unwrap()[0]);
         let raw_p50 = raw_l.latency.unwrap()[0].max(1e-9);
