@@ -1129,33 +1129,41 @@ fn compare(c: &Common, a: &CompareArgs) -> Result<Vec<Row>> {
     rows.insert(0, raw);
     if a.count > 0 {
         let la = LatencyArgs { count: a.count, warmup: a.count / 10, rate: 0, raw: false };
-        let raw_l =
-            median_by((0..runs).map(|_| latency(c, &la, true)).collect::<Result<Vec<_>>>()?, |r| r.latency.unwrap()[0]);
-        let raw_p50 = raw_l.latency.unwrap()[0].max(1e-9);
-        let blip_latency = |c: &Common| -> Result<Row> {
-            let mut row = median_by((0..runs).map(|_| latency(c, &la, false)).collect::<Result<Vec<_>>>()?, |r| {
-                r.latency.unwrap()[0]
-            });
-            row.ratio = Some(row.latency.unwrap()[0] / raw_p50);
-            Ok(row)
-        };
-        let blip_l = blip_latency(c)?;
         // The poll backend's latency beside io_uring's when the choice was left to the probe: io_uring hands
         // a datagram over through the kernel's deferred task work, which costs a round trip microseconds here
         // (README, Performance), so a latency-bound user may choose poll.
-        let poll_l = if c.backend == "auto" && blip_l.backend != "poll" {
-            Some(blip_latency(&Common { backend: "poll".into(), ..c.clone() })?)
-        } else {
-            None
-        };
+        let poll_c = Common { backend: "poll".into(), ..c.clone() };
+        // Run by run, raw then Blip back to back, so that a machine that slows down during the compare
+        // slows every path alike; each run's pair is reported as for throughput.
+        let (mut raws, mut blips, mut polls) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..runs {
+            raws.push(latency(c, &la, true)?);
+            let b = latency(c, &la, false)?;
+            let poll_too = c.backend == "auto" && b.backend != "poll";
+            blips.push(b);
+            if poll_too {
+                polls.push(latency(&poll_c, &la, false)?);
+            }
+        }
+        let p50 = |r: &Row| r.latency.map_or(0.0, |l| l[0]);
+        let raw_runs: Vec<f64> = raws.iter().map(p50).collect();
+        let raw_l = median_by(raws, p50);
+        let raw_p50 = p50(&raw_l).max(1e-9);
         rows.push(raw_l);
-        rows.push(blip_l);
-        rows.extend(poll_l);
+        for way in [blips, polls].into_iter().filter(|w| !w.is_empty()) {
+            let pairs =
+                raw_runs.iter().zip(&way).map(|(&raw, b)| RunPair { raw, blip: p50(b), raw_lost: 0.0 }).collect();
+            let mut row = median_by(way, p50);
+            row.ratio = Some(p50(&row) / raw_p50);
+            row.runs = pairs;
+            rows.push(row);
+        }
     }
     Ok(rows)
 }
 
-/// `, "runs": [...]` for a compare row: each run's raw and Blip figures and their ratio.
+/// `, "runs": [...]` for a compare row: each run's raw and Blip figures (messages/s, or p50 µs for a
+/// latency row) and their ratio.
 fn runs_json(runs: &[RunPair]) -> String {
     if runs.is_empty() {
         return String::new();
@@ -1164,7 +1172,7 @@ fn runs_json(runs: &[RunPair]) -> String {
         .iter()
         .map(|p| {
             format!(
-                "{{\"raw\": {:.0}, \"blip\": {:.0}, \"ratio\": {:.3}, \"raw_lost\": {:.4}}}",
+                "{{\"raw\": {:.2}, \"blip\": {:.2}, \"ratio\": {:.3}, \"raw_lost\": {:.4}}}",
                 p.raw,
                 p.blip,
                 p.blip / p.raw.max(1e-9),
@@ -1272,7 +1280,7 @@ fn report(c: &Common, rows: &[Row]) {
     }
     // The ceiling moves from run to run on a shared machine: each run's pair, measured back to back.
     for r in rows.iter().filter(|r| r.runs.len() > 1) {
-        let m = |v: f64| format!("{:.1} M", v / 1e6);
+        let m = |v: f64| if r.latency.is_some() { format!("{v:.1} µs") } else { format!("{:.1} M", v / 1e6) };
         let runs: Vec<String> = r
             .runs
             .iter()
@@ -1285,6 +1293,7 @@ fn report(c: &Common, rows: &[Row]) {
                 format!("{} / {} = {:.2}{lost}", m(p.blip), m(p.raw), p.blip / p.raw.max(1e-9))
             })
             .collect();
-        println!("{} per run (Blip / raw): {}", r.name, runs.join(", "));
+        let what = if r.latency.is_some() { format!(" {} p50", r.backend) } else { String::new() };
+        println!("{}{what} per run (Blip / raw): {}", r.name, runs.join(", "));
     }
 }
