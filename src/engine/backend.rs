@@ -65,10 +65,10 @@ pub trait Backend {
 
     /// Calls `sink(from, bytes)` for each datagram received on either socket. If none is ready, waits up to
     /// `timeout` (`None`: until one arrives or [`Wake::wake`]; `Some(ZERO)`: do not wait). Returns the number
-    /// of datagrams delivered. Queued sends are flushed first. A call that does not wait may leave ready
-    /// datagrams for the next one (the poll backend hands a lone datagram up without a second read to learn
-    /// that the socket is empty, and reads the unicast socket every few such calls); a call that may wait
-    /// does not wait while any datagram is ready.
+    /// of datagrams delivered. Queued sends are flushed first. A call may leave ready datagrams for the next
+    /// one (the poll backend hands a lone datagram up without a second read to learn that the socket is
+    /// empty, bounds each socket's turn, and reads the unicast socket only every few calls that do not
+    /// wait); a call that may wait returns instead of waiting while any datagram is ready.
     fn receive(&mut self, timeout: Option<Duration>, sink: &mut dyn FnMut(SocketAddr, &mut [u8])) -> io::Result<usize>;
 
     /// A handle other threads use to interrupt `receive`.

@@ -43,7 +43,10 @@ const KEY_UNICAST: usize = 1;
 
 /// Non-blocking receives per read of the unicast socket. It carries only STATUS reports (flow control, a
 /// few per window's worth of data), which can wait a few microseconds; a busy-spinning engine then makes
-/// one system call per idle cycle instead of two, and sees a datagram on the group socket sooner.
+/// one system call per idle cycle instead of two, and sees a datagram on the group socket sooner. On a
+/// driven node this is every fourth `duty_cycle(Some(ZERO))`: a receiver reports when a quarter of the
+/// sender's window is delivered, so a report a few cycles late does not stall the sender (`blip-bench cost
+/// --backend poll`, one thread driving both nodes, measured the same).
 const UNICAST_EVERY: u32 = 4;
 
 /// The kernel offloads the poll backend may use (Linux; ignored elsewhere). Both default to on; each falls
@@ -90,6 +93,7 @@ pub struct PollBackend {
     gro: bool,
     gro_batches: u64,
     /// Per socket: its last read found it empty (the traffic is sparse). See `drain`.
+    #[cfg(target_os = "linux")]
     sparse: [bool; 2],
     /// Non-blocking receives since the unicast socket was last read.
     unicast_skipped: u32,
@@ -151,6 +155,7 @@ impl PollBackend {
             gso,
             gro,
             gro_batches: 0,
+            #[cfg(target_os = "linux")]
             sparse: [true; 2],
             unicast_skipped: 0,
             #[cfg(test)]
@@ -262,16 +267,6 @@ impl PollBackend {
         }
         let n = self.queued;
         self.queued = 0;
-        // One lone datagram: a plain send_to, without sendmmsg's 32-header setup (a few hundred nanoseconds
-        // of a ping-pong's round trip).
-        if let [Some(b)] = self.sends[..n]
-            && b.count == 1
-        {
-            if self.unicast.send_to(&self.send_bufs[..b.len], b.dest).is_err() {
-                self.send_errors += 1;
-            }
-            return Ok(());
-        }
         self.send_errors += send_batch(
             &self.unicast,
             &self.send_bufs,
@@ -580,6 +575,13 @@ mod linux {
         gso: &mut Gso,
         mmsg: &mut Mmsg,
     ) -> io::Result<u64> {
+        // One lone datagram: a plain sendto, without building the batch's 32 iovecs and sendmmsg's headers
+        // (a few hundred nanoseconds of a ping-pong's round trip).
+        if let [Some(b)] = sends
+            && b.count == 1
+        {
+            return send_one(sock, &bufs[..b.len], b.dest);
+        }
         let fd = sock.as_raw_fd();
         let n = sends.len();
         for (slot, b) in mmsg.addrs.iter_mut().zip(sends) {
@@ -606,6 +608,22 @@ mod linux {
             start = end;
         }
         Ok(errors)
+    }
+
+    /// One datagram with `sendto`, refusals counted as `send_plain` counts them. Returns the datagrams
+    /// refused (0 or 1).
+    fn send_one(sock: &UdpSocket, bytes: &[u8], dest: SocketAddr) -> io::Result<u64> {
+        loop {
+            return match sock.send_to(bytes, dest) {
+                Ok(_) => Ok(0),
+                Err(e) => match Errno::from_raw(e.raw_os_error().unwrap_or(0)) {
+                    Errno::EINTR => continue,
+                    Errno::EAGAIN => Ok(1),
+                    errno if errno.len_hint_is_per_datagram() => Ok(1),
+                    _ => Err(e),
+                },
+            };
+        }
     }
 
     /// One datagram per message. Returns the datagrams refused.
