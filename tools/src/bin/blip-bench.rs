@@ -885,27 +885,41 @@ fn percentiles(h: &Histogram<u64>) -> [f64; 6] {
 /// The raw ping-pong's sockets: the fastest plain path for one datagram at a time, a `send_to` and a
 /// non-blocking `recv` spun on, one system call each (batching calls such as recvmmsg cost more here, with
 /// nothing to batch). The socket layout is a node's: sends leave from the unicast socket, the group's
-/// traffic arrives on the group socket.
+/// traffic arrives on the group socket. Pings and pongs use two ports of the group, so that neither end
+/// receives its own datagrams (Blip's nodes drop theirs in the kernel with a socket filter).
 struct RawPing {
     sockets: blip::net::NodeSockets,
-    group: SocketAddr,
+    /// Where the other end listens.
+    peer: SocketAddr,
 }
 
 impl RawPing {
     /// What the report's backend column says.
     const PATH: &str = "send/recv";
+    /// Port offsets (from `--port`) the pinger and the ponger listen on.
+    const PINGER: u16 = 3;
+    const PONGER: u16 = 4;
 
-    fn open(c: &Common) -> Result<Self> {
-        let mut cfg = SocketConfig { group: SocketAddr::new(c.group, c.port + 3), ..SocketConfig::default() };
+    /// The sockets of the end that listens on `--port` + `listen` and sends to `--port` + `send`.
+    fn open(c: &Common, listen: u16, send: u16) -> Result<Self> {
+        let mut cfg = SocketConfig { group: SocketAddr::new(c.group, c.port + listen), ..SocketConfig::default() };
         if let Some(i) = &c.interface {
             cfg.interface = Interface::Name(i.clone());
         }
         let sockets = blip::net::open(&cfg).map_err(|e| e.to_string())?;
-        Ok(Self { sockets, group: cfg.group })
+        Ok(Self { sockets, peer: SocketAddr::new(c.group, c.port + send) })
     }
 
+    /// Sends one datagram to the other end; one the kernel has no room for is dropped, as raw UDP would (the
+    /// pinger sends again after `RAW_RESEND`).
     fn send(&self, bytes: &[u8]) -> Result<()> {
-        self.sockets.unicast.send_to(bytes, self.group).map(drop).map_err(|e| format!("raw send: {e}"))
+        match self.sockets.unicast.send_to(bytes, self.peer) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => {
+                Ok(())
+            }
+            Err(e) => Err(format!("raw send: {e}")),
+        }
     }
 
     /// One non-blocking read from the group socket (both sockets are non-blocking): `None` when nothing
@@ -934,7 +948,7 @@ fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
     let ponger = std::thread::spawn(move || -> Result<()> {
         pin(&c2.cores, 1);
         if raw {
-            let sock = RawPing::open(&c2)?;
+            let sock = RawPing::open(&c2, RawPing::PONGER, RawPing::PINGER)?;
             r2.store(true, Ordering::SeqCst);
             let mut buf = vec![0u8; c2.size + 1];
             while !s2.load(Ordering::Relaxed) {
@@ -992,7 +1006,7 @@ fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
         let mut raw_sock = None;
         let mut pubsub = None;
         if raw {
-            raw_sock = Some(RawPing::open(c)?);
+            raw_sock = Some(RawPing::open(c, RawPing::PINGER, RawPing::PONGER)?);
         } else {
             let mut b = builder(c, 2)?;
             if c.loss > 0.0 {
