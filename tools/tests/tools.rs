@@ -225,3 +225,13 @@ fn blip_bench_raw_latency_runs_alone() {
     let (status, out) = blip_bench(&["latency", "--raw", "--loss", "0.1", "--count", "10"], Duration::from_secs(30));
     assert_eq!(status.code(), Some(2), "refused as a usage error: {out}");
 }
+
+#[test]
+fn blip_bench_fans_out_to_more_subscribers_than_cores() {
+    // More busy threads than this machine has cores: idle subscribers wait in the kernel (on two cores
+    // that is every run with 4 subscribers) and must still be woken for every message.
+    let (status, out) =
+        blip_bench(&["throughput", "--messages", "20000", "--subscribers", "4", "--json"], Duration::from_secs(60));
+    assert!(status.success(), "{status}\n{out}");
+    assert!(out.contains("\"messages\": 80000, \"expected\": 80000"), "every subscriber gets every message: {out}");
+}

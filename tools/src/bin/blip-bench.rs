@@ -103,6 +103,9 @@ struct ChildArgs {
     /// Index of this subscriber (seeds its loss injector).
     #[arg(long)]
     index: usize,
+    /// Wait in the kernel when idle instead of spinning (see `subscribe`).
+    #[arg(long)]
+    park: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -399,15 +402,21 @@ fn drive(node: &mut Node) -> Result<usize> {
     node.duty_cycle(Some(Duration::ZERO)).map_err(|e| e.to_string())
 }
 
+/// Empty duty cycles in a row before a parking subscriber waits in the kernel, and how long it waits at most.
+const IDLE_SPINS: u32 = 64;
+const IDLE_WAIT: Duration = Duration::from_micros(500);
+
 /// One subscriber: counts messages until `target` (which the publisher may lower when sending for a fixed
 /// time) are delivered or reported lost, then keeps its node alive until `stop`. Returns (delivered,
-/// seconds from the second message to the last, lost).
+/// seconds from the second message to the last, lost). With `park`, a driven node that found nothing to do
+/// for `IDLE_SPINS` cycles in a row waits in the kernel for its next datagram (up to `IDLE_WAIT`).
 fn subscribe(
     c: &Common,
     index: usize,
     target: &AtomicU64,
     stop: &AtomicBool,
     done: &AtomicU64,
+    park: bool,
 ) -> Result<(u64, f64, u64)> {
     let mut b = builder(c, 0)?;
     if c.loss > 0.0 {
@@ -416,12 +425,17 @@ fn subscribe(
     let mut node = build(b, c.threads)?;
     let mut sub = node.subscriber().ok_or("subscriber taken")?;
     let (mut got, mut losses, mut first, mut last) = (0u64, 0u64, None::<Instant>, Instant::now());
+    let mut idle = 0u32;
     let deadline = Instant::now() + Duration::from_secs(300);
     while got + losses < target.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
         if Instant::now() > deadline {
             return Err(format!("subscriber {index} timed out at {got} of {}", target.load(Ordering::Relaxed)));
         }
-        drive(&mut node)?;
+        let work = if park && idle >= IDLE_SPINS {
+            node.duty_cycle(Some(IDLE_WAIT)).map_err(|e| e.to_string())?
+        } else {
+            drive(&mut node)?
+        };
         let before = got;
         sub.poll(usize::MAX, |r| match r {
             Received::Message(_) => {
@@ -436,6 +450,7 @@ fn subscribe(
         if got > before {
             last = Instant::now();
         }
+        idle = if work == 0 && got == before { idle + 1 } else { 0 };
         if c.threads {
             sub.wait(Duration::from_millis(1));
         }
@@ -458,7 +473,7 @@ fn subscriber_child(c: &Common, a: &ChildArgs) -> Result<()> {
     let done = AtomicU64::new(0);
     // Stop as soon as everything is in: the parent learns the result from stdout.
     let r = std::thread::scope(|scope| {
-        let h = scope.spawn(|| subscribe(c, a.index, &target, &stop, &done));
+        let h = scope.spawn(|| subscribe(c, a.index, &target, &stop, &done, a.park));
         while done.load(Ordering::SeqCst) == 0 && !h.is_finished() {
             std::thread::park_timeout(Duration::from_millis(1));
         }
@@ -483,15 +498,18 @@ fn throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
     let (tx, rx) = std::sync::mpsc::channel::<Result<(u64, f64, u64)>>();
     let mut handles = Vec::new();
     let mut children = Vec::new();
+    // More busy threads than cores (the publisher's and one per subscriber): idle subscribers wait in the
+    // kernel, so that spinning ones do not take the publisher's core.
+    let park = !c.threads && a.subscribers + 1 > machine_cpus();
     for s in 0..a.subscribers {
         if a.processes {
-            children.push(spawn_subscriber_process(c, s, n)?);
+            children.push(spawn_subscriber_process(c, s, n, park)?);
             continue;
         }
         let (c2, tx, done, stop, target) = (c.clone(), tx.clone(), done.clone(), stop.clone(), target.clone());
         handles.push(std::thread::spawn(move || {
             pin(&c2.cores, s + 1);
-            let _ = tx.send(subscribe(&c2, s, &target, &stop, &done));
+            let _ = tx.send(subscribe(&c2, s, &target, &stop, &done, park));
         }));
     }
     drop(tx);
@@ -725,7 +743,7 @@ const GSO_SEGMENTS: usize = 64;
 
 /// Plain sockets for the raw path. With `gso` set to a segment size, the sender uses UDP_SEGMENT and the
 /// receiver UDP_GRO; returns whether that worked (else plain sendmmsg/recvmmsg).
-fn spawn_subscriber_process(c: &Common, index: usize, messages: u64) -> Result<std::process::Child> {
+fn spawn_subscriber_process(c: &Common, index: usize, messages: u64, park: bool) -> Result<std::process::Child> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("subscriber-child")
@@ -733,6 +751,7 @@ fn spawn_subscriber_process(c: &Common, index: usize, messages: u64) -> Result<s
         .args(["--backend", &c.backend, "--group", &c.group.to_string(), "--port", &c.port.to_string()])
         .args(["--size", &c.size.to_string(), "--loss", &c.loss.to_string(), "--window", &c.window.to_string()])
         .args(["--mtu", &c.mtu.to_string()])
+        .args(park.then_some("--park"))
         .stdout(std::process::Stdio::piped());
     if !c.cores.is_empty() {
         cmd.arg("--cores").arg(c.cores.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","));
