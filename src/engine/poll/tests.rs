@@ -195,9 +195,12 @@ fn sparse_traffic_is_handed_over_after_one_read() {
         }
         taken.push(rx.receive(Some(Duration::ZERO), &mut |_, _| {}).unwrap());
     }
-    // Loopback delivers within the sender's call, so the whole burst waits in the socket.
+    // Loopback normally delivers within the sender's call, so the rest waits for the second receive ([1, 9]);
+    // a kernel that defers its receive work may split it further, but a turn that stayed at one datagram
+    // would take ten receives.
     if rx.gro() {
-        assert_eq!(taken, [1, 9], "the lone first datagram, then the rest in one receive");
+        assert_eq!(taken[0], 1, "the lone first datagram: {taken:?}");
+        assert!(taken.len() <= 4, "draining after a lone datagram stopped: {taken:?}");
     }
 }
 
