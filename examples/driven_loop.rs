@@ -2,7 +2,8 @@
 //!
 //! A node built with [`NodeBuilder::build_driven`] starts no thread: the application calls
 //! [`Node::duty_cycle`] from its loop, and that loop may send with [`Node::try_send`], straight into the
-//! retransmission window with no ring in between. This suits a pipeline stage that owns its core (pin it
+//! retransmission window, and take deliveries with [`Node::poll`], straight from the protocol's buffers,
+//! with no ring in between either way. This suits a pipeline stage that owns its core (pin it
 //! with `taskset` or your runtime) and wants no other thread of Blip's beside it.
 //!
 //! Here one thread runs both ends: a feed node sends `--messages` ticks of `--size` bytes in bursts, running
@@ -22,6 +23,7 @@
 //! [`NodeBuilder::build_driven`]: blip::NodeBuilder::build_driven
 //! [`Node::duty_cycle`]: blip::Node::duty_cycle
 //! [`Node::try_send`]: blip::Node::try_send
+//! [`Node::poll`]: blip::Node::poll
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -50,7 +52,6 @@ fn run() -> Result<(), String> {
     let build = |name| net.builder().name(name).idle(IdleStrategy::BusySpin).build_driven();
     let mut feed = build("feed").map_err(|e| format!("feed node: {e}"))?;
     let mut reader = build("reader").map_err(|e| format!("reader node: {e}"))?;
-    let mut ticks = reader.subscriber().ok_or("the reader's subscriber was taken")?;
 
     let (start, deadline) = (Instant::now(), Instant::now() + timeout);
     let mut tick = vec![0u8; size];
@@ -76,7 +77,8 @@ fn run() -> Result<(), String> {
         // One pass of each engine: the feed transmits the burst, the reader takes it in and acknowledges.
         feed.duty_cycle(Some(Duration::ZERO)).map_err(|e| format!("feed: {e}"))?;
         reader.duty_cycle(Some(Duration::ZERO)).map_err(|e| format!("reader: {e}"))?;
-        ticks.poll(usize::MAX, |r| match r {
+        // The reader's own loop takes what arrived, with no subscriber ring in between.
+        let taken = reader.poll(usize::MAX, |r| match r {
             Received::Message(m) => {
                 let n = m.payload.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
                 if n != Some(next) || m.payload.len() != size {
@@ -89,6 +91,7 @@ fn run() -> Result<(), String> {
             }
             _ => {}
         });
+        taken.map_err(|e| format!("reader: {e}"))?;
     }
     if let Some(p) = problem {
         return Err(p);

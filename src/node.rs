@@ -34,7 +34,7 @@ use crate::counters::{self, CountersError, Identity, Snapshot};
 use crate::engine::keys::KeyOp;
 use crate::engine::poll::{PollBackend, PollOptions};
 use crate::engine::{
-    Backend, BackendKind, Command, Engine, EngineParts, HELD, HandleShared, IdleStrategy, Inlet, LossInjector,
+    Backend, BackendKind, Command, Direct, Engine, EngineParts, HELD, HandleShared, IdleStrategy, Inlet, LossInjector,
     NodeStats, OUT_HEADER, OUT_LOSS, OUT_MESSAGE, OUT_RUN, Outlet, Shared, Side, TAKEN,
 };
 use crate::envelope::{self, Envelope, RequestId};
@@ -101,6 +101,9 @@ pub enum Error {
     /// The counters socket could not be set up (see [`NodeBuilder::export_counters`]).
     #[error("counters export: {0}")]
     Counters(#[from] CountersError),
+    /// The call needs the thread that drives the node: build it with [`NodeBuilder::build_driven`].
+    #[error("this call needs a node built with build_driven (it has no engine thread to ask)")]
+    NotDriven,
 }
 
 /// What a node set up, for the record.
@@ -931,6 +934,41 @@ impl Node {
             crate::proto::SendError::WouldBlock => SendError::Full,
             crate::proto::SendError::TooLarge { size, max } => SendError::TooLarge { size, max },
         })
+    }
+
+    /// On a node built with [`NodeBuilder::build_driven`], hands what a catch-all [`Subscriber`] would receive
+    /// to `handler`, from the thread that drives the node, straight from the protocol's buffers: no ring
+    /// between, no copy. The receiving twin of [`try_send`](Self::try_send): call it after each
+    /// [`duty_cycle`](Self::duty_cycle). Returns the deliveries handed (messages, losses, events): about
+    /// `max` at most, since a datagram's messages are handed together.
+    ///
+    /// The first call takes over the node's catch-all subscriber if nobody took it: what it holds since the
+    /// node's start comes first ([`Received::BackendChosen`] included), and it is dropped
+    /// ([`subscriber`](Self::subscriber) returns `None` from then on). From then on deliveries wait in the
+    /// protocol for this call; they count against the receive buffer, so a reader that falls behind slows
+    /// the senders, as a full subscriber ring does. While the node has subscribers (taken, or subscribed by
+    /// the builder and not taken) they take every delivery and this hands nothing. The node's own messages
+    /// under [`NodeBuilder::local_delivery`] go to subscribers only. A threaded node refuses with
+    /// [`Error::NotDriven`].
+    pub fn poll(&mut self, max: usize, mut handler: impl FnMut(Received<'_>)) -> Result<usize, Error> {
+        if self.engine.is_none() {
+            return Err(Error::NotDriven);
+        }
+        let mut n = 0;
+        if let Some(mut held) = self.subscriber() {
+            n += held.poll(usize::MAX, &mut handler);
+        }
+        let engine = self.engine.as_mut().expect("checked above");
+        n += engine.take_direct(max.saturating_sub(n), &mut |d| match d {
+            Direct::Message { session, seq, msg } => {
+                if let Some(m) = Message::parse(session, seq, msg) {
+                    handler(Received::Message(m));
+                }
+            }
+            Direct::Loss { session, datagrams, messages } => handler(Received::Loss { session, datagrams, messages }),
+            Direct::Event(e) => handler(Received::Event(e)),
+        });
+        Ok(n)
     }
 
     /// Adds a key to the node's keyring: packets sealed under it are accepted from the engine's next pass on.

@@ -248,6 +248,73 @@ fn direct_sends(backend: BackendChoice) {
     assert_eq!(threaded.try_send(b"x"), Err(blip::SendError::NotDriven));
 }
 
+/// `Node::poll`: the thread that drives a node takes its deliveries straight from the protocol, repaired
+/// and in order, events included, what a catch-all subscriber would get (not messages aimed at another
+/// node), with the reader's pace holding the sender back through a 64-datagram window.
+fn direct_receives(backend: BackendChoice) {
+    const N: u64 = 20_000;
+    let group = unique_group();
+    let mut a = builder(backend, group).window(64).max_message(10_000).build_driven().unwrap();
+    let mut b = builder(backend, group).window(64).inject_loss(0.05, 7).build_driven().unwrap();
+    let mut publisher = a.publisher().unwrap();
+    let b_id = b.info().node_id;
+    let size = |i: u64| if i % 1000 == 999 { 5000 } else { 64 };
+    let (mut sent, mut next, mut joined, mut directed, mut others) = (1u64, 0u64, false, 0, 0);
+    let mut buf = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    // The stream starts once a knows b as a receiver: before that, a's window slides past what b lost.
+    payload(0, size(0), &mut buf);
+    a.try_send(&buf).unwrap();
+    while !a.peer_stats().iter().any(|r| r.role == blip::proto::PeerRole::Receiver && r.counters.position > 0) {
+        assert!(std::time::Instant::now() < deadline, "a never heard from b");
+        a.duty_cycle(Some(Duration::from_millis(1))).unwrap();
+        b.duty_cycle(Some(Duration::from_millis(1))).unwrap();
+    }
+    while next < N || directed < 1 {
+        assert!(std::time::Instant::now() < deadline, "direct receives: {sent} sent, {next} read, {directed} directed");
+        while sent < N {
+            payload(sent, size(sent), &mut buf);
+            match a.try_send(&buf) {
+                Ok(()) => sent += 1,
+                Err(blip::SendError::Full) => break,
+                Err(e) => panic!("direct send {sent}: {e}"),
+            }
+        }
+        if sent == N && next == N && directed == 0 && others == 0 {
+            // After the stream: one message aimed at b, one at another node (not for b's reader).
+            publisher.send_to(b_id ^ 4, "t", b"other").unwrap();
+            publisher.send_to(b_id, "t", b"mine").unwrap();
+            others = 1;
+        }
+        a.duty_cycle(Some(Duration::from_millis(1))).unwrap();
+        b.duty_cycle(Some(Duration::from_millis(1))).unwrap();
+        b.poll(4096, |r| match r {
+            Received::Message(m) if m.is_directed() => {
+                assert_eq!(m.payload, b"mine", "a message aimed at another node reached b's reader");
+                directed += 1;
+            }
+            Received::Message(m) => {
+                assert_eq!(m.seq, next);
+                assert_eq!(m.payload.len(), size(m.seq), "message {}", m.seq);
+                assert!(check_payload(m.seq, m.payload), "message {} corrupted", m.seq);
+                next += 1;
+            }
+            Received::Loss { datagrams, .. } => panic!("an unrepaired loss under 5 % injected loss: {datagrams:?}"),
+            Received::Event(Event::SenderJoined { .. }) => joined = true,
+            _ => {}
+        })
+        .unwrap();
+    }
+    assert!(joined, "no SenderJoined event reached the reader");
+    // Statistics are published every few cycles: run some until they show the repairs.
+    while b.stats().protocol.naks_sent == 0 {
+        assert!(std::time::Instant::now() < deadline, "5 % injected loss and no repair asked for");
+        b.duty_cycle(Some(Duration::from_millis(1))).unwrap();
+    }
+    let mut threaded = builder(backend, unique_group()).build().unwrap();
+    assert!(matches!(threaded.poll(1, |_| {}), Err(blip::Error::NotDriven)));
+}
+
 /// A direct send that first finds the window held by a stalled receiver times `DropAfter` from then, not
 /// from the node's last duty cycle: the application may have run for longer than the limit in between.
 fn direct_send_times_a_stall_from_the_send(backend: BackendChoice) {
@@ -433,6 +500,12 @@ macro_rules! suite {
             fn direct_sends_from_the_driving_thread() {
                 if $available {
                     direct_sends($choice)
+                }
+            }
+            #[test]
+            fn direct_receives_from_the_driving_thread() {
+                if $available {
+                    direct_receives($choice)
                 }
             }
             #[test]

@@ -166,6 +166,16 @@ fn catch_all_takes(topic: &str, node_id: u64) -> bool {
     topic::private_owner(topic).is_none_or(|owner| owner == node_id)
 }
 
+/// A delivery handed straight to the thread that drives a node ([`Engine::take_direct`]).
+pub(crate) enum Direct<'a> {
+    /// A message, envelope included, borrowed from the protocol's buffers.
+    Message { session: u64, seq: u64, msg: &'a [u8] },
+    /// Messages that can no longer be repaired.
+    Loss { session: u64, datagrams: std::ops::Range<u64>, messages: Option<std::ops::Range<u64>> },
+    /// A protocol event.
+    Event(Event),
+}
+
 /// What application threads ask of a running engine.
 pub(crate) enum Command {
     /// A new publisher.
@@ -304,6 +314,9 @@ pub(crate) struct Engine {
     /// Direct sends delivered locally since subscribers were last woken: they are woken once, at the next
     /// cycle, not once per message (each wake is a full fence per subscriber).
     own_unannounced: bool,
+    /// The driving thread takes deliveries itself (`Node::poll`): with no subscriber, they wait in the
+    /// protocol for it instead of being discarded.
+    direct_reader: bool,
 }
 
 #[derive(Default)]
@@ -370,6 +383,7 @@ impl Engine {
             members_changed: false,
             own_scratch: Vec::new(),
             own_unannounced: false,
+            direct_reader: false,
         }
     }
 
@@ -535,6 +549,50 @@ impl Engine {
         n
     }
 
+    /// Hands up to about `max` deliveries (a datagram's messages go together, so a run may pass `max`)
+    /// straight from the protocol to `f`, as a catch-all subscriber would get them: no ring, no copy. From
+    /// the first call on, deliveries wait in the protocol for this call when the node has no subscriber;
+    /// while it has subscribers, they take them and this hands nothing. Returns the deliveries handed.
+    pub(crate) fn take_direct(&mut self, max: usize, f: &mut dyn FnMut(Direct<'_>)) -> usize {
+        self.direct_reader = true;
+        // A subscriber dropped since the last cycle (the catch-all `Node::poll` took over) takes nothing more.
+        self.router.outlets.retain(|o| !o.shared.gone.load(Ordering::Acquire));
+        if !self.router.outlets.is_empty() {
+            return 0;
+        }
+        let mut n = 0;
+        while n < max {
+            let Some(d) = self.endpoint.recv_batch() else { break };
+            match d {
+                Batch::Run(run) => {
+                    for m in run.messages() {
+                        if self.router.catch_all_accepts(m.payload) {
+                            f(Direct::Message { session: m.session, seq: m.seq, msg: m.payload });
+                        }
+                        n += 1;
+                    }
+                }
+                Batch::One(Delivery::Message(m)) => {
+                    if self.router.catch_all_accepts(m.payload) {
+                        f(Direct::Message { session: m.session, seq: m.seq, msg: m.payload });
+                    }
+                    n += 1;
+                }
+                Batch::One(Delivery::Loss { session, datagrams, messages }) => {
+                    f(Direct::Loss { session, datagrams, messages });
+                    n += 1;
+                }
+            }
+        }
+        while n < max {
+            let Some(e) = self.endpoint.poll_event() else { break };
+            self.members_changed |= is_membership(&e);
+            f(Direct::Event(e));
+            n += 1;
+        }
+        n
+    }
+
     /// Sends the message `head` followed by `body` straight into the protocol, from the thread that drives
     /// this engine: no ring between, so one copy fewer than a publisher's. It goes out at the next transmit
     /// (the next duty cycle). The clock is read only if a slow receiver holds the window (its wait is timed
@@ -575,6 +633,9 @@ impl Engine {
     fn deliver(&mut self) -> usize {
         let mut n = 0;
         if self.router.outlets.is_empty() {
+            if self.direct_reader {
+                return 0; // left for `take_direct`
+            }
             // Nobody listens: deliveries are consumed and discarded, so this node never holds senders back.
             while self.endpoint.recv().is_some() {
                 n += 1;
@@ -886,6 +947,21 @@ impl Router {
         }
         let record = Producer::record_size(OUT_HEADER + run.frames.len());
         if filtered { per_message(self).max(record) } else { record }
+    }
+
+    /// Whether a catch-all subscriber takes this message (counted as `route` counts what nobody takes).
+    fn catch_all_accepts(&mut self, msg: &[u8]) -> bool {
+        // A plain envelope (two zero bytes), as in `route_run`.
+        if msg.starts_with(&[0, 0]) {
+            return true;
+        }
+        match Envelope::parse(msg) {
+            Err(_) => self.counters.bad_envelope += 1,
+            Ok((env, _)) if env.target.is_some_and(|t| t != self.node_id) => self.counters.not_addressed += 1,
+            Ok((env, _)) if !catch_all_takes(env.topic, self.node_id) => self.counters.unmatched += 1,
+            Ok(_) => return true,
+        }
+        false
     }
 
     /// Copies one message to every subscriber whose filter selects it. The caller has checked

@@ -235,3 +235,13 @@ fn blip_bench_fans_out_to_more_subscribers_than_cores() {
     assert!(status.success(), "{status}\n{out}");
     assert!(out.contains("\"messages\": 80000, \"expected\": 80000"), "every subscriber gets every message: {out}");
 }
+
+#[test]
+fn blip_bench_direct_receive_delivers_every_message() {
+    // Subscribers that take deliveries with Node::poll, four of them (idle ones parking on two cores).
+    let args = ["throughput", "--messages", "20000", "--subscribers", "4", "--direct-receive", "--json"];
+    let (status, out) = blip_bench(&args, Duration::from_secs(60));
+    assert!(status.success(), "{status}\n{out}");
+    assert!(out.contains("direct-recv"), "{out}");
+    assert!(out.contains("\"messages\": 80000, \"expected\": 80000"), "every subscriber gets every message: {out}");
+}

@@ -106,6 +106,9 @@ struct ChildArgs {
     /// Wait in the kernel when idle instead of spinning (see `subscribe`).
     #[arg(long)]
     park: bool,
+    /// Take deliveries with `Node::poll` (see `subscribe`).
+    #[arg(long)]
+    direct_receive: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -136,6 +139,10 @@ struct ThroughputArgs {
     /// application and the engine) instead of through a `Publisher`.
     #[arg(long, conflicts_with = "claim")]
     direct: bool,
+    /// Subscribers take their deliveries with `Node::poll` from the thread that drives their node (no ring
+    /// between the engine and the application) instead of through a `Subscriber`.
+    #[arg(long)]
+    direct_receive: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -223,6 +230,7 @@ fn main() -> ExitCode {
             processes: false,
             claim: false,
             direct: false,
+            direct_receive: false,
         },
         count: 50_000,
         runs: 3,
@@ -409,7 +417,8 @@ const IDLE_WAIT: Duration = Duration::from_micros(500);
 /// One subscriber: counts messages until `target` (which the publisher may lower when sending for a fixed
 /// time) are delivered or reported lost, then keeps its node alive until `stop`. Returns (delivered,
 /// seconds from the second message to the last, lost). With `park`, a driven node that found nothing to do
-/// for `IDLE_SPINS` cycles in a row waits in the kernel for its next datagram (up to `IDLE_WAIT`).
+/// for `IDLE_SPINS` cycles in a row waits in the kernel for its next datagram (up to `IDLE_WAIT`). With
+/// `direct_receive`, the thread takes deliveries with `Node::poll` instead of a `Subscriber`.
 fn subscribe(
     c: &Common,
     index: usize,
@@ -417,13 +426,14 @@ fn subscribe(
     stop: &AtomicBool,
     done: &AtomicU64,
     park: bool,
+    direct_receive: bool,
 ) -> Result<(u64, f64, u64)> {
     let mut b = builder(c, 0)?;
     if c.loss > 0.0 {
         b = b.inject_loss(c.loss, 1000 + index as u64);
     }
     let mut node = build(b, c.threads)?;
-    let mut sub = node.subscriber().ok_or("subscriber taken")?;
+    let mut sub = if direct_receive { None } else { Some(node.subscriber().ok_or("subscriber taken")?) };
     let (mut got, mut losses, mut first, mut last) = (0u64, 0u64, None::<Instant>, Instant::now());
     let mut idle = 0u32;
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -437,7 +447,7 @@ fn subscribe(
             drive(&mut node)?
         };
         let before = got;
-        sub.poll(usize::MAX, |r| match r {
+        let mut handle = |r: Received<'_>| match r {
             Received::Message(_) => {
                 got += 1;
                 if got == 2 {
@@ -446,14 +456,22 @@ fn subscribe(
             }
             Received::Loss { messages: Some(m), .. } => losses += m.end - m.start,
             _ => {}
-        });
+        };
+        match sub.as_mut() {
+            Some(sub) => {
+                sub.poll(usize::MAX, &mut handle);
+                if c.threads {
+                    sub.wait(Duration::from_millis(1));
+                }
+            }
+            None => {
+                node.poll(usize::MAX, &mut handle).map_err(|e| e.to_string())?;
+            }
+        }
         if got > before {
             last = Instant::now();
         }
         idle = if work == 0 && got == before { idle + 1 } else { 0 };
-        if c.threads {
-            sub.wait(Duration::from_millis(1));
-        }
     }
     let secs = first.map(|f| (last - f).as_secs_f64()).unwrap_or(0.0);
     done.fetch_add(1, Ordering::SeqCst);
@@ -473,7 +491,7 @@ fn subscriber_child(c: &Common, a: &ChildArgs) -> Result<()> {
     let done = AtomicU64::new(0);
     // Stop as soon as everything is in: the parent learns the result from stdout.
     let r = std::thread::scope(|scope| {
-        let h = scope.spawn(|| subscribe(c, a.index, &target, &stop, &done, a.park));
+        let h = scope.spawn(|| subscribe(c, a.index, &target, &stop, &done, a.park, a.direct_receive));
         while done.load(Ordering::SeqCst) == 0 && !h.is_finished() {
             std::thread::park_timeout(Duration::from_millis(1));
         }
@@ -488,8 +506,10 @@ fn throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
     if a.processes && a.seconds.is_some() {
         return Err("--seconds works with subscribers in threads only; use --messages with --processes".into());
     }
-    if a.direct && c.threads {
-        return Err("--direct sends from the thread that drives the node; it does not go with --threads".into());
+    if (a.direct || a.direct_receive) && c.threads {
+        return Err(
+            "--direct and --direct-receive use the thread that drives the node; they do not go with --threads".into()
+        );
     }
     let n = if a.seconds.is_some() { u64::MAX } else { a.messages.max(2) };
     let target = Arc::new(AtomicU64::new(n));
@@ -501,15 +521,16 @@ fn throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
     // More busy threads than cores (the publisher's and one per subscriber): idle subscribers wait in the
     // kernel, so that spinning ones do not take the publisher's core.
     let park = !c.threads && a.subscribers + 1 > machine_cpus();
+    let direct_receive = a.direct_receive;
     for s in 0..a.subscribers {
         if a.processes {
-            children.push(spawn_subscriber_process(c, s, n, park)?);
+            children.push(spawn_subscriber_process(c, s, n, park, a.direct_receive)?);
             continue;
         }
         let (c2, tx, done, stop, target) = (c.clone(), tx.clone(), done.clone(), stop.clone(), target.clone());
         handles.push(std::thread::spawn(move || {
             pin(&c2.cores, s + 1);
-            let _ = tx.send(subscribe(&c2, s, &target, &stop, &done, park));
+            let _ = tx.send(subscribe(&c2, s, &target, &stop, &done, park, direct_receive));
         }));
     }
     drop(tx);
@@ -615,7 +636,13 @@ fn throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
     stop.store(true, Ordering::SeqCst);
     let stats = node.stats();
     let mut row = Row {
-        name: format!("blip {}B 1->{}{}", c.size, a.subscribers, if a.direct { " direct" } else { "" }),
+        name: format!(
+            "blip {}B 1->{}{}{}",
+            c.size,
+            a.subscribers,
+            if a.direct { " direct" } else { "" },
+            if a.direct_receive { " direct-recv" } else { "" }
+        ),
         backend,
         expected: n * a.subscribers as u64,
         naks: stats.protocol.naks_received,
@@ -743,7 +770,13 @@ const GSO_SEGMENTS: usize = 64;
 
 /// Plain sockets for the raw path. With `gso` set to a segment size, the sender uses UDP_SEGMENT and the
 /// receiver UDP_GRO; returns whether that worked (else plain sendmmsg/recvmmsg).
-fn spawn_subscriber_process(c: &Common, index: usize, messages: u64, park: bool) -> Result<std::process::Child> {
+fn spawn_subscriber_process(
+    c: &Common,
+    index: usize,
+    messages: u64,
+    park: bool,
+    direct_receive: bool,
+) -> Result<std::process::Child> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("subscriber-child")
@@ -752,6 +785,7 @@ fn spawn_subscriber_process(c: &Common, index: usize, messages: u64, park: bool)
         .args(["--size", &c.size.to_string(), "--loss", &c.loss.to_string(), "--window", &c.window.to_string()])
         .args(["--mtu", &c.mtu.to_string()])
         .args(park.then_some("--park"))
+        .args(direct_receive.then_some("--direct-receive"))
         .stdout(std::process::Stdio::piped());
     if !c.cores.is_empty() {
         cmd.arg("--cores").arg(c.cores.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","));
