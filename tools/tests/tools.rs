@@ -245,3 +245,15 @@ fn blip_bench_direct_receive_delivers_every_message() {
     assert!(out.contains("direct-recv"), "{out}");
     assert!(out.contains("\"messages\": 80000, \"expected\": 80000"), "every subscriber gets every message: {out}");
 }
+
+#[test]
+fn blip_bench_direct_latency_runs() {
+    // Ping-pong with Node::try_send and Node::poll on both ends: every round trip completes.
+    let (status, out) =
+        blip_bench(&["latency", "--direct", "--count", "300", "--warmup", "30", "--json"], Duration::from_secs(60));
+    assert!(status.success(), "{status}\n{out}");
+    assert!(out.contains("\"name\": \"blip latency 64B direct\""), "{out}");
+    assert!(out.contains("\"messages\": 300, \"expected\": 300"), "{out}");
+    let (status, out) = blip_bench(&["--threads", "latency", "--direct", "--count", "10"], Duration::from_secs(30));
+    assert!(!status.success(), "--direct with --threads must be refused: {out}");
+}

@@ -16,7 +16,7 @@ use blip::engine::Backend;
 use blip::engine::poll::PollBackend;
 use blip::net::{Interface, SocketConfig};
 use blip::proto::{Cipher, Event, KEY_LEN, Keyring};
-use blip::{BackendChoice, IdleStrategy, Node, NodeBuilder, Received};
+use blip::{BackendChoice, IdleStrategy, Node, NodeBuilder, Publisher, Received, Subscriber};
 use clap::{Args, Parser, Subcommand};
 use hdrhistogram::Histogram;
 
@@ -170,6 +170,10 @@ struct LatencyArgs {
     /// reliability: the machine's ceiling that `compare` sets Blip's latency against.
     #[arg(long)]
     raw: bool,
+    /// Send with `Node::try_send` and read with `Node::poll` from the thread that drives each node (no
+    /// rings) instead of through a `Publisher` and a `Subscriber`.
+    #[arg(long, conflicts_with = "raw")]
+    direct: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -935,6 +939,42 @@ fn percentiles(h: &Histogram<u64>) -> [f64; 6] {
     [q(0.5), q(0.9), q(0.99), q(0.999), q(0.9999), h.max() as f64 / 1000.0]
 }
 
+/// How a Blip end of the ping-pong sends and reads: through a `Publisher` and a `Subscriber`, or with
+/// `Node::try_send` and `Node::poll` from the thread that drives the node (`latency --direct`).
+enum PingEnd {
+    Rings(Publisher, Subscriber),
+    Direct,
+}
+
+impl PingEnd {
+    fn new(node: &mut Node, direct: bool) -> Result<Self> {
+        if direct {
+            return Ok(PingEnd::Direct);
+        }
+        let p = node.publisher().ok_or("publisher taken")?;
+        let s = node.subscriber().ok_or("subscriber taken")?;
+        Ok(PingEnd::Rings(p, s))
+    }
+
+    /// Whether the message was taken (not: the ring or window is full).
+    fn try_send(&mut self, node: &mut Node, msg: &[u8]) -> bool {
+        match self {
+            PingEnd::Rings(p, _) => p.try_send(msg).is_ok(),
+            PingEnd::Direct => node.try_send(msg).is_ok(),
+        }
+    }
+
+    fn poll(&mut self, node: &mut Node, f: impl FnMut(Received<'_>)) -> Result<()> {
+        match self {
+            PingEnd::Rings(_, s) => {
+                s.poll(64, f);
+                Ok(())
+            }
+            PingEnd::Direct => node.poll(64, f).map(drop).map_err(|e| e.to_string()),
+        }
+    }
+}
+
 /// The raw ping-pong's sockets: the fastest plain path for one datagram at a time, a `send_to` and a
 /// non-blocking `recv` spun on, one system call each (batching calls such as recvmmsg cost more here, with
 /// nothing to batch). The socket layout is a node's: sends leave from the unicast socket, the group's
@@ -993,11 +1033,14 @@ const RAW_RESEND: Duration = Duration::from_millis(100);
 
 /// Ping-pong between two nodes (the ponger in a second thread); raw = plain sockets instead of Blip.
 fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
+    if a.direct && c.threads {
+        return Err("--direct uses the thread that drives each node; it does not go with --threads".into());
+    }
     let stop = Arc::new(AtomicBool::new(false));
     // The ponger's sockets are open (its group joined) before the first ping: raw UDP would lose a ping
     // sent earlier.
     let ready = Arc::new(AtomicBool::new(false));
-    let (c2, s2, r2) = (c.clone(), stop.clone(), ready.clone());
+    let (c2, s2, r2, direct) = (c.clone(), stop.clone(), ready.clone(), a.direct);
     let ponger = std::thread::spawn(move || -> Result<()> {
         pin(&c2.cores, 1);
         if raw {
@@ -1015,14 +1058,13 @@ fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
             return Ok(());
         }
         let mut node = build(builder(&c2, 2)?.stream(0), c2.threads)?;
-        let mut p = node.publisher().ok_or("publisher taken")?;
-        let mut s = node.subscriber().ok_or("subscriber taken")?;
+        let mut end = PingEnd::new(&mut node, direct)?;
         r2.store(true, Ordering::SeqCst);
         let mut reply = vec![0u8; c2.size];
         while !s2.load(Ordering::Relaxed) {
             drive(&mut node)?;
             let mut pending = false;
-            s.poll(64, |r| {
+            end.poll(&mut node, |r| {
                 if let Received::Message(m) = r
                     && m.payload.first() == Some(&b'P')
                 {
@@ -1030,9 +1072,9 @@ fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
                     reply[0] = b'R';
                     pending = true;
                 }
-            });
+            })?;
             if pending {
-                while p.try_send(&reply).is_err() {
+                while !end.try_send(&mut node, &reply) {
                     drive(&mut node)?;
                 }
                 drive(&mut node)?;
@@ -1066,9 +1108,7 @@ fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
                 b = b.inject_loss(c.loss, 77);
             }
             let mut node = build(b, c.threads)?;
-            let p = node.publisher().ok_or("publisher taken")?;
-            let s = node.subscriber().ok_or("subscriber taken")?;
-            pubsub = Some((p, s));
+            pubsub = Some(PingEnd::new(&mut node, a.direct)?);
             node_opt = Some(node);
         }
         let backend = node_opt.as_ref().map(|n| n.info().backend.to_string()).unwrap_or(RawPing::PATH.into());
@@ -1109,8 +1149,8 @@ fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
                 }
             } else {
                 let node = node_opt.as_mut().unwrap();
-                let (p, s) = pubsub.as_mut().unwrap();
-                while p.try_send(&msg).is_err() {
+                let end = pubsub.as_mut().unwrap();
+                while !end.try_send(node, &msg) {
                     drive(node)?;
                 }
                 while !got {
@@ -1118,11 +1158,11 @@ fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
                         return Err(format!("no pong for ping {i} in 5 s"));
                     }
                     drive(node)?;
-                    s.poll(64, |r| {
+                    end.poll(node, |r| {
                         if let Received::Message(m) = r {
                             got |= m.payload.first() == Some(&b'R') && m.payload[1..9] == i.to_le_bytes();
                         }
-                    });
+                    })?;
                 }
             }
             let end = Instant::now();
@@ -1144,9 +1184,10 @@ fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
     ponged?;
     Ok(Row {
         name: format!(
-            "{} latency {}B{}",
+            "{} latency {}B{}{}",
             if raw { "raw" } else { "blip" },
             c.size,
+            if a.direct { " direct" } else { "" },
             if a.rate > 0 { format!(" @{}/s", a.rate) } else { String::new() }
         ),
         backend,
@@ -1195,7 +1236,7 @@ fn compare(c: &Common, a: &CompareArgs) -> Result<Vec<Row>> {
     }
     rows.insert(0, raw);
     if a.count > 0 {
-        let la = LatencyArgs { count: a.count, warmup: a.count / 10, rate: 0, raw: false };
+        let la = LatencyArgs { count: a.count, warmup: a.count / 10, rate: 0, raw: false, direct: false };
         // The poll backend's latency beside io_uring's when the choice was left to the probe: io_uring hands
         // a datagram over through the kernel's deferred task work, which costs a round trip microseconds here
         // (README, Performance), so a latency-bound user may choose poll.
