@@ -3,7 +3,7 @@
 //! A node built with [`NodeBuilder::build_driven`] starts no thread: the application calls
 //! [`Node::duty_cycle`] from its loop, and that loop may send with [`Node::try_send`], straight into the
 //! retransmission window, and take deliveries with [`Node::poll`], straight from the protocol's buffers,
-//! with no ring in between either way. This suits a pipeline stage that owns its core (pin it
+//! with no ring in between either way (`NodeBuilder::direct_receive`). This suits a pipeline stage that owns its core (pin it
 //! with `taskset` or your runtime) and wants no other thread of Blip's beside it.
 //!
 //! Here one thread runs both ends: a feed node sends `--messages` ticks of `--size` bytes in bursts, running
@@ -49,9 +49,10 @@ fn run() -> Result<(), String> {
         return Err("--size must be at least 8 (each tick carries its number)".into());
     }
     // Busy-spin: a duty cycle with nothing to do returns at once instead of waiting in the kernel.
-    let build = |name| net.builder().name(name).idle(IdleStrategy::BusySpin).build_driven();
-    let mut feed = build("feed").map_err(|e| format!("feed node: {e}"))?;
-    let mut reader = build("reader").map_err(|e| format!("reader node: {e}"))?;
+    let builder = |name| net.builder().name(name).idle(IdleStrategy::BusySpin);
+    let mut feed = builder("feed").build_driven().map_err(|e| format!("feed node: {e}"))?;
+    // The reader's deliveries go to its own loop (`Node::poll`), not to a subscriber.
+    let mut reader = builder("reader").direct_receive().build_driven().map_err(|e| format!("reader node: {e}"))?;
 
     let (start, deadline) = (Instant::now(), Instant::now() + timeout);
     let mut tick = vec![0u8; size];

@@ -101,6 +101,10 @@ pub enum Error {
     /// The counters socket could not be set up (see [`NodeBuilder::export_counters`]).
     #[error("counters export: {0}")]
     Counters(#[from] CountersError),
+    /// [`Node::poll`] and subscribers exclude each other: a call that needs one on a node set up for the
+    /// other (see [`NodeBuilder::direct_receive`]).
+    #[error("{0}")]
+    DirectReceive(&'static str),
     /// The call needs the thread that drives the node: build it with [`NodeBuilder::build_driven`].
     #[error("this call needs a node built with build_driven (it has no engine thread to ask)")]
     NotDriven,
@@ -139,6 +143,7 @@ pub struct NodeBuilder {
     ring_bytes: Option<usize>,
     session: Option<u64>,
     local_delivery: bool,
+    direct_receive: bool,
     local_only: bool,
     /// Filters subscribed from the start.
     subscriptions: Vec<String>,
@@ -161,6 +166,7 @@ impl Default for NodeBuilder {
             local_delivery: false,
             local_only: false,
             subscriptions: Vec::new(),
+            direct_receive: false,
             counters_dir: None,
         }
     }
@@ -304,6 +310,16 @@ impl NodeBuilder {
         self
     }
 
+    /// For [`build_driven`](Self::build_driven): the thread that drives the node takes every delivery itself
+    /// with [`Node::poll`], straight from the protocol's buffers, with no subscriber ring. Such a node has no
+    /// subscribers: [`Node::subscriber`] returns `None`; [`Node::subscribe`], [`Node::requester`], builder
+    /// subscriptions and [`local_delivery`](Self::local_delivery) are refused with
+    /// [`Error::DirectReceive`], and so is [`build`](Self::build).
+    pub fn direct_receive(mut self) -> Self {
+        self.direct_receive = true;
+        self
+    }
+
     /// Subscribes to `filter` from the node's start, before it announces itself to the group, so that no
     /// message on those topics can arrive before the subscription exists (a request to every member, for
     /// example). Take the subscriber with [`Node::subscribe`] and the same filter. A filter that is not
@@ -381,6 +397,9 @@ impl NodeBuilder {
 
     /// Opens the sockets, chooses the backend and starts the engine thread.
     pub fn build(self) -> Result<Node, Error> {
+        if self.direct_receive {
+            return Err(Error::DirectReceive("Node::poll runs on the thread that drives the node: use build_driven"));
+        }
         if self.local_only {
             return self.build_local();
         }
@@ -481,6 +500,12 @@ impl NodeBuilder {
     /// Like [`build`](Self::build), but spawns no thread: the caller drives the engine with
     /// [`Node::duty_cycle`] from the thread that called this. Pinning is the caller's business.
     pub fn build_driven(self) -> Result<Node, Error> {
+        if self.direct_receive && (self.local_delivery || !self.subscriptions.is_empty() || self.local_only) {
+            return Err(Error::DirectReceive(
+                "a node that reads with Node::poll has no subscribers: no builder subscriptions, local delivery \
+                 or local-only node",
+            ));
+        }
         let (mut protocol, kind, reason, session) = self.prepare()?;
         let sockets = net::open(&self.sockets)?;
         ignore_own_packets(&sockets, session);
@@ -500,7 +525,12 @@ impl NodeBuilder {
             sockets: report,
         };
         let identity = identity(&info, &protocol);
-        self.finish(Node::assemble(info, identity, handles, None, Some(engine)))
+        let mut node = Node::assemble(info, identity, handles, None, Some(engine));
+        if self.direct_receive {
+            node.subscriber = None;
+            node.direct_receive = true;
+        }
+        self.finish(node)
     }
 
     fn channels(&self, protocol: Config, session: u64) -> Result<(EngineParts, Handles), Error> {
@@ -536,6 +566,7 @@ impl NodeBuilder {
             preset: preset_outlets,
             commands: commands_rx,
             local_delivery: self.local_delivery,
+            direct_reader: self.direct_receive,
             shared,
             group: self.sockets.group,
             loss: self.loss.map(|(p, seed)| LossInjector::new(p, seed)),
@@ -788,6 +819,8 @@ pub struct Node {
     engine: Option<Engine>,
     identity: Identity,
     counters: Option<counters::Server>,
+    /// Built with `NodeBuilder::direct_receive`: deliveries go to `Node::poll`, and there are no subscribers.
+    direct_receive: bool,
 }
 
 impl Node {
@@ -813,6 +846,7 @@ impl Node {
             engine,
             identity,
             counters: None,
+            direct_receive: false,
         }
     }
 
@@ -853,6 +887,9 @@ impl Node {
     /// node's start. Otherwise a new one receives the messages that arrive after this returns (on a node
     /// built with `build_driven`: after the next duty cycle).
     pub fn subscribe(&mut self, filter: &str) -> Result<Subscriber, Error> {
+        if self.direct_receive {
+            return Err(Error::DirectReceive("this node's deliveries go to Node::poll (NodeBuilder::direct_receive)"));
+        }
         if let Some(i) = self.preset.iter().position(|(f, _)| f == filter) {
             let (_, sub) = self.preset.swap_remove(i);
             // A preset nobody took while its ring filled was given up: make a fresh one instead.
@@ -936,30 +973,26 @@ impl Node {
         })
     }
 
-    /// On a node built with [`NodeBuilder::build_driven`], hands what a catch-all [`Subscriber`] would receive
-    /// to `handler`, from the thread that drives the node, straight from the protocol's buffers: no ring
-    /// between, no copy. The receiving twin of [`try_send`](Self::try_send): call it after each
-    /// [`duty_cycle`](Self::duty_cycle). Returns the deliveries handed (messages, losses, events): about
-    /// `max` at most, since a datagram's messages are handed together.
+    /// On a node built with [`NodeBuilder::direct_receive`] and [`NodeBuilder::build_driven`], hands what a
+    /// catch-all [`Subscriber`] would receive to `handler`, from the thread that drives the node, straight
+    /// from the protocol's buffers: no ring between, no copy. The receiving twin of
+    /// [`try_send`](Self::try_send): call it after each [`duty_cycle`](Self::duty_cycle). Returns the
+    /// messages and losses handed: about `max` at most (a datagram's messages are handed together; 0 hands
+    /// nothing), and every pending event besides.
     ///
-    /// The first call takes over the node's catch-all subscriber if nobody took it: what it holds since the
-    /// node's start comes first ([`Received::BackendChosen`] included), and it is dropped
-    /// ([`subscriber`](Self::subscriber) returns `None` from then on). From then on deliveries wait in the
-    /// protocol for this call; they count against the receive buffer, so a reader that falls behind slows
-    /// the senders, as a full subscriber ring does. While the node has subscribers (taken, or subscribed by
-    /// the builder and not taken) they take every delivery and this hands nothing. The node's own messages
-    /// under [`NodeBuilder::local_delivery`] go to subscribers only. A threaded node refuses with
-    /// [`Error::NotDriven`].
+    /// Deliveries wait in the protocol for this call and count against the node's receive buffer: a reader
+    /// that falls behind holds the senders back, as a full subscriber ring does (under the default
+    /// [`SlowReceiverPolicy`]). The backend's choice is in [`info`](Self::info), not handed here. Refused
+    /// with [`Error::NotDriven`] on a threaded node and [`Error::DirectReceive`] on a node without
+    /// `direct_receive`.
     pub fn poll(&mut self, max: usize, mut handler: impl FnMut(Received<'_>)) -> Result<usize, Error> {
-        if self.engine.is_none() {
-            return Err(Error::NotDriven);
+        let Some(engine) = self.engine.as_mut() else { return Err(Error::NotDriven) };
+        if !self.direct_receive {
+            return Err(Error::DirectReceive(
+                "build the node with NodeBuilder::direct_receive to read with Node::poll",
+            ));
         }
-        let mut n = 0;
-        if let Some(mut held) = self.subscriber() {
-            n += held.poll(usize::MAX, &mut handler);
-        }
-        let engine = self.engine.as_mut().expect("checked above");
-        n += engine.take_direct(max.saturating_sub(n), &mut |d| match d {
+        Ok(engine.take_direct(max, &mut |d| match d {
             Direct::Message { session, seq, msg } => {
                 if let Some(m) = Message::parse(session, seq, msg) {
                     handler(Received::Message(m));
@@ -967,8 +1000,7 @@ impl Node {
             }
             Direct::Loss { session, datagrams, messages } => handler(Received::Loss { session, datagrams, messages }),
             Direct::Event(e) => handler(Received::Event(e)),
-        });
-        Ok(n)
+        }))
     }
 
     /// Adds a key to the node's keyring: packets sealed under it are accepted from the engine's next pass on.

@@ -255,7 +255,9 @@ fn direct_receives(backend: BackendChoice) {
     const N: u64 = 20_000;
     let group = unique_group();
     let mut a = builder(backend, group).window(64).max_message(10_000).build_driven().unwrap();
-    let mut b = builder(backend, group).window(64).inject_loss(0.05, 7).build_driven().unwrap();
+    let mut b = builder(backend, group).window(64).inject_loss(0.05, 7).direct_receive().build_driven().unwrap();
+    assert!(b.subscriber().is_none(), "a direct reader's node has no catch-all subscriber");
+    assert!(matches!(b.subscribe("t"), Err(blip::Error::DirectReceive(_))));
     let mut publisher = a.publisher().unwrap();
     let b_id = b.info().node_id;
     let size = |i: u64| if i % 1000 == 999 { 5000 } else { 64 };
@@ -265,10 +267,20 @@ fn direct_receives(backend: BackendChoice) {
     // The stream starts once a knows b as a receiver: before that, a's window slides past what b lost.
     payload(0, size(0), &mut buf);
     a.try_send(&buf).unwrap();
+    // (b acknowledges what its reader took: message 0 is read here.)
     while !a.peer_stats().iter().any(|r| r.role == blip::proto::PeerRole::Receiver && r.counters.position > 0) {
         assert!(std::time::Instant::now() < deadline, "a never heard from b");
         a.duty_cycle(Some(Duration::from_millis(1))).unwrap();
         b.duty_cycle(Some(Duration::from_millis(1))).unwrap();
+        b.poll(usize::MAX, |r| match r {
+            Received::Message(m) => {
+                assert_eq!((m.seq, next), (0, 0));
+                next = 1;
+            }
+            Received::Event(Event::SenderJoined { .. }) => joined = true,
+            _ => {}
+        })
+        .unwrap();
     }
     while next < N || directed < 1 {
         assert!(std::time::Instant::now() < deadline, "direct receives: {sent} sent, {next} read, {directed} directed");
@@ -306,13 +318,19 @@ fn direct_receives(backend: BackendChoice) {
         .unwrap();
     }
     assert!(joined, "no SenderJoined event reached the reader");
-    // Statistics are published every few cycles: run some until they show the repairs.
-    while b.stats().protocol.naks_sent == 0 {
-        assert!(std::time::Instant::now() < deadline, "5 % injected loss and no repair asked for");
+    // Statistics are published every few cycles: run some until they show the repairs and the refusal.
+    while b.stats().protocol.naks_sent == 0 || b.stats().not_addressed == 0 {
+        assert!(std::time::Instant::now() < deadline, "no repair asked for, or the refusal not counted");
         b.duty_cycle(Some(Duration::from_millis(1))).unwrap();
     }
+    assert_eq!(b.stats().not_addressed, 1, "the message aimed at another node, counted once");
     let mut threaded = builder(backend, unique_group()).build().unwrap();
     assert!(matches!(threaded.poll(1, |_| {}), Err(blip::Error::NotDriven)));
+    let mut rings = builder(backend, unique_group()).build_driven().unwrap();
+    assert!(matches!(rings.poll(1, |_| {}), Err(blip::Error::DirectReceive(_))));
+    let refused = builder(backend, unique_group()).direct_receive().local_delivery(true).build_driven();
+    assert!(matches!(refused, Err(blip::Error::DirectReceive(_))));
+    assert!(matches!(builder(backend, unique_group()).direct_receive().build(), Err(blip::Error::DirectReceive(_))));
 }
 
 /// A direct send that first finds the window held by a stalled receiver times `DropAfter` from then, not

@@ -314,9 +314,10 @@ pub(crate) struct Engine {
     /// Direct sends delivered locally since subscribers were last woken: they are woken once, at the next
     /// cycle, not once per message (each wake is a full fence per subscriber).
     own_unannounced: bool,
-    /// The driving thread takes deliveries itself (`Node::poll`): with no subscriber, they wait in the
-    /// protocol for it instead of being discarded.
+    /// The driving thread takes deliveries itself (`Node::poll`): they wait in the protocol for it.
     direct_reader: bool,
+    /// The last `take_direct` stopped at its `max`: more may be waiting (a reason not to park).
+    direct_pending: bool,
 }
 
 #[derive(Default)]
@@ -341,6 +342,8 @@ pub(crate) struct EngineParts {
     pub(crate) preset: Vec<Outlet>,
     pub(crate) commands: mpsc::Receiver<Command>,
     pub(crate) local_delivery: bool,
+    /// Deliveries go to `Node::poll` (`take_direct`), not to subscribers.
+    pub(crate) direct_reader: bool,
     pub(crate) shared: Arc<Shared>,
     pub(crate) group: SocketAddr,
     pub(crate) loss: Option<LossInjector>,
@@ -358,7 +361,8 @@ impl Engine {
         let node_id = parts.endpoint.config().node_id;
         parts.inlet.shared.attached.store(true, Ordering::SeqCst);
         parts.outlet.shared.attached.store(true, Ordering::SeqCst);
-        let mut outlets = vec![parts.outlet];
+        // A direct reader's node has no subscribers: its catch-all end is made but never attached.
+        let mut outlets = if parts.direct_reader { Vec::new() } else { vec![parts.outlet] };
         for o in parts.preset {
             o.shared.attached.store(true, Ordering::SeqCst);
             outlets.push(o);
@@ -383,7 +387,8 @@ impl Engine {
             members_changed: false,
             own_scratch: Vec::new(),
             own_unannounced: false,
-            direct_reader: false,
+            direct_reader: parts.direct_reader,
+            direct_pending: false,
         }
     }
 
@@ -549,18 +554,15 @@ impl Engine {
         n
     }
 
-    /// Hands up to about `max` deliveries (a datagram's messages go together, so a run may pass `max`)
-    /// straight from the protocol to `f`, as a catch-all subscriber would get them: no ring, no copy. From
-    /// the first call on, deliveries wait in the protocol for this call when the node has no subscriber;
-    /// while it has subscribers, they take them and this hands nothing. Returns the deliveries handed.
+    /// Hands up to about `max` messages and losses (a datagram's messages go together, so a run may pass
+    /// `max`; 0 hands nothing), and then every pending event, straight from the protocol to `f`, as a
+    /// catch-all subscriber would get them: no ring, no copy. Returns the messages and losses handed.
     pub(crate) fn take_direct(&mut self, max: usize, f: &mut dyn FnMut(Direct<'_>)) -> usize {
-        self.direct_reader = true;
-        // A subscriber dropped since the last cycle (the catch-all `Node::poll` took over) takes nothing more.
-        self.router.outlets.retain(|o| !o.shared.gone.load(Ordering::Acquire));
-        if !self.router.outlets.is_empty() {
+        if max == 0 {
             return 0;
         }
         let mut n = 0;
+        self.direct_pending = false;
         while n < max {
             let Some(d) = self.endpoint.recv_batch() else { break };
             match d {
@@ -568,27 +570,27 @@ impl Engine {
                     for m in run.messages() {
                         if self.router.catch_all_accepts(m.payload) {
                             f(Direct::Message { session: m.session, seq: m.seq, msg: m.payload });
+                            n += 1;
                         }
-                        n += 1;
                     }
                 }
                 Batch::One(Delivery::Message(m)) => {
                     if self.router.catch_all_accepts(m.payload) {
                         f(Direct::Message { session: m.session, seq: m.seq, msg: m.payload });
+                        n += 1;
                     }
-                    n += 1;
                 }
                 Batch::One(Delivery::Loss { session, datagrams, messages }) => {
                     f(Direct::Loss { session, datagrams, messages });
                     n += 1;
                 }
             }
+            self.direct_pending = n >= max;
         }
-        while n < max {
-            let Some(e) = self.endpoint.poll_event() else { break };
+        // Events are few and carry membership: all of them, whatever `max`.
+        while let Some(e) = self.endpoint.poll_event() {
             self.members_changed |= is_membership(&e);
             f(Direct::Event(e));
-            n += 1;
         }
         n
     }
@@ -631,11 +633,11 @@ impl Engine {
 
     /// Hands deliveries and events to the subscribers while their rings have room.
     fn deliver(&mut self) -> usize {
+        if self.direct_reader {
+            return 0; // left for `take_direct`
+        }
         let mut n = 0;
         if self.router.outlets.is_empty() {
-            if self.direct_reader {
-                return 0; // left for `take_direct`
-            }
             // Nobody listens: deliveries are consumed and discarded, so this node never holds senders back.
             while self.endpoint.recv().is_some() {
                 n += 1;
@@ -743,6 +745,7 @@ impl Engine {
         let app_ready = self.inlets.iter_mut().any(|i| !i.ring.is_empty() || i.shared.gone.load(Ordering::SeqCst))
             || self.shared.shutdown.load(Ordering::SeqCst)
             || self.shared.command_pending.load(Ordering::SeqCst)
+            || self.direct_pending
             || self.router.outlets.iter_mut().any(|o| {
                 o.shared.gone.load(Ordering::SeqCst)
                     || (o.shared.blocked.load(Ordering::SeqCst) && o.ring.has_room(OUT_HEADER + inline_max))

@@ -436,6 +436,9 @@ fn subscribe(
     if c.loss > 0.0 {
         b = b.inject_loss(c.loss, 1000 + index as u64);
     }
+    if direct_receive {
+        b = b.direct_receive();
+    }
     let mut node = build(b, c.threads)?;
     let mut sub = if direct_receive { None } else { Some(node.subscriber().ok_or("subscriber taken")?) };
     let (mut got, mut losses, mut first, mut last) = (0u64, 0u64, None::<Instant>, Instant::now());
@@ -1057,7 +1060,8 @@ fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
             }
             return Ok(());
         }
-        let mut node = build(builder(&c2, 2)?.stream(0), c2.threads)?;
+        let b = builder(&c2, 2)?.stream(0);
+        let mut node = build(if direct { b.direct_receive() } else { b }, c2.threads)?;
         let mut end = PingEnd::new(&mut node, direct)?;
         r2.store(true, Ordering::SeqCst);
         let mut reply = vec![0u8; c2.size];
@@ -1106,6 +1110,9 @@ fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
             let mut b = builder(c, 2)?;
             if c.loss > 0.0 {
                 b = b.inject_loss(c.loss, 77);
+            }
+            if a.direct {
+                b = b.direct_receive();
             }
             let mut node = build(b, c.threads)?;
             pubsub = Some(PingEnd::new(&mut node, a.direct)?);
