@@ -169,7 +169,9 @@ fn blip_bench_cost_claim_and_direct_deliver_every_message() {
     for args in [
         &["cost", "--messages", "20000"][..],
         &["cost", "--messages", "20000", "--direct"][..],
+        &["cost", "--messages", "20000", "--direct", "--direct-receive"][..],
         &["throughput", "--messages", "20000", "--claim"][..],
+        &["throughput", "--messages", "20000", "--direct", "--direct-receive"][..],
         &["throughput", "--messages", "20000", "--direct"][..],
     ] {
         let (status, out) = blip_bench(&[args, &["--json"]].concat(), Duration::from_secs(60));

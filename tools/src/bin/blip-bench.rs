@@ -153,6 +153,9 @@ struct CostArgs {
     /// Send with `Node::try_send` (no ring) instead of through a `Publisher`.
     #[arg(long)]
     direct: bool,
+    /// Read with `Node::poll` (no ring) instead of through a `Subscriber`.
+    #[arg(long)]
+    direct_receive: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -409,6 +412,17 @@ fn direct_round(size: usize) -> u64 {
     ((256 << 10) / (size as u64 + 8)).max(1)
 }
 
+/// A row name's mark for the ways around the rings: `direct` for both `Node::try_send` and `Node::poll`,
+/// else the one used.
+fn direct_suffix(send: bool, receive: bool) -> &'static str {
+    match (send, receive) {
+        (true, true) => " direct",
+        (true, false) => " direct-send",
+        (false, true) => " direct-recv",
+        (false, false) => "",
+    }
+}
+
 /// Drives a driven node (no-op for a threaded one) without waiting.
 fn drive(node: &mut Node) -> Result<usize> {
     node.duty_cycle(Some(Duration::ZERO)).map_err(|e| e.to_string())
@@ -440,7 +454,7 @@ fn subscribe(
         b = b.direct_receive();
     }
     let mut node = build(b, c.threads)?;
-    let mut sub = if direct_receive { None } else { Some(node.subscriber().ok_or("subscriber taken")?) };
+    let mut sub = Reader::new(&mut node, direct_receive)?;
     let (mut got, mut losses, mut first, mut last) = (0u64, 0u64, None::<Instant>, Instant::now());
     let mut idle = 0u32;
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -464,16 +478,9 @@ fn subscribe(
             Received::Loss { messages: Some(m), .. } => losses += m.end - m.start,
             _ => {}
         };
-        match sub.as_mut() {
-            Some(sub) => {
-                sub.poll(usize::MAX, &mut handle);
-                if c.threads {
-                    sub.wait(Duration::from_millis(1));
-                }
-            }
-            None => {
-                node.poll(usize::MAX, &mut handle).map_err(|e| e.to_string())?;
-            }
+        sub.poll(&mut node, usize::MAX, &mut handle)?;
+        if let (Reader::Ring(sub), true) = (&mut sub, c.threads) {
+            sub.wait(Duration::from_millis(1));
         }
         if got > before {
             last = Instant::now();
@@ -643,13 +650,7 @@ fn throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
     stop.store(true, Ordering::SeqCst);
     let stats = node.stats();
     let mut row = Row {
-        name: format!(
-            "blip {}B 1->{}{}{}",
-            c.size,
-            a.subscribers,
-            if a.direct { " direct" } else { "" },
-            if a.direct_receive { " direct-recv" } else { "" }
-        ),
+        name: format!("blip {}B 1->{}{}", c.size, a.subscribers, direct_suffix(a.direct, a.direct_receive)),
         backend,
         expected: n * a.subscribers as u64,
         naks: stats.protocol.naks_received,
@@ -690,8 +691,11 @@ fn cost(c: &Common, a: &CostArgs) -> Result<Row> {
     if c.loss > 0.0 {
         b = b.inject_loss(c.loss, 1000);
     }
+    if a.direct_receive {
+        b = b.direct_receive();
+    }
     let mut sub_node = build(b, false)?;
-    let mut sub = sub_node.subscriber().ok_or("subscriber taken")?;
+    let mut sub = Reader::new(&mut sub_node, a.direct_receive)?;
     let mut node = build(builder(c, 0)?, false)?;
     let backend = node.info().backend.to_string();
     let mut publisher = node.publisher().ok_or("publisher taken")?;
@@ -716,7 +720,7 @@ fn cost(c: &Common, a: &CostArgs) -> Result<Row> {
         }
         drive(&mut node)?;
         drive(&mut sub_node)?;
-        sub.poll(usize::MAX, |r| tally(r, &mut got, &mut losses));
+        sub.poll(&mut sub_node, usize::MAX, |r| tally(r, &mut got, &mut losses))?;
         own.poll(64, |r| joined |= matches!(r, Received::Event(Event::ReceiverJoined { .. })));
     }
     let (cpu0, start) = (cpu_seconds(), Instant::now());
@@ -746,7 +750,7 @@ fn cost(c: &Common, a: &CostArgs) -> Result<Row> {
         }
         drive(&mut node)?;
         drive(&mut sub_node)?;
-        sub.poll(usize::MAX, |r| tally(r, &mut got, &mut losses));
+        sub.poll(&mut sub_node, usize::MAX, |r| tally(r, &mut got, &mut losses))?;
         own.poll(usize::MAX, |_| {});
         progress.show("cost", got, n);
     }
@@ -757,7 +761,7 @@ fn cost(c: &Common, a: &CostArgs) -> Result<Row> {
     // Message 0 was delivered before the clock started.
     let timed = n - 1;
     Ok(Row {
-        name: format!("blip {}B 1 core{}", c.size, if a.direct { " direct" } else { "" }),
+        name: format!("blip {}B 1 core{}", c.size, direct_suffix(a.direct, a.direct_receive)),
         backend,
         messages: got,
         expected: n,
@@ -940,6 +944,26 @@ fn raw_throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
 fn percentiles(h: &Histogram<u64>) -> [f64; 6] {
     let q = |p: f64| h.value_at_quantile(p) as f64 / 1000.0;
     [q(0.5), q(0.9), q(0.99), q(0.999), q(0.9999), h.max() as f64 / 1000.0]
+}
+
+/// How a benchmark's subscriber reads: through a `Subscriber`, or with `Node::poll` from the thread that
+/// drives its node (`--direct-receive`; the node is built with `NodeBuilder::direct_receive`).
+enum Reader {
+    Ring(Subscriber),
+    Direct,
+}
+
+impl Reader {
+    fn new(node: &mut Node, direct: bool) -> Result<Self> {
+        if direct { Ok(Reader::Direct) } else { Ok(Reader::Ring(node.subscriber().ok_or("subscriber taken")?)) }
+    }
+
+    fn poll(&mut self, node: &mut Node, max: usize, f: impl FnMut(Received<'_>)) -> Result<usize> {
+        match self {
+            Reader::Ring(s) => Ok(s.poll(max, f)),
+            Reader::Direct => node.poll(max, f).map_err(|e| e.to_string()),
+        }
+    }
 }
 
 /// How a Blip end of the ping-pong sends and reads: through a `Publisher` and a `Subscriber`, or with
@@ -1212,11 +1236,13 @@ fn median_by<T: Clone>(mut v: Vec<T>, key: impl Fn(&T) -> f64) -> T {
 
 fn compare(c: &Common, a: &CompareArgs) -> Result<Vec<Row>> {
     let runs = a.runs.max(1);
-    // Blip through a publisher, as given; and, where the nodes are driven from their threads and nothing
-    // else was asked for, also with `Node::try_send` (no ring), beside the same raw runs.
+    // Blip through a publisher and subscribers, as given; and, where the nodes are driven from their threads
+    // and nothing else was asked for, also with `Node::try_send` and `Node::poll` (no rings), beside the
+    // same raw runs.
     let mut ways = vec![a.throughput.clone()];
-    if !c.threads && !a.throughput.claim && !a.throughput.direct {
-        ways.push(ThroughputArgs { direct: true, ..a.throughput.clone() });
+    let given = a.throughput.claim || a.throughput.direct || a.throughput.direct_receive;
+    if !c.threads && !given {
+        ways.push(ThroughputArgs { direct: true, direct_receive: true, ..a.throughput.clone() });
     }
     let mut raw = Vec::new();
     let mut blip: Vec<Vec<Row>> = vec![Vec::new(); ways.len()];
