@@ -968,37 +968,28 @@ impl Reader {
 
 /// How a Blip end of the ping-pong sends and reads: through a `Publisher` and a `Subscriber`, or with
 /// `Node::try_send` and `Node::poll` from the thread that drives the node (`latency --direct`).
-enum PingEnd {
-    Rings(Publisher, Subscriber),
-    Direct,
+struct PingEnd {
+    /// `None`: sends go through `Node::try_send`.
+    publisher: Option<Publisher>,
+    reader: Reader,
 }
 
 impl PingEnd {
     fn new(node: &mut Node, direct: bool) -> Result<Self> {
-        if direct {
-            return Ok(PingEnd::Direct);
-        }
-        let p = node.publisher().ok_or("publisher taken")?;
-        let s = node.subscriber().ok_or("subscriber taken")?;
-        Ok(PingEnd::Rings(p, s))
+        let publisher = if direct { None } else { Some(node.publisher().ok_or("publisher taken")?) };
+        Ok(PingEnd { publisher, reader: Reader::new(node, direct)? })
     }
 
     /// Whether the message was taken (not: the ring or window is full).
     fn try_send(&mut self, node: &mut Node, msg: &[u8]) -> bool {
-        match self {
-            PingEnd::Rings(p, _) => p.try_send(msg).is_ok(),
-            PingEnd::Direct => node.try_send(msg).is_ok(),
+        match &mut self.publisher {
+            Some(p) => p.try_send(msg).is_ok(),
+            None => node.try_send(msg).is_ok(),
         }
     }
 
     fn poll(&mut self, node: &mut Node, f: impl FnMut(Received<'_>)) -> Result<()> {
-        match self {
-            PingEnd::Rings(_, s) => {
-                s.poll(64, f);
-                Ok(())
-            }
-            PingEnd::Direct => node.poll(64, f).map(drop).map_err(|e| e.to_string()),
-        }
+        self.reader.poll(node, 64, f).map(drop)
     }
 }
 
