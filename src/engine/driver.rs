@@ -958,29 +958,34 @@ impl Router {
         if msg.starts_with(&[0, 0]) {
             return true;
         }
-        match Envelope::parse(msg) {
-            Err(_) => self.counters.bad_envelope += 1,
-            Ok((env, _)) if env.target.is_some_and(|t| t != self.node_id) => self.counters.not_addressed += 1,
-            Ok((env, _)) if !catch_all_takes(env.topic, self.node_id) => self.counters.unmatched += 1,
-            Ok(_) => return true,
+        let Some(env) = self.addressed(msg) else { return false };
+        if !catch_all_takes(env.topic, self.node_id) {
+            self.counters.unmatched += 1;
+            return false;
         }
-        false
+        true
+    }
+
+    /// The message's envelope, if it parses and is not aimed at another node (each refusal counted).
+    fn addressed<'m>(&mut self, msg: &'m [u8]) -> Option<Envelope<'m>> {
+        let env = match Envelope::parse(msg) {
+            Ok((env, _)) => env,
+            Err(_) => {
+                self.counters.bad_envelope += 1;
+                return None;
+            }
+        };
+        if env.target.is_some_and(|t| t != self.node_id) {
+            self.counters.not_addressed += 1;
+            return None;
+        }
+        Some(env)
     }
 
     /// Copies one message to every subscriber whose filter selects it. The caller has checked
     /// [`has_room`](Self::has_room).
     fn route(&mut self, session: u64, seq: u64, msg: &[u8]) {
-        let env = match Envelope::parse(msg) {
-            Ok((env, _)) => env,
-            Err(_) => {
-                self.counters.bad_envelope += 1;
-                return;
-            }
-        };
-        if env.target.is_some_and(|t| t != self.node_id) {
-            self.counters.not_addressed += 1;
-            return;
-        }
+        let Some(env) = self.addressed(msg) else { return };
         let mut matched = false;
         for o in self.outlets.iter_mut() {
             if !o.accepts(env.topic, self.node_id) {
