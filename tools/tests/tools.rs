@@ -170,6 +170,8 @@ fn blip_bench_cost_claim_and_direct_deliver_every_message() {
         &["cost", "--messages", "20000"][..],
         &["cost", "--messages", "20000", "--direct"][..],
         &["cost", "--messages", "20000", "--direct", "--direct-receive"][..],
+        &["cost", "--messages", "20000", "--ping"][..],
+        &["cost", "--messages", "20000", "--ping", "--direct"][..],
         &["throughput", "--messages", "20000", "--claim"][..],
         &["throughput", "--messages", "20000", "--direct", "--direct-receive"][..],
         &["throughput", "--messages", "20000", "--direct"][..],

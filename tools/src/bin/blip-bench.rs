@@ -156,6 +156,11 @@ struct CostArgs {
     /// Read with `Node::poll` (no ring) instead of through a `Subscriber`.
     #[arg(long)]
     direct_receive: bool,
+    /// Ping-pong instead of a stream: `--messages` round trips of one message each way, both ends driven
+    /// from one thread, so under callgrind the count is the user-space work of a round trip's two hops.
+    /// `--direct` sends and reads without rings at both ends.
+    #[arg(long, conflicts_with = "direct_receive")]
+    ping: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -686,6 +691,9 @@ fn throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
 /// every cycle moves what was queued. Reports the rate one core reaches and its CPU seconds per million.
 fn cost(c: &Common, a: &CostArgs) -> Result<Row> {
     pin(&c.cores, 0);
+    if a.ping {
+        return cost_ping(c, a);
+    }
     let n = a.messages.max(2);
     let mut b = builder(c, 0)?;
     if c.loss > 0.0 {
@@ -939,6 +947,86 @@ fn raw_throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
         cpu_s_per_m: cpu / (n as f64 / 1e6),
         ..Row::default()
     })
+}
+
+/// `cost --ping`: round trips between two nodes driven in turn from this thread. A datagram sent on
+/// loopback is queued at the receiver when the send returns, so each hop takes one duty cycle of each node
+/// and no empty spins (the count of empty cycles is reported as a check).
+fn cost_ping(c: &Common, a: &CostArgs) -> Result<Row> {
+    let direct = a.direct;
+    let end = |b: NodeBuilder| -> Result<(Node, PingEnd)> {
+        let mut node = build(if direct { b.direct_receive() } else { b }, false)?;
+        let end = PingEnd::new(&mut node, direct)?;
+        Ok((node, end))
+    };
+    let (mut ping_node, mut ping) = end(builder(c, 0)?)?;
+    let (mut pong_node, mut pong) = end(builder(c, 0)?)?;
+    let backend = ping_node.info().backend.to_string();
+    let n = a.messages.max(2);
+    let mut msg = vec![0u8; c.size];
+    let mut progress = Progress::new(c.json);
+    let (mut empty, mut start, mut cpu0) = (0u64, Instant::now(), cpu_seconds());
+    let deadline = Instant::now() + Duration::from_secs(300);
+    // Round trip 0 introduces the ends to each other (joins, first reports); time from round trip 1 on.
+    for i in 0..n {
+        if i == 1 {
+            (empty, start, cpu0) = (0, Instant::now(), cpu_seconds());
+        }
+        msg[..8.min(c.size)].copy_from_slice(&i.to_le_bytes()[..8.min(c.size)]);
+        empty += ping_hop((&mut ping_node, &mut ping), (&mut pong_node, &mut pong), &msg, deadline)?;
+        empty += ping_hop((&mut pong_node, &mut pong), (&mut ping_node, &mut ping), &msg, deadline)?;
+        if i % 1024 == 0 {
+            progress.show("round trips", i, n);
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    progress.done();
+    let timed = n - 1;
+    if empty > timed / 100 {
+        eprintln!("blip-bench: {empty} hops of {} needed more than one cycle (not a clean count)", timed * 2);
+    }
+    Ok(Row {
+        name: format!("blip {}B 1 core ping{}", c.size, if direct { " direct" } else { "" }),
+        backend,
+        messages: n,
+        expected: n,
+        seconds: secs,
+        msgs_per_sec: timed as f64 / secs.max(1e-9),
+        mb_per_sec: 0.0,
+        cpu_s_per_m: cpu / (timed as f64 / 1e6),
+        ..Row::default()
+    })
+}
+
+/// One hop of `cost --ping`: `from` sends `msg` and runs a duty cycle; `to` runs until it has it. Returns
+/// the receiver's cycles that found nothing.
+fn ping_hop(
+    from: (&mut Node, &mut PingEnd),
+    to: (&mut Node, &mut PingEnd),
+    msg: &[u8],
+    deadline: Instant,
+) -> Result<u64> {
+    let (sn, se) = from;
+    let (rn, re) = to;
+    while !se.try_send(sn, msg) {
+        drive(sn)?;
+    }
+    drive(sn)?;
+    let (mut got, mut empty) = (false, 0);
+    loop {
+        drive(rn)?;
+        re.poll(rn, |r| got |= matches!(r, Received::Message(m) if m.payload.len() == msg.len()))?;
+        if got {
+            return Ok(empty);
+        }
+        if Instant::now() > deadline {
+            return Err("a ping-pong hop took over 300 s".into());
+        }
+        empty += 1;
+        // What the receiver waits for may be a retransmission or a STATUS: let the sender run too.
+        drive(sn)?;
+    }
 }
 
 fn percentiles(h: &Histogram<u64>) -> [f64; 6] {
