@@ -46,7 +46,8 @@ const KEY_UNICAST: usize = 1;
 /// one system call per idle cycle instead of two, and sees a datagram on the group socket sooner. On a
 /// driven node this is every fourth `duty_cycle(Some(ZERO))`: a receiver reports when a quarter of the
 /// sender's window is delivered, so a report a few cycles late does not stall the sender (`blip-bench cost
-/// --backend poll`, one thread driving both nodes, measured the same).
+/// --backend poll`, one thread driving both nodes, measured the same). A receive that hands a lone datagram
+/// over early (see `drain`) puts a due read off to the next receive, so that it is not on a round trip.
 const UNICAST_EVERY: u32 = 4;
 
 /// The kernel offloads the poll backend may use (Linux; ignored elsewhere). Both default to on; each falls
@@ -97,6 +98,8 @@ pub struct PollBackend {
     sparse: [bool; 2],
     /// Non-blocking receives since the unicast socket was last read.
     unicast_skipped: u32,
+    /// The last `drain` handed over a lone datagram after idleness without reading on.
+    lone: bool,
     /// Reads per socket (system calls, empty ones included), for tests.
     #[cfg(test)]
     reads: [u64; 2],
@@ -158,6 +161,7 @@ impl PollBackend {
             #[cfg(target_os = "linux")]
             sparse: [true; 2],
             unicast_skipped: 0,
+            lone: false,
             #[cfg(test)]
             reads: [0; 2],
             send_errors: 0,
@@ -199,7 +203,8 @@ impl PollBackend {
     /// With GRO a read returns one datagram or batch, so only a read that finds nothing tells the socket is
     /// empty. When traffic is sparse (the last read found the socket empty), a read that returns a lone
     /// datagram ends the turn instead: the datagram reaches the application a system call sooner (the
-    /// round trip of a ping-pong), and the next turn, at most a cycle later, reads on until empty.
+    /// round trip of a ping-pong), and the next turn, at most a cycle later, reads on until empty. Such a
+    /// turn sets `lone`.
     fn drain(&mut self, which: usize, sink: &mut dyn FnMut(SocketAddr, &mut [u8])) -> io::Result<usize> {
         let sock = if which == KEY_GROUP { &self.group } else { &self.unicast };
         #[cfg(target_os = "linux")]
@@ -217,6 +222,7 @@ impl PollBackend {
                         self.gro_batches += u64::from(n > 1);
                         total += n;
                         if was_sparse && total == 1 {
+                            self.lone = true;
                             break;
                         }
                     }
@@ -368,9 +374,12 @@ impl Backend for PollBackend {
 
     fn receive(&mut self, timeout: Option<Duration>, sink: &mut dyn FnMut(SocketAddr, &mut [u8])) -> io::Result<usize> {
         self.flush()?;
+        self.lone = false;
         let mut n = self.drain(KEY_GROUP, sink)?;
         let spinning = timeout == Some(Duration::ZERO);
-        if !spinning || self.unicast_skipped + 1 >= UNICAST_EVERY {
+        // A lone datagram after idleness goes up before the unicast read that is due: the next receive, which
+        // reads the group socket to the end, does it.
+        if !spinning || (self.unicast_skipped + 1 >= UNICAST_EVERY && !self.lone) {
             self.unicast_skipped = 0;
             n += self.drain(KEY_UNICAST, sink)?;
         } else {
