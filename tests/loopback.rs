@@ -367,6 +367,41 @@ fn direct_send_times_a_stall_from_the_send(backend: BackendChoice) {
     assert_eq!(a.try_send(&[7; 1400]), Err(blip::SendError::Full), "b was dropped before its time");
 }
 
+/// A node whose thread stalls for longer than the sender timeout, while the sender goes on heartbeating,
+/// reads what arrived meanwhile before its timers judge the sender: it does not declare it gone.
+fn stalled_node_reads_before_it_judges_senders(backend: BackendChoice) {
+    let group = unique_group();
+    let config = blip::proto::Config {
+        sender_timeout: Duration::from_millis(200),
+        heartbeat_max: Duration::from_millis(20),
+        ..blip::proto::Config::default()
+    };
+    let mut a = builder(backend, group).protocol(config.clone()).build_driven().unwrap();
+    let mut b = builder(backend, group).protocol(config.clone()).build_driven().unwrap();
+    let mut sb = b.subscriber().unwrap();
+    a.try_send(b"before the stall").unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut got = false;
+    while !got {
+        assert!(std::time::Instant::now() < deadline, "the first message did not arrive");
+        a.duty_cycle(Some(Duration::from_millis(1))).unwrap();
+        b.duty_cycle(Some(Duration::from_millis(1))).unwrap();
+        sb.poll(64, |r| got |= matches!(r, Received::Message(m) if m.payload == b"before the stall"));
+    }
+    // b's thread does something else for three sender timeouts (the fault, timed); a heartbeats meanwhile.
+    let stall_end = std::time::Instant::now() + 3 * config.sender_timeout;
+    while std::time::Instant::now() < stall_end {
+        a.duty_cycle(Some(Duration::from_millis(1))).unwrap();
+    }
+    for _ in 0..10 {
+        b.duty_cycle(Some(Duration::ZERO)).unwrap();
+        a.duty_cycle(Some(Duration::ZERO)).unwrap();
+    }
+    sb.poll(1024, |r| {
+        assert!(!matches!(r, Received::Event(Event::SenderGone { .. })), "b judged a gone before reading it")
+    });
+}
+
 /// A node that dropped its subscriber consumes and discards: it never holds a sender back, even with a
 /// window far smaller than what is sent.
 fn dropped_subscriber_never_holds_back(backend: BackendChoice) {
@@ -530,6 +565,12 @@ macro_rules! suite {
             fn a_direct_send_times_a_stall_from_the_send() {
                 if $available {
                     direct_send_times_a_stall_from_the_send($choice)
+                }
+            }
+            #[test]
+            fn a_stalled_node_reads_before_it_judges_senders() {
+                if $available {
+                    stalled_node_reads_before_it_judges_senders($choice)
                 }
             }
             #[test]

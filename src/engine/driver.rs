@@ -426,18 +426,19 @@ impl Engine {
         let mut work = self.run_commands();
         // One clock read per cycle: the cycle takes microseconds, far below any protocol timer.
         let now = Instant::now();
-        if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
-            self.endpoint.handle_timeout(now);
-        }
         // One transmit per cycle, before its receive system call: what the application queued leaves at once
-        // (a reply does not wait for the receive), and so do timer work and what the previous cycle's receive
+        // (a reply does not wait for the receive), and so does what the previous cycle's receive and timers
         // called for (a NAK, a repair, a STATUS, a window the STATUS opened). A cycle that received did work,
-        // so the next one follows without waiting. What arrives reaches the application with no bookkeeping
-        // after the receive.
+        // so the next one follows without waiting; one whose timers are due does not wait either.
         work += self.take_messages(now);
         // Queued, not flushed: the receive below submits it in the same system call.
         work += self.transmit(now, false)?;
         work += self.receive(now, Some(Duration::ZERO))?;
+        // Timers after the receive: a thread that was descheduled or stopped for a while must not judge its
+        // peers silent before reading what they sent meanwhile.
+        if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
+            self.endpoint.handle_timeout(now);
+        }
         work += self.deliver();
         if now >= self.stats_at || self.members_changed {
             self.publish_stats();
