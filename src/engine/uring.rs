@@ -16,6 +16,8 @@
 //! - **Send**: [`UringOptions::send_batch`] slots, each with its own buffer, address, iovec and msghdr at
 //!   stable addresses. `queue_send` copies into a free slot and queues a `SendMsg`; `flush` (or `receive`)
 //!   submits; a completion frees its slot. When every slot is busy, `queue_send` submits and reaps (bounded).
+//!   A lone datagram that `receive` finds with nothing else to submit and no send in flight (a reply, a ping)
+//!   goes out by a plain `sendto` instead: one system call, no submission and completion to go through.
 //!   Receive completions reaped there are stashed and delivered by the next `receive`.
 //! - **GSO** ([`UringOptions::gso`]): consecutive datagrams to one destination with one length are appended
 //!   into one slot (up to the kernel's segment cap, 128 or 64, found by a probe, and 65,507 bytes; one shorter
@@ -385,6 +387,8 @@ pub struct UringStats {
     pub enobufs: u64,
     /// Times a multishot receive ended and was re-armed.
     pub rearms: u64,
+    /// Lone datagrams sent with a plain `sendto` instead of a `SendMsg` (counted in `sent` too).
+    pub plain_sends: u64,
 }
 
 /// The eventfd behind [`UringBackend::waker`]; closed when the backend and every waker are gone.
@@ -687,6 +691,29 @@ impl State {
         opcode::SendMsg::new(types::Fd(self.unicast.as_raw_fd()), &raw const slot.msg)
             .build()
             .user_data(UD_SEND + i as u64)
+    }
+
+    /// Sends the one datagram in slot `i` (busy, not submitted: the open batch just taken) with `sendto`, and
+    /// frees the slot. A refusal counts as a send error, as a failed SendMsg completion does.
+    fn send_lone(&mut self, i: usize, dest: SocketAddr, len: usize) {
+        assert!(i < self.slots.len() && len <= self.slot_size, "send slot overrun");
+        // SAFETY: slot i is ours (busy but never submitted, so no operation reads or writes its buffer), and
+        // the range lies inside send_bufs (checked above). The slice is dropped before the slot is freed.
+        let buf = unsafe { std::slice::from_raw_parts(self.send_bufs.as_ptr().add(i * self.slot_size), len) };
+        let sent = loop {
+            match self.unicast.send_to(buf, dest) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => break r.is_ok(),
+            }
+        };
+        if sent {
+            self.stats.sent += 1;
+            self.stats.plain_sends += 1;
+        } else {
+            self.stats.send_errors += 1;
+        }
+        self.slots[i].busy = false;
+        self.free.push(i as u16);
     }
 
     fn take_woken(&mut self) -> bool {
@@ -1182,6 +1209,15 @@ impl Backend for UringBackend {
     }
 
     fn receive(&mut self, timeout: Option<Duration>, sink: &mut dyn FnMut(SocketAddr, &mut [u8])) -> io::Result<usize> {
+        // A lone datagram with nothing else to submit or in flight goes out by a plain `sendto`: a SendMsg
+        // submission of one datagram costs more than the system call it replaces (a round trip of a
+        // ping-pong measured 13.7 -> 12.8 us). Nothing in flight means it cannot overtake an earlier send.
+        if self.st.sends_in_flight == 0 && self.ring.submission().is_empty() {
+            if let Some((i, batch)) = self.st.open.filter(|(_, b)| b.count == 1) {
+                self.st.open = None;
+                self.st.send_lone(usize::from(i), batch.dest, batch.len);
+            }
+        }
         self.close_batch()?;
         let mut delivered = self.deliver_stash(sink);
         self.enter_nowait()?;

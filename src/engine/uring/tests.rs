@@ -626,3 +626,32 @@ fn flush_and_receive_send_the_open_batch() {
     tx.receive(Some(Duration::ZERO), &mut |_, _| {}).unwrap();
     assert_eq!(collect(&mut rx, from, 2), vec![7, 8]);
 }
+
+/// A lone datagram with nothing else to submit leaves by `sendto`; a batch, or a datagram queued behind a
+/// submission, goes through the ring. Either way it arrives, and a refusal is counted.
+#[test]
+fn lone_datagram_leaves_by_sendto() {
+    let _serial = serial();
+    if !available() {
+        return;
+    }
+    let group = Ipv4Addr::new(239, 255, 203, 19);
+    let mut rx = backend(group, 46_337, UringOptions::default());
+    let mut tx = backend(group, 46_338, UringOptions::default());
+    let (from, dest) = (tx.unicast_addr().unwrap(), SocketAddr::from((group, 46_337)));
+    tx.queue_send(dest, &[1; 100]).unwrap();
+    tx.receive(Some(Duration::ZERO), &mut |_, _| {}).unwrap();
+    assert_eq!((tx.stats().plain_sends, tx.stats().sent), (1, 1), "{:?}", tx.stats());
+    assert_eq!(collect(&mut rx, from, 1), [1]);
+    // Two datagrams: one GSO send, or (without GSO) two SendMsg, the second queued behind the first.
+    tx.queue_send(dest, &[2; 100]).unwrap();
+    tx.queue_send(dest, &[3; 100]).unwrap();
+    tx.receive(Some(Duration::ZERO), &mut |_, _| {}).unwrap();
+    settle(&mut tx, 3);
+    assert_eq!((tx.stats().plain_sends, tx.stats().sent), (1, 3), "{:?}", tx.stats());
+    assert_eq!(collect(&mut rx, from, 2), [2, 3]);
+    // Refused by the kernel (an IPv6 destination on an IPv4 socket; nothing is sent): counted, not returned.
+    tx.queue_send("[::1]:9".parse().unwrap(), b"refused").unwrap();
+    tx.receive(Some(Duration::ZERO), &mut |_, _| {}).unwrap();
+    assert_eq!((tx.stats().plain_sends, tx.send_errors()), (1, 1), "{:?}", tx.stats());
+}
