@@ -75,7 +75,8 @@ fn run() -> Result<(), String> {
                 Err(e) => return Err(format!("tick {sent}: {e}")),
             }
         }
-        // One pass of each engine: the feed transmits the burst, the reader takes it in and acknowledges.
+        // One pass of each engine: the feed transmits the burst and the reader takes it in (its
+        // acknowledgement leaves in its next pass, at the next tick).
         feed.duty_cycle(Some(Duration::ZERO)).map_err(|e| format!("feed: {e}"))?;
         reader.duty_cycle(Some(Duration::ZERO)).map_err(|e| format!("reader: {e}"))?;
         // The reader's own loop takes what arrived, with no subscriber ring in between.

@@ -943,6 +943,9 @@ impl Node {
 
     /// For a node built with [`NodeBuilder::build_driven`]: does one pass of engine work and, if there was
     /// none, waits at most `wait` for some. Returns the amount of work done. A threaded node returns 0.
+    ///
+    /// A pass transmits first and then receives: what a received datagram calls for (an acknowledgement, a
+    /// repair, a NAK) leaves in the next pass, so call again at once while this returns more than 0.
     pub fn duty_cycle(&mut self, wait: Option<Duration>) -> Result<usize, Error> {
         match self.engine.as_mut() {
             Some(e) => e.duty_cycle(wait).map_err(|e| Error::Engine(e.to_string())),

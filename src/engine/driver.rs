@@ -429,7 +429,7 @@ impl Engine {
         // One transmit per cycle, before its receive system call: what the application queued leaves at once
         // (a reply does not wait for the receive), and so does what the previous cycle's receive and timers
         // called for (a NAK, a repair, a STATUS, a window the STATUS opened). A cycle that received did work,
-        // so the next one follows without waiting; one whose timers are due does not wait either.
+        // so the next one follows without waiting.
         work += self.take_messages(now);
         // Queued, not flushed: the receive below submits it in the same system call.
         work += self.transmit(now, false)?;

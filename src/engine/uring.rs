@@ -16,9 +16,9 @@
 //! - **Send**: [`UringOptions::send_batch`] slots, each with its own buffer, address, iovec and msghdr at
 //!   stable addresses. `queue_send` copies into a free slot and queues a `SendMsg`; `flush` (or `receive`)
 //!   submits; a completion frees its slot. When every slot is busy, `queue_send` submits and reaps (bounded).
-//!   A lone datagram that `receive` finds with nothing else to submit and no send in flight (a reply, a ping)
-//!   goes out by a plain `sendto` instead: one system call, no submission and completion to go through.
-//!   Receive completions reaped there are stashed and delivered by the next `receive`.
+//!   Receive completions reaped there are stashed and delivered by the next `receive`. A lone datagram that
+//!   `receive` finds with nothing else to submit and no send in flight (a reply, a ping) goes out by a plain
+//!   `sendto` instead: one system call, no submission and completion to go through.
 //! - **GSO** ([`UringOptions::gso`]): consecutive datagrams to one destination with one length are appended
 //!   into one slot (up to the kernel's segment cap, 128 or 64, found by a probe, and 65,507 bytes; one shorter
 //!   datagram may end the batch) and go out as one `SendMsg` whose msghdr carries a `UDP_SEGMENT` control
