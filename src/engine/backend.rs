@@ -27,6 +27,9 @@ impl std::fmt::Display for BackendKind {
     }
 }
 
+/// Non-waiting receives at most in one [`Backend::receive_all`].
+pub const RECEIVE_ALL_PASSES: usize = 64;
+
 /// Interrupts a backend's wait from another thread.
 pub trait Wake: Send + Sync {
     /// Makes the backend's current or next `receive` wait return promptly. Cheap to call when nobody waits.
@@ -70,6 +73,22 @@ pub trait Backend {
     /// empty, bounds each socket's turn, and reads the unicast socket only every few calls that do not
     /// wait); a call that may wait returns instead of waiting while any datagram is ready.
     fn receive(&mut self, timeout: Option<Duration>, sink: &mut dyn FnMut(SocketAddr, &mut [u8])) -> io::Result<usize>;
+
+    /// Receives until every socket is found empty, without waiting (bounded: a socket that keeps filling
+    /// ends the call after `RECEIVE_ALL_PASSES` non-waiting receives). For a node whose thread did not run
+    /// for a while: it must see what arrived meanwhile before it judges any peer silent. Returns the number
+    /// of datagrams delivered.
+    fn receive_all(&mut self, sink: &mut dyn FnMut(SocketAddr, &mut [u8])) -> io::Result<usize> {
+        let mut total = 0;
+        for _ in 0..RECEIVE_ALL_PASSES {
+            let n = self.receive(Some(Duration::ZERO), sink)?;
+            total += n;
+            if n == 0 {
+                break;
+            }
+        }
+        Ok(total)
+    }
 
     /// A handle other threads use to interrupt `receive`.
     fn waker(&self) -> Arc<dyn Wake>;

@@ -270,6 +270,15 @@ impl Shared {
     }
 }
 
+/// How a duty cycle reads its sockets.
+#[derive(Clone, Copy)]
+enum Read {
+    /// What is ready, as `Backend::receive` reads it, waiting up to the timeout when nothing is.
+    Ready(Option<Duration>),
+    /// Every socket until it is empty (`Backend::receive_all`), without waiting.
+    Everything,
+}
+
 /// The clock, read once and only if the protocol asks (`proto::Now`).
 #[derive(Default)]
 struct ReadClock(Option<Instant>);
@@ -318,7 +327,17 @@ pub(crate) struct Engine {
     direct_reader: bool,
     /// The last `take_direct` stopped at its `max`: more may be waiting (a reason not to park).
     direct_pending: bool,
+    /// `STALL_GAP` after the last duty cycle's clock read, and whether the engine waited in `park` since.
+    stall_at: Instant,
+    parked: bool,
 }
+
+/// A gap between two duty cycles longer than this, not spent waiting in `park`, means the thread did not
+/// run (descheduled, stopped, or a driving application busy elsewhere): the next cycle reads every socket
+/// until it is empty before its timers judge any peer silent. A receive may otherwise leave datagrams for
+/// the next one (`Backend::receive`), and a peer whose datagrams wait unread would be judged on the time
+/// the node itself was away.
+const STALL_GAP: Duration = Duration::from_millis(100);
 
 #[derive(Default)]
 struct EngineCounters {
@@ -389,6 +408,8 @@ impl Engine {
             own_unannounced: false,
             direct_reader: parts.direct_reader,
             direct_pending: false,
+            stall_at: Instant::now() + STALL_GAP,
+            parked: false,
         }
     }
 
@@ -404,10 +425,15 @@ impl Engine {
 
     /// Receives what is ready (waiting up to `timeout`), stamping every datagram with `now`.
     fn receive(&mut self, now: Instant, timeout: Option<Duration>) -> io::Result<usize> {
+        self.read(now, Read::Ready(timeout))
+    }
+
+    /// Receives as `how` says, stamping every datagram with `now`.
+    fn read(&mut self, now: Instant, how: Read) -> io::Result<usize> {
         let ep = &mut self.endpoint;
         let loss = &mut self.loss;
         let c = &mut self.router.counters;
-        self.backend.receive(timeout, &mut |from, bytes| {
+        let mut sink = |from: SocketAddr, bytes: &mut [u8]| {
             c.datagrams_in += 1;
             if let Some(l) = loss.as_mut()
                 && l.rng.unit() < l.probability
@@ -416,7 +442,11 @@ impl Engine {
                 return;
             }
             ep.handle_datagram_mut(now, from, bytes);
-        })
+        };
+        match how {
+            Read::Ready(timeout) => self.backend.receive(timeout, &mut sink),
+            Read::Everything => self.backend.receive_all(&mut sink),
+        }
     }
 
     fn poll_once(&mut self) -> io::Result<usize> {
@@ -426,6 +456,8 @@ impl Engine {
         let mut work = self.run_commands();
         // One clock read per cycle: the cycle takes microseconds, far below any protocol timer.
         let now = Instant::now();
+        let stalled = !std::mem::take(&mut self.parked) && now > self.stall_at;
+        self.stall_at = now + STALL_GAP;
         // One transmit per cycle, before its receive system call: what the application queued leaves at once
         // (a reply does not wait for the receive), and so does what the previous cycle's receive and timers
         // called for (a NAK, a repair, a STATUS, a window the STATUS opened). A cycle that received did work,
@@ -433,9 +465,10 @@ impl Engine {
         work += self.take_messages(now);
         // Queued, not flushed: the receive below submits it in the same system call.
         work += self.transmit(now, false)?;
-        work += self.receive(now, Some(Duration::ZERO))?;
+        let how = if stalled { Read::Everything } else { Read::Ready(Some(Duration::ZERO)) };
+        work += self.read(now, how)?;
         // Timers after the receive: a thread that was descheduled or stopped for a while must not judge its
-        // peers silent before reading what they sent meanwhile.
+        // peers silent before reading what they sent meanwhile (all of it, after a stall: `STALL_GAP`).
         if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
             self.endpoint.handle_timeout(now);
         }
@@ -753,6 +786,7 @@ impl Engine {
                     || (o.shared.blocked.load(Ordering::SeqCst) && o.ring.has_room(OUT_HEADER + inline_max))
             });
         let n = if app_ready { 0 } else { self.receive(now, timeout)? };
+        self.parked = true;
         self.shared.engine_parked.store(false, Ordering::SeqCst);
         for o in &self.router.outlets {
             o.shared.blocked.store(false, Ordering::SeqCst);

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use polling::{Event, Events, PollMode, Poller};
 
-use super::backend::{Backend, BackendKind, Wake};
+use super::backend::{Backend, BackendKind, RECEIVE_ALL_PASSES, Wake};
 use super::offload::{self, Batch, Commit, Gso, Lent};
 
 /// Datagrams (or GSO batches) per recvmmsg/sendmmsg call.
@@ -397,6 +397,25 @@ impl Backend for PollBackend {
         Ok(n)
     }
 
+    fn receive_all(&mut self, sink: &mut dyn FnMut(SocketAddr, &mut [u8])) -> io::Result<usize> {
+        self.flush()?;
+        let mut total = 0;
+        for _ in 0..RECEIVE_ALL_PASSES {
+            // Both sockets every pass, each read on until it is found empty (no lone datagram handed early).
+            #[cfg(target_os = "linux")]
+            {
+                self.sparse = [false; 2];
+            }
+            let n = self.drain(KEY_GROUP, sink)? + self.drain(KEY_UNICAST, sink)?;
+            total += n;
+            if n == 0 {
+                break;
+            }
+        }
+        self.unicast_skipped = 0;
+        Ok(total)
+    }
+
     fn waker(&self) -> Arc<dyn Wake> {
         Arc::new(PollWaker(self.poller.clone()))
     }
@@ -494,6 +513,7 @@ mod linux {
 
     /// One read with `UDP_GRO` on: `Some((source, length, segment size if the kernel coalesced))`, `None`
     /// when nothing is ready. A truncated or unaddressed read is skipped (the next one is tried).
+    #[inline]
     pub(super) fn recv_one(
         sock: &UdpSocket,
         buf: &mut [u8],

@@ -255,3 +255,29 @@ fn unicast_is_read_every_few_spins_and_always_before_waiting() {
     assert_eq!(rx.receive(Some(Duration::ZERO), &mut |_, b| lens.push(b.len())).unwrap(), 1);
     assert_eq!(lens, [100, 6], "the unicast datagram waited past the next receive");
 }
+
+/// `receive_all` reads both sockets until they are empty in one call, whatever the lone-datagram and
+/// unicast cadences would have left for later receives.
+#[test]
+fn receive_all_reads_both_sockets_to_the_end() {
+    let group = Ipv4Addr::new(239, 255, 203, 12);
+    let (mut rx, rx_addr) = backend(group, 46_341, PollOptions::default());
+    let (mut tx, _) = backend(group, 46_342, PollOptions::default());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // Idle, and the unicast socket just read: the next spinning receive would hand up one datagram and skip it.
+    while rx.unicast_skipped != 0 {
+        rx.receive(Some(Duration::ZERO), &mut |_, _| {}).unwrap();
+    }
+    assert_eq!(rx.receive(Some(Duration::ZERO), &mut |_, _| {}).unwrap(), 0);
+    for i in 0..3u8 {
+        tx.queue_send(SocketAddr::from((group, 46_341)), &[i; 100]).unwrap();
+        tx.flush().unwrap();
+    }
+    tx.queue_send(rx_addr, b"status").unwrap();
+    tx.flush().unwrap();
+    assert!(readable(&rx.unicast, deadline) && readable(&rx.group, deadline), "datagrams not received within 5 s");
+    let mut got = Vec::new();
+    assert_eq!(rx.receive_all(&mut |_, b| got.push(b.len())).unwrap(), 4, "{got:?}");
+    got.sort_unstable();
+    assert_eq!(got, [6, 100, 100, 100]);
+}
