@@ -423,11 +423,6 @@ impl Engine {
         Ok(work)
     }
 
-    /// Receives what is ready (waiting up to `timeout`), stamping every datagram with `now`.
-    fn receive(&mut self, now: Instant, timeout: Option<Duration>) -> io::Result<usize> {
-        self.read(now, Read::Ready(timeout))
-    }
-
     /// Receives as `how` says, stamping every datagram with `now`.
     fn read(&mut self, now: Instant, how: Read) -> io::Result<usize> {
         let ep = &mut self.endpoint;
@@ -785,7 +780,7 @@ impl Engine {
                 o.shared.gone.load(Ordering::SeqCst)
                     || (o.shared.blocked.load(Ordering::SeqCst) && o.ring.has_room(OUT_HEADER + inline_max))
             });
-        let n = if app_ready { 0 } else { self.receive(now, timeout)? };
+        let n = if app_ready { 0 } else { self.read(now, Read::Ready(timeout))? };
         self.parked = true;
         self.shared.engine_parked.store(false, Ordering::SeqCst);
         for o in &self.router.outlets {

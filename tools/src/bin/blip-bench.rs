@@ -365,6 +365,18 @@ fn build(b: NodeBuilder, threads: bool) -> Result<Node> {
     if threads { b.build() } else { b.build_driven() }.map_err(|e| e.to_string())
 }
 
+/// [`build`], for a node whose thread reads with `Node::poll` when `direct_receive` (its subscribers' way
+/// otherwise).
+fn build_reading(b: NodeBuilder, direct_receive: bool, threads: bool) -> Result<Node> {
+    build(if direct_receive { b.direct_receive() } else { b }, threads)
+}
+
+/// [`builder`] with `--loss` injected, under `seed`, when asked for.
+fn lossy_builder(c: &Common, port_offset: u16, seed: u64) -> Result<NodeBuilder> {
+    let b = builder(c, port_offset)?;
+    Ok(if c.loss > 0.0 { b.inject_loss(c.loss, seed) } else { b })
+}
+
 fn pin(cores: &[usize], index: usize) {
     #[cfg(target_os = "linux")]
     if let Some(&core) = cores.get(index) {
@@ -451,14 +463,7 @@ fn subscribe(
     park: bool,
     direct_receive: bool,
 ) -> Result<(u64, f64, u64)> {
-    let mut b = builder(c, 0)?;
-    if c.loss > 0.0 {
-        b = b.inject_loss(c.loss, 1000 + index as u64);
-    }
-    if direct_receive {
-        b = b.direct_receive();
-    }
-    let mut node = build(b, c.threads)?;
+    let mut node = build_reading(lossy_builder(c, 0, 1000 + index as u64)?, direct_receive, c.threads)?;
     let mut sub = Reader::new(&mut node, direct_receive)?;
     let (mut got, mut losses, mut first, mut last) = (0u64, 0u64, None::<Instant>, Instant::now());
     let mut idle = 0u32;
@@ -695,14 +700,7 @@ fn cost(c: &Common, a: &CostArgs) -> Result<Row> {
         return cost_ping(c, a);
     }
     let n = a.messages.max(2);
-    let mut b = builder(c, 0)?;
-    if c.loss > 0.0 {
-        b = b.inject_loss(c.loss, 1000);
-    }
-    if a.direct_receive {
-        b = b.direct_receive();
-    }
-    let mut sub_node = build(b, false)?;
+    let mut sub_node = build_reading(lossy_builder(c, 0, 1000)?, a.direct_receive, false)?;
     let mut sub = Reader::new(&mut sub_node, a.direct_receive)?;
     let mut node = build(builder(c, 0)?, false)?;
     let backend = node.info().backend.to_string();
@@ -954,18 +952,9 @@ fn raw_throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
 /// and no empty spins (more than 1 % of hops with an empty cycle is reported on stderr: not a clean count).
 fn cost_ping(c: &Common, a: &CostArgs) -> Result<Row> {
     let direct = a.direct;
-    let end = |b: NodeBuilder| -> Result<(Node, PingEnd)> {
-        let mut node = build(if direct { b.direct_receive() } else { b }, false)?;
-        let end = PingEnd::new(&mut node, direct)?;
-        Ok((node, end))
-    };
     // Injected loss (`--loss`) at both ends: a hop then includes its repair.
-    let lossy = |seed: u64| -> Result<NodeBuilder> {
-        let b = builder(c, 0)?;
-        Ok(if c.loss > 0.0 { b.inject_loss(c.loss, seed) } else { b })
-    };
-    let (mut ping_node, mut ping) = end(lossy(2000)?)?;
-    let (mut pong_node, mut pong) = end(lossy(2001)?)?;
+    let (mut ping_node, mut ping) = PingEnd::open(lossy_builder(c, 0, 2000)?, direct, false)?;
+    let (mut pong_node, mut pong) = PingEnd::open(lossy_builder(c, 0, 2001)?, direct, false)?;
     let backend = ping_node.info().backend.to_string();
     let n = a.messages.max(2);
     let mut msg = vec![0u8; c.size];
@@ -977,7 +966,7 @@ fn cost_ping(c: &Common, a: &CostArgs) -> Result<Row> {
         if i == 1 {
             (empty, start, cpu0) = (0, Instant::now(), cpu_seconds());
         }
-        msg[..8.min(c.size)].copy_from_slice(&i.to_le_bytes()[..8.min(c.size)]);
+        msg[..8].copy_from_slice(&i.to_le_bytes()); // --size is at least 16
         empty += ping_hop((&mut ping_node, &mut ping), (&mut pong_node, &mut pong), &msg, deadline)?;
         empty += ping_hop((&mut pong_node, &mut pong), (&mut ping_node, &mut ping), &msg, deadline)?;
         if i % 1024 == 0 {
@@ -1071,9 +1060,12 @@ struct PingEnd {
 }
 
 impl PingEnd {
-    fn new(node: &mut Node, direct: bool) -> Result<Self> {
+    /// Builds the end's node from `b` (reading with `Node::poll` when `direct`) and takes its ways in and out.
+    fn open(b: NodeBuilder, direct: bool, threads: bool) -> Result<(Node, Self)> {
+        let mut node = build_reading(b, direct, threads)?;
         let publisher = if direct { None } else { Some(node.publisher().ok_or("publisher taken")?) };
-        Ok(PingEnd { publisher, reader: Reader::new(node, direct)? })
+        let reader = Reader::new(&mut node, direct)?;
+        Ok((node, PingEnd { publisher, reader }))
     }
 
     /// Whether the message was taken (not: the ring or window is full).
@@ -1171,9 +1163,7 @@ fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
             }
             return Ok(());
         }
-        let b = builder(&c2, 2)?.stream(0);
-        let mut node = build(if direct { b.direct_receive() } else { b }, c2.threads)?;
-        let mut end = PingEnd::new(&mut node, direct)?;
+        let (mut node, mut end) = PingEnd::open(builder(&c2, 2)?.stream(0), direct, c2.threads)?;
         r2.store(true, Ordering::SeqCst);
         let mut reply = vec![0u8; c2.size];
         while !s2.load(Ordering::Relaxed) {
@@ -1218,15 +1208,8 @@ fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
         if raw {
             raw_sock = Some(RawPing::open(c, RawPing::PINGER, RawPing::PONGER)?);
         } else {
-            let mut b = builder(c, 2)?;
-            if c.loss > 0.0 {
-                b = b.inject_loss(c.loss, 77);
-            }
-            if a.direct {
-                b = b.direct_receive();
-            }
-            let mut node = build(b, c.threads)?;
-            pubsub = Some(PingEnd::new(&mut node, a.direct)?);
+            let (node, end) = PingEnd::open(lossy_builder(c, 2, 77)?, a.direct, c.threads)?;
+            pubsub = Some(end);
             node_opt = Some(node);
         }
         let backend = node_opt.as_ref().map(|n| n.info().backend.to_string()).unwrap_or(RawPing::PATH.into());
