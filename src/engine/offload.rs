@@ -289,19 +289,72 @@ pub(crate) fn gso_refused(errno: i32) -> bool {
 }
 
 #[cfg(target_os = "linux")]
-pub(crate) use linux::{enable_gro, probe_segments};
+pub(crate) use linux::{RECV_CMSG_ROOM, enable_gro, probe_segments, recv_one};
 
 #[cfg(target_os = "linux")]
 mod linux {
-    use std::io::IoSlice;
+    use std::io::{self, IoSlice, IoSliceMut};
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
     use std::os::fd::AsRawFd;
     use std::sync::OnceLock;
 
     use nix::errno::Errno;
-    use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg, setsockopt, sockopt};
+    use nix::sys::socket::{
+        ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, sendmsg, setsockopt, sockopt,
+    };
 
     use super::{GSO_SEGMENTS_MAX, GSO_SEGMENTS_OLD};
+
+    /// Bytes of the control buffer a [`recv_one`] needs: room for the `UDP_GRO` control message, and then
+    /// some (only that one is expected).
+    pub(crate) const RECV_CMSG_ROOM: usize = 64;
+
+    /// Reads at most this many datagrams in one [`recv_one`], skipping unusable ones.
+    const SKIP_MAX: usize = 32;
+
+    /// One non-blocking read (a `recvmsg` into `buf`, with `UDP_GRO` control data into `cmsg`):
+    /// `Some((source, length, segment size if the kernel coalesced))`, `None` when nothing is ready. A
+    /// truncated or unaddressed read is skipped (the next one is tried). Both backends read this way when a
+    /// read must hand over one datagram or GRO batch at once.
+    #[inline]
+    pub(crate) fn recv_one(
+        sock: &UdpSocket,
+        buf: &mut [u8],
+        cmsg: &mut [u8],
+    ) -> io::Result<Option<(SocketAddr, usize, Option<usize>)>> {
+        // Bounded: every skipped read consumed a datagram.
+        for _ in 0..SKIP_MAX {
+            let mut iov = [IoSliceMut::new(&mut *buf)];
+            match recvmsg::<SockaddrStorage>(sock.as_raw_fd(), &mut iov, Some(&mut *cmsg), MsgFlags::MSG_DONTWAIT) {
+                Ok(r) => {
+                    // A datagram longer than the buffer is truncated: drop it (it cannot be a Blip packet).
+                    if r.flags.contains(MsgFlags::MSG_TRUNC) {
+                        continue;
+                    }
+                    let segment = r.cmsgs().ok().and_then(|mut c| {
+                        c.find_map(|m| match m {
+                            ControlMessageOwned::UdpGroSegments(s) => usize::try_from(s).ok().filter(|s| *s > 0),
+                            _ => None,
+                        })
+                    });
+                    let Some(from) = r.address.as_ref().and_then(to_std) else { continue };
+                    return Ok(Some((from, r.bytes, segment)));
+                }
+                // Non-blocking, so EINTR is as good as "nothing now": the caller polls again.
+                Err(Errno::EAGAIN | Errno::EINTR | Errno::ECONNREFUSED) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(None)
+    }
+
+    fn to_std(addr: &SockaddrStorage) -> Option<SocketAddr> {
+        if let Some(v4) = addr.as_sockaddr_in() {
+            Some(SocketAddr::V4((*v4).into()))
+        } else {
+            addr.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+        }
+    }
 
     /// Turns `UDP_GRO` on; false if the kernel refuses (then the socket receives one datagram per read).
     pub(crate) fn enable_gro(sock: &UdpSocket) -> bool {

@@ -216,7 +216,7 @@ impl PollBackend {
                 {
                     self.reads[which] += 1;
                 }
-                match linux::recv_one(sock, &mut self.recv_bufs, &mut self.mmsg)? {
+                match offload::recv_one(sock, &mut self.recv_bufs[..RECV_SIZE], &mut self.mmsg.cmsg)? {
                     Some((from, len, segment)) => {
                         let n = offload::split(from, &mut self.recv_bufs[..len], segment, sink);
                         self.gro_batches += u64::from(n > 1);
@@ -469,15 +469,10 @@ mod linux {
     use std::os::fd::{AsRawFd, RawFd};
 
     use nix::errno::Errno;
-    use nix::sys::socket::{
-        ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, recvmsg, sendmmsg,
-    };
+    use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
 
     use super::super::offload::{self, Batch, Gso};
     use super::{BATCH, RECV_SIZE};
-
-    /// Room for the `UDP_GRO` control message, and then some (only that one is expected).
-    const CMSG_ROOM: usize = 64;
 
     /// Preallocated mmsghdr arrays for both directions, and a control buffer for GRO reads.
     pub(super) struct Mmsg {
@@ -487,7 +482,8 @@ mod linux {
         send_gso: MultiHeaders<SockaddrStorage>,
         addrs: [Option<SockaddrStorage>; BATCH],
         results: [(usize, Option<SocketAddr>); BATCH],
-        cmsg: Box<[u8]>,
+        /// Control buffer of a GRO read ([`offload::recv_one`]).
+        pub(super) cmsg: Box<[u8]>,
     }
 
     impl Mmsg {
@@ -498,7 +494,7 @@ mod linux {
                 send_gso: MultiHeaders::preallocate(BATCH, Some(nix::cmsg_space!(u16))),
                 addrs: [None; BATCH],
                 results: [(0, None); BATCH],
-                cmsg: vec![0u8; CMSG_ROOM].into_boxed_slice(),
+                cmsg: vec![0u8; offload::RECV_CMSG_ROOM].into_boxed_slice(),
             }
         }
     }
@@ -509,40 +505,6 @@ mod linux {
         } else {
             addr.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
         }
-    }
-
-    /// One read with `UDP_GRO` on: `Some((source, length, segment size if the kernel coalesced))`, `None`
-    /// when nothing is ready. A truncated or unaddressed read is skipped (the next one is tried).
-    #[inline]
-    pub(super) fn recv_one(
-        sock: &UdpSocket,
-        buf: &mut [u8],
-        mmsg: &mut Mmsg,
-    ) -> io::Result<Option<(SocketAddr, usize, Option<usize>)>> {
-        // Bounded: every skipped read consumed a datagram.
-        for _ in 0..BATCH {
-            let mut iov = [IoSliceMut::new(&mut buf[..RECV_SIZE])];
-            match recvmsg::<SockaddrStorage>(sock.as_raw_fd(), &mut iov, Some(&mut mmsg.cmsg), MsgFlags::MSG_DONTWAIT) {
-                Ok(r) => {
-                    // A datagram longer than the buffer is truncated: drop it (it cannot be a Blip packet).
-                    if r.flags.contains(MsgFlags::MSG_TRUNC) {
-                        continue;
-                    }
-                    let segment = r.cmsgs().ok().and_then(|mut c| {
-                        c.find_map(|m| match m {
-                            ControlMessageOwned::UdpGroSegments(s) => usize::try_from(s).ok().filter(|s| *s > 0),
-                            _ => None,
-                        })
-                    });
-                    let Some(from) = r.address.as_ref().and_then(to_std) else { continue };
-                    return Ok(Some((from, r.bytes, segment)));
-                }
-                // Non-blocking, so EINTR is as good as "nothing now": the caller polls again.
-                Err(Errno::EAGAIN | Errno::EINTR | Errno::ECONNREFUSED) => return Ok(None),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(None)
     }
 
     pub(super) fn recv_batch(

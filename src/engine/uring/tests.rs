@@ -655,3 +655,111 @@ fn lone_datagram_leaves_by_sendto() {
     tx.receive(Some(Duration::ZERO), &mut |_, _| {}).unwrap();
     assert_eq!((tx.stats().plain_sends, tx.send_errors()), (1, 1), "{:?}", tx.stats());
 }
+
+/// Spins `rx.receive(Some(ZERO))`, collecting the first byte of each datagram from `from`, until `done`
+/// holds (10 s at most).
+fn spin_until(
+    rx: &mut UringBackend,
+    from: SocketAddr,
+    got: &mut Vec<u8>,
+    what: &str,
+    done: impl Fn(&UringBackend, &[u8]) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done(rx, got) {
+        assert!(Instant::now() < deadline, "{what}: not within 10 s ({got:?}, {:?})", rx.stats());
+        rx.receive(Some(Duration::ZERO), &mut |src, bytes| {
+            if src == from {
+                got.push(bytes[0]);
+            }
+        })
+        .unwrap();
+    }
+}
+
+/// A spinning backend with sparse traffic reads the group socket plainly, and goes back to its multishot
+/// receive for a GRO batch, for a wait, and for bulk sending, losing and reordering nothing on the way.
+#[test]
+fn sparse_spinning_reads_the_group_socket_plainly() {
+    let _serial = serial();
+    if !available() {
+        return;
+    }
+    let group = Ipv4Addr::new(239, 255, 203, 20);
+    let mut rx = backend(group, 46_341, UringOptions::default());
+    let mut tx = backend(group, 46_342, UringOptions::default());
+    let (from, dest) = (tx.unicast_addr().unwrap(), SocketAddr::from((group, 46_341)));
+    let plain = |rx: &UringBackend, _: &[u8]| rx.st.group_read == GroupRead::Plain;
+    let mut got = Vec::new();
+
+    // Idle spinning: the multishot receive is cancelled, then the socket is read plainly.
+    for _ in 0..PLAIN_AFTER - 1 {
+        rx.receive(Some(Duration::ZERO), &mut |_, _| {}).unwrap();
+    }
+    assert_eq!(rx.stats().plain_switches, 0, "switched before {PLAIN_AFTER} sparse receives");
+    spin_until(&mut rx, from, &mut got, "plain reads", plain);
+    assert!(!rx.st.recv_armed[0] && got.is_empty(), "{:?}", rx.stats());
+
+    // Lone datagrams arrive by plain reads.
+    for k in 1..=3u8 {
+        tx.queue_send(dest, &[k; 100]).unwrap();
+        tx.flush().unwrap();
+        spin_until(&mut rx, from, &mut got, "a lone datagram", |_, g| g.len() == usize::from(k));
+    }
+    assert_eq!((rx.stats().plain_received, rx.st.group_read), (3, GroupRead::Plain), "{:?}", rx.stats());
+
+    // A GSO batch (one GRO read, or several datagrams without GRO) puts the multishot receive back.
+    for k in 4..=9u8 {
+        tx.queue_send(dest, &[k; 100]).unwrap();
+    }
+    tx.flush().unwrap();
+    spin_until(&mut rx, from, &mut got, "a batch", |_, g| g.len() == 9);
+    assert_eq!(rx.st.group_read, GroupRead::Multishot);
+    rx.receive(Some(Duration::ZERO), &mut |_, _| {}).unwrap();
+    assert!(rx.st.recv_armed[0], "multishot receive not re-armed: {:?}", rx.stats());
+
+    // Plain again; a receive that may wait arms the multishot receive, which takes what is queued.
+    spin_until(&mut rx, from, &mut got, "plain reads again", plain);
+    tx.queue_send(dest, &[10; 100]).unwrap();
+    tx.flush().unwrap();
+    while got.len() < 10 {
+        rx.receive(Some(Duration::from_secs(5)), &mut |src, bytes| {
+            if src == from {
+                got.push(bytes[0]);
+            }
+        })
+        .unwrap();
+        assert_eq!(rx.st.group_read, GroupRead::Multishot);
+    }
+
+    // Plain again; `receive_all` reads everything queued.
+    spin_until(&mut rx, from, &mut got, "plain reads a third time", plain);
+    for k in 11..=13u8 {
+        tx.queue_send(dest, &[k; 100]).unwrap();
+        tx.flush().unwrap();
+    }
+    settle(&mut tx, 13);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < 13 {
+        assert!(Instant::now() < deadline, "receive_all: {got:?}");
+        rx.receive_all(&mut |src, bytes| {
+            if src == from {
+                got.push(bytes[0]);
+            }
+        })
+        .unwrap();
+    }
+    assert_eq!(got, (1..=13).collect::<Vec<u8>>(), "lost or reordered");
+    assert_eq!((rx.stats().plain_switches, rx.stats().plain_received), (3, 12), "{:?}", rx.stats());
+
+    // A node that sends in bulk (sends in the ring every cycle) goes back to its multishot receive.
+    spin_until(&mut tx, from, &mut Vec::new(), "the sender on plain reads", plain);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tx.st.group_read == GroupRead::Plain {
+        assert!(Instant::now() < deadline, "a bulk sender stayed on plain reads: {:?}", tx.stats());
+        for _ in 0..4 {
+            tx.queue_send(dest, &[0; 100]).unwrap();
+        }
+        tx.receive(Some(Duration::ZERO), &mut |_, _| {}).unwrap();
+    }
+}
