@@ -1139,6 +1139,30 @@ const RAW_RESEND: Duration = Duration::from_millis(100);
 
 /// Ping-pong between two nodes (the ponger in a second thread); raw = plain sockets instead of Blip.
 fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
+    let (hist, backend) = latency_run(c, a, raw)?;
+    Ok(latency_row(c, a, raw, &hist, backend))
+}
+
+/// The row of a latency measurement (`hist`: round trips in nanoseconds).
+fn latency_row(c: &Common, a: &LatencyArgs, raw: bool, hist: &Histogram<u64>, backend: String) -> Row {
+    Row {
+        name: format!(
+            "{} latency {}B{}{}",
+            if raw { "raw" } else { "blip" },
+            c.size,
+            if a.direct { " direct" } else { "" },
+            if a.rate > 0 { format!(" @{}/s", a.rate) } else { String::new() }
+        ),
+        backend,
+        messages: hist.len(),
+        expected: hist.len(),
+        latency: Some(percentiles(hist)),
+        ..Row::default()
+    }
+}
+
+/// One latency measurement: the round trips (nanoseconds) and the path that carried them.
+fn latency_run(c: &Common, a: &LatencyArgs, raw: bool) -> Result<(Histogram<u64>, String)> {
     if a.direct && c.threads {
         return Err("--direct uses the thread that drives each node; it does not go with --threads".into());
     }
@@ -1283,21 +1307,11 @@ fn latency(c: &Common, a: &LatencyArgs, raw: bool) -> Result<Row> {
     progress.done();
     let backend = result?;
     ponged?;
-    Ok(Row {
-        name: format!(
-            "{} latency {}B{}{}",
-            if raw { "raw" } else { "blip" },
-            c.size,
-            if a.direct { " direct" } else { "" },
-            if a.rate > 0 { format!(" @{}/s", a.rate) } else { String::new() }
-        ),
-        backend,
-        messages: a.count,
-        expected: a.count,
-        latency: Some(percentiles(&hist)),
-        ..Row::default()
-    })
+    Ok((hist, backend))
 }
+
+/// Slices per path in each of `compare`'s latency runs (see `compare`).
+const LATENCY_SLICES: u64 = 5;
 
 fn median_by<T: Clone>(mut v: Vec<T>, key: impl Fn(&T) -> f64) -> T {
     v.sort_by(|a, b| key(a).total_cmp(&key(b)));
@@ -1340,21 +1354,35 @@ fn compare(c: &Common, a: &CompareArgs) -> Result<Vec<Row>> {
     rows.insert(0, raw);
     if a.count > 0 {
         let la = LatencyArgs { count: a.count, warmup: a.count / 10, rate: 0, raw: false, direct: false };
-        // The poll backend's latency beside io_uring's when the choice was left to the probe: io_uring hands
-        // a datagram over through the kernel's deferred task work, which costs a round trip microseconds here
-        // (README, Performance), so a latency-bound user may choose poll.
+        // Each run's round trips are measured in `LATENCY_SLICES` slices per path, raw and Blip taking turns
+        // slice by slice, so that a machine that slows down for a second or two during the compare slows
+        // every path alike; each run's pair is reported as for throughput.
+        let slices = LATENCY_SLICES.min(a.count.max(1));
+        let slice = LatencyArgs { count: a.count / slices, warmup: (a.count / 10 / slices).max(1), ..la.clone() };
+        // The poll backend's latency beside io_uring's when the choice was left to the probe (README,
+        // Performance: how the two backends hand a datagram over differ).
         let poll_c = Common { backend: "poll".into(), ..c.clone() };
-        // Run by run, raw then Blip back to back, so that a machine that slows down during the compare
-        // slows every path alike; each run's pair is reported as for throughput.
         let (mut raws, mut blips, mut polls) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs {
-            raws.push(latency(c, &la, true)?);
-            let b = latency(c, &la, false)?;
-            let poll_too = c.backend == "auto" && b.backend != "poll";
-            blips.push(b);
-            if poll_too {
-                polls.push(latency(&poll_c, &la, false)?);
+            let mut hists: [Option<(Histogram<u64>, String)>; 3] = [None, None, None];
+            for _ in 0..slices {
+                let (raw_h, raw_path) = latency_run(c, &slice, true)?;
+                let (blip_h, blip_path) = latency_run(c, &slice, false)?;
+                let poll_too = c.backend == "auto" && blip_path != "poll";
+                let poll = if poll_too { Some(latency_run(&poll_c, &slice, false)?) } else { None };
+                for (merged, got) in hists.iter_mut().zip([Some((raw_h, raw_path)), Some((blip_h, blip_path)), poll]) {
+                    match (merged.as_mut(), got) {
+                        (Some((m, _)), Some((h, _))) => m.add(&h).map_err(|e| format!("merging histograms: {e}"))?,
+                        (None, got) => *merged = got,
+                        (Some(_), None) => {}
+                    }
+                }
             }
+            let [raw_h, blip_h, poll_h] = hists;
+            let row = |raw: bool, (h, path): (Histogram<u64>, String)| latency_row(c, &la, raw, &h, path);
+            raws.extend(raw_h.map(|m| row(true, m)));
+            blips.extend(blip_h.map(|m| row(false, m)));
+            polls.extend(poll_h.map(|m| row(false, m)));
         }
         let p50 = |r: &Row| r.latency.map_or(0.0, |l| l[0]);
         let raw_runs: Vec<f64> = raws.iter().map(p50).collect();
