@@ -1354,42 +1354,53 @@ fn compare(c: &Common, a: &CompareArgs) -> Result<Vec<Row>> {
     rows.insert(0, raw);
     if a.count > 0 {
         let la = LatencyArgs { count: a.count, warmup: a.count / 10, rate: 0, raw: false, direct: false };
-        // Each run's round trips are measured in `LATENCY_SLICES` slices per path, raw and Blip taking turns
+        // Each run's round trips are measured in `LATENCY_SLICES` slices per path, the paths taking turns
         // slice by slice, so that a machine that slows down for a second or two during the compare slows
         // every path alike; each run's pair is reported as for throughput.
         let slices = LATENCY_SLICES.min(a.count.max(1));
         let slice = LatencyArgs { count: a.count / slices, warmup: (a.count / 10 / slices).max(1), ..la.clone() };
-        // The poll backend's latency beside io_uring's when the choice was left to the probe (README,
-        // Performance: how the two backends hand a datagram over differ).
-        let poll_c = Common { backend: "poll".into(), ..c.clone() };
-        let (mut raws, mut blips, mut polls) = (Vec::new(), Vec::new(), Vec::new());
+        // The paths: raw UDP; Blip through a Publisher and a Subscriber; where the nodes are driven from their
+        // threads, Blip with `Node::try_send` and `Node::poll`, as for throughput; and the poll backend beside
+        // io_uring when the choice was left to the probe (README, Performance: the backends hand a datagram
+        // over differently).
+        let mut paths: Vec<(Common, LatencyArgs, bool)> =
+            vec![(c.clone(), slice.clone(), true), (c.clone(), slice.clone(), false)];
+        if !c.threads {
+            paths.push((c.clone(), LatencyArgs { direct: true, ..slice.clone() }, false));
+        }
+        let mut probed = false;
+        let mut per_path: Vec<Vec<Row>> = Vec::new();
         for _ in 0..runs {
-            let mut hists: [Option<(Histogram<u64>, String)>; 3] = [None, None, None];
+            let mut hists: Vec<Option<(Histogram<u64>, String)>> = vec![None; paths.len()];
             for _ in 0..slices {
-                let (raw_h, raw_path) = latency_run(c, &slice, true)?;
-                let (blip_h, blip_path) = latency_run(c, &slice, false)?;
-                let poll_too = c.backend == "auto" && blip_path != "poll";
-                let poll = if poll_too { Some(latency_run(&poll_c, &slice, false)?) } else { None };
-                for (merged, got) in hists.iter_mut().zip([Some((raw_h, raw_path)), Some((blip_h, blip_path)), poll]) {
-                    match (merged.as_mut(), got) {
-                        (Some((m, _)), Some((h, _))) => m.add(&h).map_err(|e| format!("merging histograms: {e}"))?,
-                        (None, got) => *merged = got,
-                        (Some(_), None) => {}
+                let mut k = 0;
+                while k < paths.len() {
+                    let (pc, pa, raw) = &paths[k];
+                    let (h, path) = latency_run(pc, pa, *raw)?;
+                    if !*raw && !std::mem::replace(&mut probed, true) && c.backend == "auto" && path != "poll" {
+                        paths.push((Common { backend: "poll".into(), ..c.clone() }, slice.clone(), false));
+                        hists.push(None);
                     }
+                    match hists[k].as_mut() {
+                        Some((m, _)) => m.add(&h).map_err(|e| format!("merging histograms: {e}"))?,
+                        None => hists[k] = Some((h, path)),
+                    }
+                    k += 1;
                 }
             }
-            let [raw_h, blip_h, poll_h] = hists;
-            let row = |raw: bool, (h, path): (Histogram<u64>, String)| latency_row(c, &la, raw, &h, path);
-            raws.extend(raw_h.map(|m| row(true, m)));
-            blips.extend(blip_h.map(|m| row(false, m)));
-            polls.extend(poll_h.map(|m| row(false, m)));
+            per_path.resize_with(paths.len(), Vec::new);
+            for ((h, path), ((pc, pa, raw), rows)) in hists.into_iter().flatten().zip(paths.iter().zip(&mut per_path)) {
+                rows.push(latency_row(pc, &LatencyArgs { count: a.count, ..pa.clone() }, *raw, &h, path));
+            }
         }
         let p50 = |r: &Row| r.latency.map_or(0.0, |l| l[0]);
+        let mut per_path = per_path.into_iter();
+        let raws = per_path.next().unwrap_or_default();
         let raw_runs: Vec<f64> = raws.iter().map(p50).collect();
         let raw_l = median_by(raws, p50);
         let raw_p50 = p50(&raw_l).max(1e-9);
         rows.push(raw_l);
-        for way in [blips, polls].into_iter().filter(|w| !w.is_empty()) {
+        for way in per_path.filter(|w| !w.is_empty()) {
             let pairs =
                 raw_runs.iter().zip(&way).map(|(&raw, b)| RunPair { raw, blip: p50(b), raw_lost: 0.0 }).collect();
             let mut row = median_by(way, p50);
