@@ -197,6 +197,77 @@ fn driven_by_caller(backend: BackendChoice) {
     }
 }
 
+/// Busy-spinning driven nodes: sparse traffic (a ping-pong, which puts io_uring's group socket on plain
+/// reads), then a burst from one node (bulk, which puts its multishot receive back), then a ping-pong again:
+/// every message arrives once, in order, whole, across the switches.
+fn ping_pong_then_burst(backend: BackendChoice) {
+    const ROUND_TRIPS: u64 = 1_000;
+    const BURST: u64 = 20_000;
+    let group = unique_group();
+    let node = || builder(backend, group).idle(blip::IdleStrategy::BusySpin).direct_receive().build_driven().unwrap();
+    let (mut a, mut b) = (node(), node());
+    let deadline = std::time::Instant::now() + WAIT;
+    // Messages sent by and delivered to each node.
+    let (mut sent, mut got) = ([0u64; 2], [0u64; 2]);
+    let mut buf = Vec::new();
+    for phase in 0..3 {
+        if phase == 1 {
+            let end = sent[0] + BURST;
+            while got[1] < end {
+                assert!(std::time::Instant::now() < deadline, "burst: {} sent, {} delivered", sent[0], got[1]);
+                while sent[0] < end {
+                    payload(sent[0], 64, &mut buf);
+                    if a.try_send(&buf).is_err() {
+                        break;
+                    }
+                    sent[0] += 1;
+                }
+                a.duty_cycle(Some(Duration::ZERO)).unwrap();
+                b.duty_cycle(Some(Duration::ZERO)).unwrap();
+                take(&mut b, &mut got[1]);
+            }
+            continue;
+        }
+        for _ in 0..ROUND_TRIPS {
+            for from in 0..2 {
+                let to = 1 - from;
+                let (tx, rx) = if from == 0 { (&mut a, &mut b) } else { (&mut b, &mut a) };
+                payload(sent[from], 64, &mut buf);
+                while tx.try_send(&buf).is_err() {
+                    tx.duty_cycle(Some(Duration::ZERO)).unwrap();
+                }
+                sent[from] += 1;
+                while got[to] < sent[from] {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "phase {phase}: {} of {} delivered",
+                        got[to],
+                        sent[from]
+                    );
+                    tx.duty_cycle(Some(Duration::ZERO)).unwrap();
+                    rx.duty_cycle(Some(Duration::ZERO)).unwrap();
+                    take(rx, &mut got[to]);
+                }
+            }
+        }
+    }
+    assert_eq!(got, [2 * ROUND_TRIPS, 2 * ROUND_TRIPS + BURST]);
+
+    /// Takes what `node` has for its reader, checking order and contents.
+    fn take(node: &mut blip::Node, next: &mut u64) {
+        node.poll(4096, |r| match r {
+            Received::Message(m) => {
+                assert_eq!(m.seq, *next, "out of order");
+                assert!(check_payload(m.seq, m.payload), "message {} corrupted", m.seq);
+                *next += 1;
+            }
+            Received::Loss { .. } => panic!("loss on a lossless run"),
+            _ => {}
+        })
+        .unwrap();
+    }
+}
+
 /// `Node::try_send` from the thread that drives the node: every message reaches another node and, with
 /// local delivery, the sender's own subscriber, in order, whole (fragmented ones too), through a window
 /// small enough that the sender must wait for acknowledgements; limits and threaded nodes are refused.
@@ -555,6 +626,12 @@ macro_rules! suite {
             fn engine_driven_from_the_callers_thread() {
                 if $available {
                     driven_by_caller($choice)
+                }
+            }
+            #[test]
+            fn busy_spinning_ping_pong_then_burst() {
+                if $available {
+                    ping_pong_then_burst($choice)
                 }
             }
             #[test]
