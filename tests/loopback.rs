@@ -229,8 +229,7 @@ fn ping_pong_then_burst(backend: BackendChoice) {
             continue;
         }
         for _ in 0..ROUND_TRIPS {
-            for from in 0..2 {
-                let to = 1 - from;
+            for (from, to) in [(0, 1), (1, 0)] {
                 let (tx, rx) = if from == 0 { (&mut a, &mut b) } else { (&mut b, &mut a) };
                 payload(sent[from], 64, &mut buf);
                 while tx.try_send(&buf).is_err() {
@@ -436,6 +435,53 @@ fn direct_send_times_a_stall_from_the_send(backend: BackendChoice) {
     a.duty_cycle(Some(Duration::ZERO)).unwrap();
     // b has held a back for microseconds, not for the limit: it is still waited for.
     assert_eq!(a.try_send(&[7; 1400]), Err(blip::SendError::Full), "b was dropped before its time");
+}
+
+/// The sending side of a stall: a sender whose thread stops for three receiver timeouts, while its two
+/// receivers keep reporting to its unicast socket, reads those reports before it judges either receiver
+/// gone.
+fn stalled_sender_reads_before_it_judges_receivers(backend: BackendChoice) {
+    let group = unique_group();
+    let config = blip::proto::Config {
+        receiver_timeout: Duration::from_millis(200),
+        status_interval: Duration::from_millis(20),
+        heartbeat_max: Duration::from_millis(20),
+        ..blip::proto::Config::default()
+    };
+    let node = || builder(backend, group).protocol(config.clone()).build_driven().unwrap();
+    let (mut a, mut b1, mut b2) = (node(), node(), node());
+    let mut sa = a.subscriber().unwrap();
+    let (mut s1, mut s2) = (b1.subscriber().unwrap(), b2.subscriber().unwrap());
+    a.try_send(b"one").unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let (mut joined, mut got) = (0, 0);
+    while joined < 2 || got < 2 {
+        assert!(std::time::Instant::now() < deadline, "{got} of 2 deliveries, {joined} of 2 receivers joined");
+        for n in [&mut a, &mut b1, &mut b2] {
+            n.duty_cycle(Some(Duration::from_millis(1))).unwrap();
+        }
+        sa.poll(64, |r| joined += usize::from(matches!(r, Received::Event(Event::ReceiverJoined { .. }))));
+        for s in [&mut s1, &mut s2] {
+            s.poll(64, |r| got += usize::from(matches!(r, Received::Message(_))));
+        }
+    }
+    for _ in 0..8 {
+        a.duty_cycle(Some(Duration::ZERO)).unwrap();
+    }
+    // a's thread does something else for three receiver timeouts (the fault, timed); b1 and b2 report.
+    let stall_end = std::time::Instant::now() + 3 * config.receiver_timeout;
+    while std::time::Instant::now() < stall_end {
+        b1.duty_cycle(Some(Duration::from_millis(1))).unwrap();
+        b2.duty_cycle(Some(Duration::from_millis(1))).unwrap();
+    }
+    for _ in 0..10 {
+        for n in [&mut a, &mut b1, &mut b2] {
+            n.duty_cycle(Some(Duration::ZERO)).unwrap();
+        }
+    }
+    sa.poll(1024, |r| {
+        assert!(!matches!(r, Received::Event(Event::ReceiverGone { .. })), "a judged a receiver gone before reading it")
+    });
 }
 
 /// A node whose thread stalls for longer than the sender timeout, while two senders go on heartbeating,
@@ -650,6 +696,12 @@ macro_rules! suite {
             fn a_direct_send_times_a_stall_from_the_send() {
                 if $available {
                     direct_send_times_a_stall_from_the_send($choice)
+                }
+            }
+            #[test]
+            fn a_stalled_sender_reads_before_it_judges_receivers() {
+                if $available {
+                    stalled_sender_reads_before_it_judges_receivers($choice)
                 }
             }
             #[test]
