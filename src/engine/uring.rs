@@ -16,8 +16,8 @@
 //! - **Sparse traffic, spinning**: an armed multishot receive costs every datagram a round of task work
 //!   before user space sees it (a 64-byte round trip of a ping-pong measured 9.2 against 5.1 us for a spun
 //!   plain read on this machine kind). So after [`PLAIN_AFTER`] spinning receives in a row (`receive` with a
-//!   zero timeout) that each found at most one datagram and had no send to submit or in flight (replies and
-//!   pings leave by `sendto`, see below), the group socket's multishot receive is cancelled
+//!   zero timeout) that each found at most one datagram, with nothing to submit and no send in flight
+//!   (replies and pings leave by `sendto`, see below), the group socket's multishot receive is cancelled
 //!   and the socket is read by plain non-blocking `recvmsg` calls (GRO batches split as above); the ring is
 //!   then entered only when a send or submission is waiting, and every [`ENTER_EVERY`] receives otherwise
 //!   (for the unicast socket's multishot receive and the waker). A read that finds a GRO batch or several
@@ -106,7 +106,8 @@ const PLAIN_AFTER: u32 = 256;
 /// submission is waiting. The ring then holds the unicast socket's receive (STATUS reports, which can wait
 /// a few microseconds) and the waker.
 const ENTER_EVERY: u32 = 4;
-/// Plain receives in a row that had sends to submit or in flight before the group socket goes back to its
+/// Plain receives in a row that had something to submit (sends, mostly) or a send in flight before the group
+/// socket goes back to its
 /// multishot receive: a node that sends in bulk enters the ring every cycle anyway, and a plain read would
 /// add a system call to each.
 const PLAIN_SENDING: u32 = 8;
@@ -644,7 +645,16 @@ impl State {
                     }
                 }
             }
-            _ => 0, // UD_CANCEL
+            UD_CANCEL => {
+                // A cancel that could not take the group's multishot receive (it keeps reading): stay on it,
+                // and let sparse traffic try again later. ENOENT: it had ended already (its final completion
+                // finishes the switch).
+                if res < 0 && res != -libc::ENOENT && self.group_read == GroupRead::Cancelling && self.recv_armed[0] {
+                    self.group_read = GroupRead::Multishot;
+                }
+                0
+            }
+            _ => 0,
         }
     }
 
@@ -780,12 +790,23 @@ impl State {
     }
 
     /// One turn of plain reads of the group socket: until it is found empty (bounded), or, when the last
-    /// turn found it empty and `to_the_end` is false, after a lone datagram.
-    fn read_plain(&mut self, sink: &mut Sink<'_>, to_the_end: bool) -> io::Result<PlainRead> {
+    /// turn found it empty and `to_the_end` is false, after a lone datagram. A failed read counts as a
+    /// failed receive completion does (`recv_errors`, `recv_failed`) and ends the turn.
+    fn read_plain(&mut self, sink: &mut Sink<'_>, to_the_end: bool) -> PlainRead {
         let was_empty = std::mem::replace(&mut self.plain_empty, false);
         let mut read = PlainRead::default();
+        // Without GRO, what a multishot receive buffer holds: a longer datagram is dropped either way.
+        let room = if self.gro { self.plain_buf.len() } else { self.buffer_size.min(self.plain_buf.len()) };
         for _ in 0..PLAIN_READS {
-            match offload::recv_one(&self.group, &mut self.plain_buf, &mut self.plain_cmsg)? {
+            let got = match offload::recv_one(&self.group, &mut self.plain_buf[..room], &mut self.plain_cmsg) {
+                Ok(got) => got,
+                Err(_) => {
+                    self.stats.recv_errors += 1;
+                    self.recv_failed = true;
+                    break;
+                }
+            };
+            match got {
                 Some((from, len, segment)) => {
                     let n = offload::split(from, &mut self.plain_buf[..len], segment, sink);
                     self.stats.gro_batches += u64::from(n > 1);
@@ -803,7 +824,7 @@ impl State {
         }
         self.stats.received += read.datagrams as u64;
         self.stats.plain_received += read.datagrams as u64;
-        Ok(read)
+        read
     }
 
     fn take_woken(&mut self) -> bool {
@@ -1084,10 +1105,17 @@ impl UringBackend {
         self.st.sparse_spins = 0;
         self.st.plain_empty = true;
         if self.st.recv_armed[0] {
+            // Set first: the push may reap, and a final completion of the receive reaped there must find
+            // the switch under way.
+            self.st.group_read = GroupRead::Cancelling;
             let cancel = opcode::AsyncCancel::new(UD_RECV_GROUP).build().user_data(UD_CANCEL);
             // SAFETY: a cancel request carries no pointer into our memory.
-            unsafe { self.push(&cancel)? };
-            self.st.group_read = GroupRead::Cancelling;
+            if let Err(e) = unsafe { self.push(&cancel) } {
+                if self.st.recv_armed[0] {
+                    self.st.group_read = GroupRead::Multishot;
+                }
+                return Err(e);
+            }
         } else {
             self.st.rearm[0] = false;
             self.st.group_read = GroupRead::Plain;
@@ -1102,11 +1130,20 @@ impl UringBackend {
         self.st.sparse_spins = 0;
     }
 
+    /// Before a receive waits in the ring: the group socket must have its multishot receive, which is what a
+    /// wait wakes up for. Called after each reap, since a cancellation's final completion (reaped there)
+    /// can leave the socket on plain reads; datagrams queued meanwhile are the first the receive takes.
+    fn wake_group_if_waiting(&mut self, spinning: bool) {
+        if !spinning && self.st.group_read == GroupRead::Plain {
+            self.go_multishot();
+        }
+    }
+
     /// A receive that does not wait while the group socket is read plainly (`to_the_end`: read until empty
     /// and enter the ring whatever is due). Queued sends were handed over by the caller.
     fn receive_plain(&mut self, sink: &mut Sink<'_>, to_the_end: bool) -> io::Result<usize> {
         let mut delivered = self.deliver_stash(sink);
-        let read = self.st.read_plain(sink, to_the_end)?;
+        let read = self.st.read_plain(sink, to_the_end);
         delivered += read.datagrams;
         self.st.enter_skipped += 1;
         let sending = self.st.sends_in_flight > 0 || !self.ring.submission().is_empty();
@@ -1118,7 +1155,8 @@ impl UringBackend {
             self.enter_nowait()?;
             delivered += self.reap(Some(sink));
         }
-        if read.datagrams > 1 || self.st.sending_spins >= PLAIN_SENDING {
+        // A failed read hands the socket back to the multishot receive, which counts and re-arms as usual.
+        if read.datagrams > 1 || self.st.sending_spins >= PLAIN_SENDING || self.st.recv_failed {
             self.st.sending_spins = 0;
             self.go_multishot();
         }
@@ -1369,18 +1407,18 @@ impl Backend for UringBackend {
         }
         self.close_batch()?;
         let spinning = timeout == Some(Duration::ZERO);
-        if self.st.group_read == GroupRead::Plain {
-            if spinning {
-                return self.receive_plain(sink, false);
-            }
-            // A wait in the ring wakes up for the multishot receive only; datagrams queued meanwhile are
-            // the first it takes.
-            self.go_multishot();
+        if spinning && self.st.group_read == GroupRead::Plain {
+            return self.receive_plain(sink, false);
+        }
+        if !spinning {
+            // Sparse means spinning receives in a row.
+            self.st.sparse_spins = 0;
         }
         let mut delivered = self.deliver_stash(sink);
         let submitting = !self.ring.submission().is_empty();
         self.enter_nowait()?;
         delivered += self.reap(Some(sink));
+        self.wake_group_if_waiting(spinning);
         self.rearm()?;
         let woken = self.st.take_woken();
         let failed = self.st.take_recv_failed();
@@ -1412,6 +1450,7 @@ impl Backend for UringBackend {
             };
             self.wait(wait)?;
             delivered += self.reap(Some(sink));
+            self.wake_group_if_waiting(spinning);
             self.rearm()?;
             if delivered > 0 || self.st.take_woken() || self.st.take_recv_failed() {
                 break;

@@ -706,7 +706,8 @@ fn sparse_spinning_reads_the_group_socket_plainly() {
         tx.flush().unwrap();
         spin_until(&mut rx, from, &mut got, "a lone datagram", |_, g| g.len() == usize::from(k));
     }
-    assert_eq!((rx.stats().plain_received, rx.st.group_read), (3, GroupRead::Plain), "{:?}", rx.stats());
+    // At least: datagrams from elsewhere on the group would be read too.
+    assert!(rx.stats().plain_received >= 3 && rx.st.group_read == GroupRead::Plain, "{:?}", rx.stats());
 
     // A GSO batch (one GRO read, or several datagrams without GRO) puts the multishot receive back.
     for k in 4..=9u8 {
@@ -750,7 +751,7 @@ fn sparse_spinning_reads_the_group_socket_plainly() {
         .unwrap();
     }
     assert_eq!(got, (1..=13).collect::<Vec<u8>>(), "lost or reordered");
-    assert_eq!((rx.stats().plain_switches, rx.stats().plain_received), (3, 12), "{:?}", rx.stats());
+    assert!(rx.stats().plain_switches >= 3, "{:?}", rx.stats());
 
     // A node that sends in bulk (sends in the ring every cycle) goes back to its multishot receive.
     spin_until(&mut tx, from, &mut Vec::new(), "the sender on plain reads", plain);
@@ -762,4 +763,35 @@ fn sparse_spinning_reads_the_group_socket_plainly() {
         }
         tx.receive(Some(Duration::ZERO), &mut |_, _| {}).unwrap();
     }
+}
+
+/// A receive that may wait, called while the multishot receive's cancellation is under way, re-arms it once
+/// the cancellation completes: a datagram sent while it waits arrives within the wait.
+#[test]
+fn a_wait_during_the_switch_to_plain_reads_still_receives() {
+    let _serial = serial();
+    if !available() {
+        return;
+    }
+    let group = Ipv4Addr::new(239, 255, 203, 21);
+    let mut rx = backend(group, 46_345, UringOptions::default());
+    let dest = SocketAddr::from((group, 46_345));
+    for _ in 0..PLAIN_AFTER {
+        rx.receive(Some(Duration::ZERO), &mut |_, _| {}).unwrap();
+    }
+    assert_eq!(rx.st.group_read, GroupRead::Cancelling, "{:?}", rx.stats());
+    let tx = unicast_socket();
+    let from = tx.local_addr().unwrap();
+    // Sent once the receive below is (very likely) waiting; sent earlier, it would arrive either way.
+    let sender = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(100));
+        tx.send_to(b"late", dest).unwrap();
+    });
+    let (start, mut got) = (Instant::now(), 0);
+    while got == 0 && start.elapsed() < Duration::from_secs(10) {
+        rx.receive(Some(Duration::from_secs(10)), &mut |src, _| got += usize::from(src == from)).unwrap();
+    }
+    sender.join().unwrap();
+    assert_eq!(got, 1, "nothing received in 10 s: {:?}, {:?}", rx.st.group_read, rx.stats());
+    assert_eq!(rx.st.group_read, GroupRead::Multishot);
 }
