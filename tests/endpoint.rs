@@ -611,3 +611,31 @@ proptest! {
         let _ = transmitted(&mut ep, now);
     }
 }
+
+/// Events nobody polls stay bounded: a peer that restarts over and over (each MEMBER with a new session is
+/// a `PeerRestarted`) fills the queue to `MAX_QUEUED_EVENTS`, after which the oldest are dropped and counted.
+#[test]
+fn unpolled_events_are_bounded_and_counted() {
+    use blip::proto::MAX_QUEUED_EVENTS;
+    use blip::wire::{MemberRepr, MemberState};
+    let now = Instant::now();
+    let mut ep = Endpoint::new(Config::default(), 1, 1, now).unwrap();
+    let from: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+    let mut buf = [0u8; 256];
+    let restarts = MAX_QUEUED_EVENTS as u64 + 100;
+    for session in 1000..1000 + restarts {
+        let header = Header { kind: Kind::Member, flags: 0, stream: 0, session };
+        let repr = MemberRepr { node_id: 7, state: MemberState::Alive, name: "churn" };
+        let len = repr.emit(&header, &mut buf).unwrap();
+        ep.handle_datagram(now, from, &buf[..len]);
+    }
+    ep.handle_timeout(now);
+    // The first announcement is a join, every later one a restart: one event each.
+    let dropped = ep.stats().events_dropped;
+    assert_eq!(dropped, restarts - MAX_QUEUED_EVENTS as u64, "{:?}", ep.stats());
+    let mut left = 0;
+    while ep.poll_event().is_some() {
+        left += 1;
+    }
+    assert_eq!(left, MAX_QUEUED_EVENTS);
+}

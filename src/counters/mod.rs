@@ -220,6 +220,7 @@ counter_fields!(
         replayed,
         seal_evicted,
         seal_failed,
+        events_dropped,
     ]
 );
 

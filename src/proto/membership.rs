@@ -1,7 +1,7 @@
 //! Membership: each node announces itself every `announce_interval`, says when it leaves, and is reported
 //! expired after `member_timeout` of silence. A known node id heard with a new session is a restart.
 
-use std::collections::VecDeque;
+use super::events::EventQueue;
 use std::time::{Duration, Instant};
 
 use super::Event;
@@ -48,13 +48,7 @@ impl Membership {
         &self.members
     }
 
-    pub(crate) fn handle(
-        &mut self,
-        now: Instant,
-        session: u64,
-        m: &MemberRepr<'_>,
-        events: &mut VecDeque<Event>,
-    ) -> bool {
+    pub(crate) fn handle(&mut self, now: Instant, session: u64, m: &MemberRepr<'_>, events: &mut EventQueue) -> bool {
         let pos = self.members.iter().position(|x| x.node_id == m.node_id);
         match (m.state, pos) {
             (MemberState::Leaving, Some(i)) if self.members[i].session == session => {
@@ -83,7 +77,7 @@ impl Membership {
         true
     }
 
-    pub(crate) fn expire(&mut self, now: Instant, events: &mut VecDeque<Event>) {
+    pub(crate) fn expire(&mut self, now: Instant, events: &mut EventQueue) {
         let timeout = self.timeout;
         self.members.retain(|m| {
             let alive = now.saturating_duration_since(m.last_heard) < timeout;

@@ -19,6 +19,7 @@
 
 mod access;
 mod config;
+mod events;
 mod membership;
 mod peers;
 mod ratelimit;
@@ -28,13 +29,13 @@ pub(crate) mod seal;
 mod sender;
 mod window;
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::time::Instant;
 
 pub use access::{AccessList, Action, Cidr, CidrError};
 pub use config::*;
+pub use events::MAX_QUEUED_EVENTS;
 pub use membership::Member;
 pub use peers::{PeerCounters, PeerRole, PeerStats};
 pub use seal::{Cipher, KEY_LEN, KeyError, Keyring, MAX_KEYS, REPLAY_WINDOW};
@@ -43,6 +44,7 @@ pub use sender::STRANGER_SHARE;
 use crate::wire::{
     FLAG_SEALED, Header, Kind, MAX_NAK_RANGES, MemberRepr, MemberState, NakRepr, Packet, SeqRange, StatusRepr,
 };
+use events::EventQueue;
 use receiver::{Step, Stream};
 use rng::Rng;
 use sender::Sender;
@@ -357,6 +359,9 @@ pub struct Stats {
     pub seal_evicted: u64,
     /// Packets not sent because sealing failed (the session's packet counter is exhausted).
     pub seal_failed: u64,
+    /// Events dropped, oldest first, because [`MAX_QUEUED_EVENTS`] were waiting for the application
+    /// (brought up to date by `handle_timeout`, `poll_transmit` and `poll_event`).
+    pub events_dropped: u64,
 }
 
 /// One node's protocol state for one stream. See the [module docs](self) for the driving loop.
@@ -369,7 +374,7 @@ pub struct Endpoint {
     /// Stream that delivered last; `recv` continues there (batching) before moving round.
     current: usize,
     members: membership::Membership,
-    events: VecDeque<Event>,
+    events: EventQueue,
     stats: Stats,
     housekeeping_at: Instant,
     nak_ranges: [SeqRange; MAX_NAK_RANGES],
@@ -403,7 +408,7 @@ impl Endpoint {
             rng: Rng::new(seed),
             streams: Vec::new(),
             current: 0,
-            events: VecDeque::new(),
+            events: EventQueue::default(),
             stats: Stats::default(),
             housekeeping_at: now + HOUSEKEEPING_INTERVAL,
             nak_ranges: [SeqRange { start: 0, len: 0 }; MAX_NAK_RANGES],
@@ -700,6 +705,7 @@ impl Endpoint {
     /// Runs timers: expiry of silent peers, progress of a fragmented message. NAKs, STATUS and heartbeats
     /// that fall due are emitted by `poll_transmit`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.stats.events_dropped = self.events.dropped();
         self.sender.on_tick(now, &mut self.events, &mut self.stats);
         if now >= self.housekeeping_at {
             self.housekeeping_at = now + HOUSEKEEPING_INTERVAL;
@@ -729,6 +735,7 @@ impl Endpoint {
     /// nothing is due. Priority: NAKs, retransmissions, new data, heartbeats, STATUS, announcements. With
     /// encryption on, the datagram is sealed in place in `buf`.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        self.stats.events_dropped = self.events.dropped();
         let mut t = self.poll_plain(now, buf)?;
         if let Some(sealer) = self.sealer.as_mut() {
             match sealer.seal(buf, t.len) {
@@ -793,6 +800,7 @@ impl Endpoint {
 
     /// Next event, if any.
     pub fn poll_event(&mut self) -> Option<Event> {
+        self.stats.events_dropped = self.events.dropped();
         self.events.pop_front()
     }
 

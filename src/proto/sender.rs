@@ -2,6 +2,8 @@
 //! answers NAKs from stored bytes, heartbeats while idle, and applies flow control from receivers' STATUS.
 
 use std::collections::VecDeque;
+
+use super::events::EventQueue;
 use std::time::{Duration, Instant};
 
 use super::Now;
@@ -131,7 +133,7 @@ impl Sender {
         &mut self,
         now: Instant,
         msg: &[u8],
-        events: &mut VecDeque<Event>,
+        events: &mut EventQueue,
         stats: &mut Stats,
     ) -> Result<(), SendError> {
         self.send_parts(&mut { now }, &[], msg, events, stats)
@@ -144,7 +146,7 @@ impl Sender {
         now: &mut impl Now,
         head: &[u8],
         body: &[u8],
-        events: &mut VecDeque<Event>,
+        events: &mut EventQueue,
         stats: &mut Stats,
     ) -> Result<(), SendError> {
         if self.try_append(head, body, stats) {
@@ -175,7 +177,7 @@ impl Sender {
         now: &mut impl Now,
         head: &[u8],
         body: &[u8],
-        events: &mut VecDeque<Event>,
+        events: &mut EventQueue,
         stats: &mut Stats,
     ) -> Result<(), SendError> {
         let len = head.len() + body.len();
@@ -225,7 +227,7 @@ impl Sender {
         now: Instant,
         frames: &[u8],
         max_messages: u64,
-        events: &mut VecDeque<Event>,
+        events: &mut EventQueue,
         stats: &mut Stats,
     ) -> FramesTaken {
         if self.staged_active {
@@ -292,7 +294,7 @@ impl Sender {
     }
 
     /// Whether a message could be accepted now (window space and no fragmented message in progress).
-    pub(crate) fn is_writable(&mut self, now: Instant, events: &mut VecDeque<Event>) -> bool {
+    pub(crate) fn is_writable(&mut self, now: Instant, events: &mut EventQueue) -> bool {
         !self.staged_active && (self.open_len > 0 || self.may_open(self.next_seq, &mut { now }, events))
     }
 
@@ -307,7 +309,7 @@ impl Sender {
         self.open_frames += 1;
     }
 
-    fn progress_staged(&mut self, now: &mut impl Now, events: &mut VecDeque<Event>, stats: &mut Stats) {
+    fn progress_staged(&mut self, now: &mut impl Now, events: &mut EventQueue, stats: &mut Stats) {
         while self.staged_active {
             let room = if self.open_len > 0 { self.max_datagram - self.open_len } else { 0 };
             if room <= FRAME_HEADER_LEN {
@@ -355,7 +357,7 @@ impl Sender {
     }
 
     /// Opens datagram `next_seq` in its window slot if flow control allows evicting the slot's old datagram.
-    fn open(&mut self, now: &mut impl Now, events: &mut VecDeque<Event>, stats: &mut Stats) -> bool {
+    fn open(&mut self, now: &mut impl Now, events: &mut EventQueue, stats: &mut Stats) -> bool {
         debug_assert_eq!(self.open_len, 0);
         if !self.may_open(self.next_seq, now, events) {
             stats.flow_control_blocked += 1;
@@ -375,7 +377,7 @@ impl Sender {
     }
 
     /// Flow control: may the slot for `seq` be reused (evicting `seq - window`)?
-    fn may_open(&mut self, seq: u64, now: &mut impl Now, events: &mut VecDeque<Event>) -> bool {
+    fn may_open(&mut self, seq: u64, now: &mut impl Now, events: &mut EventQueue) -> bool {
         let cap = self.window.capacity() as u64;
         // Opening `seq` evicts `seq - window` from the ring; never what has not been transmitted once.
         let evict = seq.checked_sub(cap);
@@ -417,7 +419,7 @@ impl Sender {
         now: Instant,
         from: u64,
         status: &StatusRepr,
-        events: &mut VecDeque<Event>,
+        events: &mut EventQueue,
     ) -> bool {
         if let Some(r) = self.receivers.iter_mut().find(|r| r.session == from) {
             r.last_heard = now;
@@ -498,7 +500,7 @@ impl Sender {
         self.receivers.iter().map(|r| (r.session, PeerCounters { position: r.next_expected, ..r.peer }))
     }
 
-    pub(crate) fn expire_receivers(&mut self, now: Instant, events: &mut VecDeque<Event>) {
+    pub(crate) fn expire_receivers(&mut self, now: Instant, events: &mut EventQueue) {
         let timeout = self.receiver_timeout;
         self.receivers.retain(|r| {
             let alive = now.saturating_duration_since(r.last_heard) < timeout;
@@ -511,7 +513,7 @@ impl Sender {
 
     /// Forgets a receiver that said it is leaving, so flow control stops waiting for it at once rather
     /// than after `receiver_timeout`.
-    pub(crate) fn forget_receiver(&mut self, session: u64, events: &mut VecDeque<Event>) {
+    pub(crate) fn forget_receiver(&mut self, session: u64, events: &mut EventQueue) {
         let before = self.receivers.len();
         self.receivers.retain(|r| r.session != session);
         if self.receivers.len() < before {
@@ -520,7 +522,7 @@ impl Sender {
     }
 
     /// Makes progress on a fragmented message (window space may have been freed by a STATUS).
-    pub(crate) fn on_tick(&mut self, now: Instant, events: &mut VecDeque<Event>, stats: &mut Stats) {
+    pub(crate) fn on_tick(&mut self, now: Instant, events: &mut EventQueue, stats: &mut Stats) {
         if self.staged_active {
             self.progress_staged(&mut { now }, events, stats);
         }
@@ -531,7 +533,7 @@ impl Sender {
         &mut self,
         now: Instant,
         buf: &mut [u8],
-        events: &mut VecDeque<Event>,
+        events: &mut EventQueue,
         stats: &mut Stats,
     ) -> Option<usize> {
         while let Some(&(start, stop)) = self.retransmit.front() {
@@ -634,7 +636,7 @@ mod tests {
         let policy = SlowReceiverPolicy::DropAfter(Duration::from_secs(1));
         let cfg = Config { window: 8, slow_receiver: policy, ..Config::default() };
         let mut sender = Sender::new(&cfg, 7);
-        let (mut events, mut stats) = (VecDeque::new(), Stats::default());
+        let (mut events, mut stats) = (EventQueue::default(), Stats::default());
         let mut now = CountingNow { at, asked: 0 };
         let mut buf = vec![0u8; cfg.max_datagram];
         let (mut sent, mut refused) = (0, 0);
