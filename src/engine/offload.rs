@@ -289,7 +289,7 @@ pub(crate) fn gso_refused(errno: i32) -> bool {
 }
 
 #[cfg(target_os = "linux")]
-pub(crate) use linux::{RECV_CMSG_ROOM, enable_gro, probe_segments, recv_one};
+pub(crate) use linux::{RECV_CMSG_ROOM, Turn, enable_gro, probe_segments, read_turn, to_std};
 
 #[cfg(target_os = "linux")]
 mod linux {
@@ -348,7 +348,63 @@ mod linux {
         Ok(None)
     }
 
-    fn to_std(addr: &SockaddrStorage) -> Option<SocketAddr> {
+    /// What one [`read_turn`] found.
+    #[derive(Debug, Default, Clone, Copy)]
+    pub(crate) struct Turn {
+        /// Datagrams handed to the sink.
+        pub(crate) datagrams: usize,
+        /// Reads that held a GRO batch (several datagrams).
+        pub(crate) batches: u64,
+        /// System calls made, empty reads included.
+        pub(crate) reads: u64,
+        /// The turn ended after a lone datagram that followed an empty turn.
+        pub(crate) lone: bool,
+    }
+
+    /// One turn of [`recv_one`] reads of `sock`, each datagram or GRO batch split for `sink`: until the
+    /// socket is found empty, after `max_reads` reads or once `max_datagrams` are delivered. When the last
+    /// turn found the socket empty (`*empty`), a read that returns a lone datagram ends the turn instead
+    /// (`Turn::lone`): it reaches the application a system call sooner (the round trip of a ping-pong), and
+    /// the next turn reads on until empty. Clear `*empty` first to read to the end regardless. On return,
+    /// `*empty` tells whether this turn found the socket empty without reading anything.
+    pub(crate) fn read_turn(
+        sock: &UdpSocket,
+        buf: &mut [u8],
+        cmsg: &mut [u8],
+        empty: &mut bool,
+        max_reads: usize,
+        max_datagrams: usize,
+        sink: &mut dyn FnMut(SocketAddr, &mut [u8]),
+    ) -> (Turn, io::Result<()>) {
+        let was_empty = std::mem::replace(empty, false);
+        let mut turn = Turn::default();
+        for _ in 0..max_reads {
+            turn.reads += 1;
+            match recv_one(sock, buf, cmsg) {
+                Ok(Some((from, len, segment))) => {
+                    let n = super::split(from, &mut buf[..len], segment, sink);
+                    turn.batches += u64::from(n > 1);
+                    turn.datagrams += n;
+                    if was_empty && turn.datagrams == 1 {
+                        turn.lone = true;
+                        break;
+                    }
+                }
+                Ok(None) => {
+                    *empty = turn.datagrams == 0;
+                    break;
+                }
+                Err(e) => return (turn, Err(e)),
+            }
+            if turn.datagrams >= max_datagrams {
+                break;
+            }
+        }
+        (turn, Ok(()))
+    }
+
+    /// The standard library's address of a socket address from `nix`, if it is IPv4 or IPv6.
+    pub(crate) fn to_std(addr: &SockaddrStorage) -> Option<SocketAddr> {
         if let Some(v4) = addr.as_sockaddr_in() {
             Some(SocketAddr::V4((*v4).into()))
         } else {

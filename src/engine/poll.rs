@@ -209,33 +209,23 @@ impl PollBackend {
         let sock = if which == KEY_GROUP { &self.group } else { &self.unicast };
         #[cfg(target_os = "linux")]
         if self.gro {
-            let mut total = 0;
-            let was_sparse = std::mem::replace(&mut self.sparse[which], false);
-            for _ in 0..GRO_READS {
-                #[cfg(test)]
-                {
-                    self.reads[which] += 1;
-                }
-                match offload::recv_one(sock, &mut self.recv_bufs[..RECV_SIZE], &mut self.mmsg.cmsg)? {
-                    Some((from, len, segment)) => {
-                        let n = offload::split(from, &mut self.recv_bufs[..len], segment, sink);
-                        self.gro_batches += u64::from(n > 1);
-                        total += n;
-                        if was_sparse && total == 1 {
-                            self.lone = true;
-                            break;
-                        }
-                    }
-                    None => {
-                        self.sparse[which] = total == 0;
-                        break;
-                    }
-                }
-                if total >= DRAIN_DATAGRAMS {
-                    break;
-                }
+            let (turn, result) = offload::read_turn(
+                sock,
+                &mut self.recv_bufs[..RECV_SIZE],
+                &mut self.mmsg.cmsg,
+                &mut self.sparse[which],
+                GRO_READS,
+                DRAIN_DATAGRAMS,
+                sink,
+            );
+            #[cfg(test)]
+            {
+                self.reads[which] += turn.reads;
             }
-            return Ok(total);
+            self.gro_batches += turn.batches;
+            self.lone |= turn.lone;
+            result?;
+            return Ok(turn.datagrams);
         }
         let mut total = 0;
         for _ in 0..MAX_ROUNDS {
@@ -499,14 +489,6 @@ mod linux {
         }
     }
 
-    fn to_std(addr: &SockaddrStorage) -> Option<SocketAddr> {
-        if let Some(v4) = addr.as_sockaddr_in() {
-            Some(SocketAddr::V4((*v4).into()))
-        } else {
-            addr.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
-        }
-    }
-
     pub(super) fn recv_batch(
         sock: &UdpSocket,
         bufs: &mut [u8],
@@ -524,7 +506,7 @@ mod linux {
                     for r in results {
                         // A datagram longer than the buffer is truncated: drop it (it cannot be a Blip packet).
                         if !r.flags.contains(MsgFlags::MSG_TRUNC) {
-                            mmsg.results[n] = (r.bytes, r.address.as_ref().and_then(to_std));
+                            mmsg.results[n] = (r.bytes, r.address.as_ref().and_then(offload::to_std));
                         } else {
                             mmsg.results[n] = (0, None);
                         }

@@ -107,9 +107,8 @@ const PLAIN_AFTER: u32 = 256;
 /// a few microseconds) and the waker.
 const ENTER_EVERY: u32 = 4;
 /// Plain receives in a row that had something to submit (sends, mostly) or a send in flight before the group
-/// socket goes back to its
-/// multishot receive: a node that sends in bulk enters the ring every cycle anyway, and a plain read would
-/// add a system call to each.
+/// socket goes back to its multishot receive: a node that sends in bulk enters the ring every cycle anyway,
+/// and a plain read would add a system call to each.
 const PLAIN_SENDING: u32 = 8;
 /// Plain reads of the group socket per receive at most (each a datagram or a GRO batch).
 const PLAIN_READS: usize = 64;
@@ -123,14 +122,6 @@ enum GroupRead {
     Cancelling,
     /// By plain non-blocking `recvmsg` calls.
     Plain,
-}
-
-/// What one turn of plain reads of the group socket found.
-#[derive(Debug, Default, Clone, Copy)]
-struct PlainRead {
-    datagrams: usize,
-    /// The turn ended after a lone datagram that followed an empty read (module docs of the poll backend).
-    lone: bool,
 }
 
 /// How long `queue_send` waits for a send slot before reporting the backend broken.
@@ -789,42 +780,32 @@ impl State {
         self.free.push(i as u16);
     }
 
-    /// One turn of plain reads of the group socket: until it is found empty (bounded), or, when the last
-    /// turn found it empty and `to_the_end` is false, after a lone datagram. A failed read counts as a
-    /// failed receive completion does (`recv_errors`, `recv_failed`) and ends the turn.
-    fn read_plain(&mut self, sink: &mut Sink<'_>, to_the_end: bool) -> PlainRead {
-        let was_empty = std::mem::replace(&mut self.plain_empty, false);
-        let mut read = PlainRead::default();
+    /// One turn of plain reads of the group socket ([`offload::read_turn`]; `to_the_end`: no lone datagram
+    /// ends it early). A failed read counts as a failed receive completion does (`recv_errors`,
+    /// `recv_failed`) and ends the turn.
+    fn read_plain(&mut self, sink: &mut Sink<'_>, to_the_end: bool) -> offload::Turn {
+        if to_the_end {
+            self.plain_empty = false;
+        }
         // Without GRO, what a multishot receive buffer holds: a longer datagram is dropped either way.
         let room = if self.gro { self.plain_buf.len() } else { self.buffer_size.min(self.plain_buf.len()) };
-        for _ in 0..PLAIN_READS {
-            let got = match offload::recv_one(&self.group, &mut self.plain_buf[..room], &mut self.plain_cmsg) {
-                Ok(got) => got,
-                Err(_) => {
-                    self.stats.recv_errors += 1;
-                    self.recv_failed = true;
-                    break;
-                }
-            };
-            match got {
-                Some((from, len, segment)) => {
-                    let n = offload::split(from, &mut self.plain_buf[..len], segment, sink);
-                    self.stats.gro_batches += u64::from(n > 1);
-                    read.datagrams += n;
-                    if was_empty && read.datagrams == 1 && !to_the_end {
-                        read.lone = true;
-                        break;
-                    }
-                }
-                None => {
-                    self.plain_empty = read.datagrams == 0;
-                    break;
-                }
-            }
+        let (turn, result) = offload::read_turn(
+            &self.group,
+            &mut self.plain_buf[..room],
+            &mut self.plain_cmsg,
+            &mut self.plain_empty,
+            PLAIN_READS,
+            usize::MAX,
+            sink,
+        );
+        if result.is_err() {
+            self.stats.recv_errors += 1;
+            self.recv_failed = true;
         }
-        self.stats.received += read.datagrams as u64;
-        self.stats.plain_received += read.datagrams as u64;
-        read
+        self.stats.gro_batches += turn.batches;
+        self.stats.received += turn.datagrams as u64;
+        self.stats.plain_received += turn.datagrams as u64;
+        turn
     }
 
     fn take_woken(&mut self) -> bool {
@@ -1133,7 +1114,7 @@ impl UringBackend {
     /// Before a receive waits in the ring: the group socket must have its multishot receive, which is what a
     /// wait wakes up for. Called after each reap, since a cancellation's final completion (reaped there)
     /// can leave the socket on plain reads; datagrams queued meanwhile are the first the receive takes.
-    fn wake_group_if_waiting(&mut self, spinning: bool) {
+    fn arm_group_before_wait(&mut self, spinning: bool) {
         if !spinning && self.st.group_read == GroupRead::Plain {
             self.go_multishot();
         }
@@ -1418,7 +1399,7 @@ impl Backend for UringBackend {
         let submitting = !self.ring.submission().is_empty();
         self.enter_nowait()?;
         delivered += self.reap(Some(sink));
-        self.wake_group_if_waiting(spinning);
+        self.arm_group_before_wait(spinning);
         self.rearm()?;
         let woken = self.st.take_woken();
         let failed = self.st.take_recv_failed();
@@ -1450,7 +1431,7 @@ impl Backend for UringBackend {
             };
             self.wait(wait)?;
             delivered += self.reap(Some(sink));
-            self.wake_group_if_waiting(spinning);
+            self.arm_group_before_wait(spinning);
             self.rearm()?;
             if delivered > 0 || self.st.take_woken() || self.st.take_recv_failed() {
                 break;
