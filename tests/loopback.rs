@@ -437,6 +437,26 @@ fn direct_send_times_a_stall_from_the_send(backend: BackendChoice) {
     assert_eq!(a.try_send(&[7; 1400]), Err(blip::SendError::Full), "b was dropped before its time");
 }
 
+/// The fault of the stall tests, timed: `stalled` runs until its sockets are empty, then its thread does
+/// something else for `gap` while `others` keep running; then all run a few cycles, `stalled` first.
+fn stall(stalled: &mut blip::Node, mut others: [&mut blip::Node; 2], gap: Duration) {
+    for _ in 0..8 {
+        stalled.duty_cycle(Some(Duration::ZERO)).unwrap();
+    }
+    let stall_end = std::time::Instant::now() + gap;
+    while std::time::Instant::now() < stall_end {
+        for n in others.iter_mut() {
+            n.duty_cycle(Some(Duration::from_millis(1))).unwrap();
+        }
+    }
+    for _ in 0..10 {
+        stalled.duty_cycle(Some(Duration::ZERO)).unwrap();
+        for n in others.iter_mut() {
+            n.duty_cycle(Some(Duration::ZERO)).unwrap();
+        }
+    }
+}
+
 /// The sending side of a stall: a sender whose thread stops for three receiver timeouts, while its two
 /// receivers keep reporting to its unicast socket, reads those reports before it judges either receiver
 /// gone.
@@ -465,20 +485,8 @@ fn stalled_sender_reads_before_it_judges_receivers(backend: BackendChoice) {
             s.poll(64, |r| got += usize::from(matches!(r, Received::Message(_))));
         }
     }
-    for _ in 0..8 {
-        a.duty_cycle(Some(Duration::ZERO)).unwrap();
-    }
-    // a's thread does something else for three receiver timeouts (the fault, timed); b1 and b2 report.
-    let stall_end = std::time::Instant::now() + 3 * config.receiver_timeout;
-    while std::time::Instant::now() < stall_end {
-        b1.duty_cycle(Some(Duration::from_millis(1))).unwrap();
-        b2.duty_cycle(Some(Duration::from_millis(1))).unwrap();
-    }
-    for _ in 0..10 {
-        for n in [&mut a, &mut b1, &mut b2] {
-            n.duty_cycle(Some(Duration::ZERO)).unwrap();
-        }
-    }
+    // b1 and b2 report meanwhile.
+    stall(&mut a, [&mut b1, &mut b2], 3 * config.receiver_timeout);
     sa.poll(1024, |r| {
         assert!(!matches!(r, Received::Event(Event::ReceiverGone { .. })), "a judged a receiver gone before reading it")
     });
@@ -508,20 +516,8 @@ fn stalled_node_reads_before_it_judges_senders(backend: BackendChoice) {
         }
         sb.poll(64, |r| got += usize::from(matches!(r, Received::Message(_))));
     }
-    for _ in 0..8 {
-        b.duty_cycle(Some(Duration::ZERO)).unwrap();
-    }
-    // b's thread does something else for three sender timeouts (the fault, timed); a1 and a2 heartbeat.
-    let stall_end = std::time::Instant::now() + 3 * config.sender_timeout;
-    while std::time::Instant::now() < stall_end {
-        a1.duty_cycle(Some(Duration::from_millis(1))).unwrap();
-        a2.duty_cycle(Some(Duration::from_millis(1))).unwrap();
-    }
-    for _ in 0..10 {
-        for n in [&mut b, &mut a1, &mut a2] {
-            n.duty_cycle(Some(Duration::ZERO)).unwrap();
-        }
-    }
+    // a1 and a2 heartbeat meanwhile.
+    stall(&mut b, [&mut a1, &mut a2], 3 * config.sender_timeout);
     sb.poll(1024, |r| {
         assert!(!matches!(r, Received::Event(Event::SenderGone { .. })), "b judged a sender gone before reading it")
     });

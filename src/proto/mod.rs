@@ -705,7 +705,6 @@ impl Endpoint {
     /// Runs timers: expiry of silent peers, progress of a fragmented message. NAKs, STATUS and heartbeats
     /// that fall due are emitted by `poll_transmit`.
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.stats.events_dropped = self.events.dropped();
         self.sender.on_tick(now, &mut self.events, &mut self.stats);
         if now >= self.housekeeping_at {
             self.housekeeping_at = now + HOUSEKEEPING_INTERVAL;
@@ -729,6 +728,7 @@ impl Endpoint {
             self.sender.expire_receivers(now, &mut self.events);
             self.members.expire(now, &mut self.events);
         }
+        self.stats.events_dropped = self.events.dropped();
     }
 
     /// Writes the next datagram to send into `buf` (at least `max_datagram` bytes), or returns `None` when

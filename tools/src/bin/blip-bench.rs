@@ -1377,6 +1377,8 @@ fn compare(c: &Common, a: &CompareArgs) -> Result<Vec<Row>> {
                 while k < paths.len() {
                     let (pc, pa, raw) = &paths[k];
                     let (h, path) = latency_run(pc, pa, *raw)?;
+                    // Which backend `auto` takes (probe, BLIP_BACKEND, a fallback at setup) is known from the first
+                    // Blip node built: the poll path joins the list then, in this same slice.
                     if !*raw && !std::mem::replace(&mut probed, true) && c.backend == "auto" && path != "poll" {
                         paths.push((Common { backend: "poll".into(), ..c.clone() }, slice.clone(), false));
                         hists.push(None);
