@@ -857,6 +857,12 @@ fn enable_offload(_: &std::net::UdpSocket, _: &std::net::UdpSocket, _: usize) ->
     false
 }
 
+/// How long the raw receiver waits for more after the last datagram before it takes the rest as dropped.
+const RAW_QUIET: Duration = Duration::from_millis(500);
+/// When the raw receiver reads the CPU clock after its last datagram: later than any pause of a sender that
+/// is still sending, and early within `RAW_QUIET`, whose spin would otherwise be charged to the traffic.
+const RAW_QUIET_SAMPLE: Duration = Duration::from_millis(20);
+
 /// Plain UDP multicast, the fastest path the kernel offers: UDP GSO on the sender and GRO on the receiver
 /// where available (else sendmmsg → recvmmsg), a busy-polling receiver, messages packed into MTU-sized
 /// datagrams (or one per datagram with --unpacked). No reliability: what the kernel drops is reported.
@@ -870,12 +876,16 @@ fn raw_throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
     let ready = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let (c2, r2, s2) = (c.clone(), ready.clone(), stop.clone());
-    let rx = std::thread::spawn(move || -> Result<(u64, f64)> {
+    // Returns (delivered, seconds from the first datagram to the last, the process's CPU seconds when the
+    // traffic ended): a receiver that waits out the kernel's drops spins for `RAW_QUIET` after the last
+    // datagram, and that spin is not the cost of moving the messages.
+    let rx = std::thread::spawn(move || -> Result<(u64, f64, f64)> {
         pin(&c2.cores, 1);
         let (mut b, _, _) = raw_sockets(&c2, 1, gso)?;
         r2.store(true, Ordering::SeqCst);
         let (mut got, mut first, mut last) = (0u64, None::<Instant>, Instant::now());
         let mut idle_since = Instant::now();
+        let mut cpu_at_quiet = None;
         while got < n && !s2.load(Ordering::Relaxed) {
             let k = b
                 .receive(Some(Duration::ZERO), &mut |_, bytes| {
@@ -891,11 +901,19 @@ fn raw_throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
                 first.get_or_insert_with(Instant::now);
                 last = Instant::now();
                 idle_since = last;
-            } else if first.is_some() && idle_since.elapsed() > Duration::from_millis(500) {
-                break; // the sender is done and the rest was dropped by the kernel
+                cpu_at_quiet = None;
+            } else if first.is_some() {
+                let quiet = idle_since.elapsed();
+                if quiet > RAW_QUIET {
+                    break; // the sender is done and the rest was dropped by the kernel
+                }
+                if quiet > RAW_QUIET_SAMPLE && cpu_at_quiet.is_none() {
+                    cpu_at_quiet = Some(cpu_seconds());
+                }
             }
         }
-        Ok((got, first.map(|f| (last - f).as_secs_f64()).unwrap_or(0.0)))
+        let secs = first.map(|f| (last - f).as_secs_f64()).unwrap_or(0.0);
+        Ok((got, secs, cpu_at_quiet.unwrap_or_else(cpu_seconds)))
     });
     pin(&c.cores, 0);
     let (mut b, group, offload) = raw_sockets(c, 1, gso)?;
@@ -928,10 +946,10 @@ fn raw_throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
         }
     }
     b.flush().map_err(|e| e.to_string())?;
-    let (got, secs) = rx.join().map_err(|_| "raw receiver panicked")??;
+    let (got, secs, cpu_end) = rx.join().map_err(|_| "raw receiver panicked")??;
     stop.store(true, Ordering::SeqCst);
     progress.done();
-    let cpu = cpu_seconds() - cpu0;
+    let cpu = cpu_end - cpu0;
     let rate = got as f64 / secs.max(1e-9);
     Ok(Row {
         name: format!("raw {}B {}", c.size, if a.unpacked { "unpacked" } else { "packed" }),
