@@ -17,7 +17,7 @@ pub mod sim;
 pub mod topic;
 pub mod wire;
 
-pub use engine::{BackendKind, IdleStrategy, NodeStats};
+pub use engine::{BackendKind, BackendStats, IdleStrategy, NodeStats};
 pub use node::{
     BackendChoice, Claim, Error, Message, Node, NodeBuilder, NodeInfo, Owned, Publisher, Received, SendError,
     Subscriber,

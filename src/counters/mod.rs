@@ -48,7 +48,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::engine::NodeStats;
+use crate::engine::{BackendStats, NodeStats};
 use crate::proto::{PeerCounters, PeerRole, PeerStats, Stats};
 
 pub(crate) use server::{Identity, Server};
@@ -245,22 +245,29 @@ counter_fields!(
     ]
 );
 
+counter_fields!(
+    BackendStats,
+    backend_list,
+    backend_set,
+    [send_errors, gso_sends, gso_fallbacks, gro_batches, truncated, unaddressed, recv_errors, enobufs, plain_switches]
+);
+
 fn node_list(s: &NodeStats, out: &mut Vec<(&str, u64)>) {
     let NodeStats {
         protocol,
         datagrams_in,
         injected_drops,
-        send_errors,
         unmatched,
         not_addressed,
         bad_envelope,
         local_deliveries,
+        backend,
     } = s;
     stats_list(protocol, out);
+    backend_list(backend, out);
     out.extend([
         ("datagrams_in", *datagrams_in),
         ("injected_drops", *injected_drops),
-        ("send_errors", *send_errors),
         ("unmatched", *unmatched),
         ("not_addressed", *not_addressed),
         ("bad_envelope", *bad_envelope),
@@ -272,12 +279,11 @@ fn node_set(s: &mut NodeStats, key: &str, v: u64) -> bool {
     match key {
         "datagrams_in" => s.datagrams_in = v,
         "injected_drops" => s.injected_drops = v,
-        "send_errors" => s.send_errors = v,
         "unmatched" => s.unmatched = v,
         "not_addressed" => s.not_addressed = v,
         "bad_envelope" => s.bad_envelope = v,
         "local_deliveries" => s.local_deliveries = v,
-        _ => return stats_set(&mut s.protocol, key, v),
+        _ => return stats_set(&mut s.protocol, key, v) || backend_set(&mut s.backend, key, v),
     }
     true
 }
@@ -506,6 +512,7 @@ mod tests {
         stats.protocol.messages_sent = 1000;
         stats.protocol.naks_received = 7;
         stats.datagrams_in = 55;
+        stats.backend.plain_switches = 3;
         Snapshot {
             node_id: 0x4d2,
             session: 0x9f1c_2e3d_4b5a_6978,

@@ -27,6 +27,31 @@ impl std::fmt::Display for BackendKind {
     }
 }
 
+/// What a backend counted on its sockets besides the datagrams it handed on: drops, and how it batched.
+/// Every backend has the same fields; one that never meets an event leaves its field at 0 (the poll backend
+/// has no provided buffers to run dry, for example).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    /// Datagrams the kernel refused to send (counted and dropped, see [`Backend::queue_send`]).
+    pub send_errors: u64,
+    /// Sends of two datagrams or more in one UDP GSO buffer that the kernel took.
+    pub gso_sends: u64,
+    /// Times the kernel refused a GSO send and the backend fell back (to fewer segments, or to none).
+    pub gso_fallbacks: u64,
+    /// Reads that held a UDP GRO batch (several datagrams, split before the protocol saw them).
+    pub gro_batches: u64,
+    /// Datagrams dropped because they did not fit a receive buffer (they cannot be Blip packets).
+    pub truncated: u64,
+    /// Reads dropped because the kernel's answer named no IPv4 or IPv6 source, or could not be parsed.
+    pub unaddressed: u64,
+    /// Failed receives, other than "nothing ready" and io_uring's `enobufs`.
+    pub recv_errors: u64,
+    /// io_uring: times the provided receive buffers ran dry (the kernel dropped what found no buffer).
+    pub enobufs: u64,
+    /// io_uring: times sparse traffic on a spinning node put the group socket on plain reads.
+    pub plain_switches: u64,
+}
+
 /// Non-waiting receives at most in one [`Backend::receive_all`].
 pub const RECEIVE_ALL_PASSES: usize = 64;
 
@@ -93,6 +118,6 @@ pub trait Backend {
     /// A handle other threads use to interrupt `receive`.
     fn waker(&self) -> Arc<dyn Wake>;
 
-    /// Datagrams dropped because the kernel refused to send them (counted, see `queue_send`).
-    fn send_errors(&self) -> u64;
+    /// The backend's counters.
+    fn stats(&self) -> BackendStats;
 }

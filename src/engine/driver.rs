@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
-use super::backend::{Backend, Wake};
+use super::backend::{Backend, BackendStats, Wake};
 use crate::envelope::Envelope;
 use crate::proto::rng::Rng;
 use crate::proto::{
@@ -70,8 +70,6 @@ pub struct NodeStats {
     pub datagrams_in: u64,
     /// Datagrams dropped on purpose by the loss injector.
     pub injected_drops: u64,
-    /// Datagrams the kernel refused to send.
-    pub send_errors: u64,
     /// Messages no subscriber's filter selected (dropped in the engine).
     pub unmatched: u64,
     /// Messages addressed to another node (dropped in the engine).
@@ -80,6 +78,9 @@ pub struct NodeStats {
     pub bad_envelope: u64,
     /// Own messages delivered to this node's subscribers (local delivery).
     pub local_deliveries: u64,
+    /// The backend's counters: drops on the sockets (refused sends, truncated reads, failed receives) and
+    /// how sends and receives were batched.
+    pub backend: BackendStats,
 }
 
 /// The per-peer half of the published counters (the member list is `Shared::members`).
@@ -796,11 +797,11 @@ impl Engine {
             let c = &self.router.counters;
             s.datagrams_in = c.datagrams_in;
             s.injected_drops = c.injected_drops;
-            s.send_errors = self.backend.send_errors();
             s.unmatched = c.unmatched;
             s.not_addressed = c.not_addressed;
             s.bad_envelope = c.bad_envelope;
             s.local_deliveries = c.local_deliveries;
+            s.backend = self.backend.stats();
         }
         if self.members_changed {
             self.members_changed = false;

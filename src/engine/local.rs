@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use super::backend::{Backend, BackendKind, Wake};
+use super::backend::{Backend, BackendKind, BackendStats, Wake};
 
 /// Waits on a condition variable instead of a socket.
 pub(crate) struct LocalBackend {
@@ -86,7 +86,7 @@ impl Backend for LocalBackend {
         self.wake.clone()
     }
 
-    fn send_errors(&self) -> u64 {
-        0
+    fn stats(&self) -> BackendStats {
+        BackendStats::default()
     }
 }

@@ -4,7 +4,7 @@ mod backend;
 #[cfg(target_os = "linux")]
 pub mod uring;
 
-pub use backend::{Backend, BackendKind, Wake};
+pub use backend::{Backend, BackendKind, BackendStats, Wake};
 mod driver;
 pub(crate) mod keys;
 pub(crate) mod local;

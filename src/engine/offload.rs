@@ -314,13 +314,14 @@ mod linux {
 
     /// One non-blocking read (a `recvmsg` into `buf`, with `UDP_GRO` control data into `cmsg`):
     /// `Some((source, length, segment size if the kernel coalesced))`, `None` when nothing is ready. A
-    /// truncated or unaddressed read is skipped (the next one is tried). Both backends read this way when a
-    /// read must hand over one datagram or GRO batch at once.
+    /// truncated or unaddressed read is skipped (the next one is tried) and counted in `skipped`. Both
+    /// backends read this way when a read must hand over one datagram or GRO batch at once.
     #[inline]
     pub(crate) fn recv_one(
         sock: &UdpSocket,
         buf: &mut [u8],
         cmsg: &mut [u8],
+        skipped: &mut Skipped,
     ) -> io::Result<Option<(SocketAddr, usize, Option<usize>)>> {
         // Bounded: every skipped read consumed a datagram.
         for _ in 0..SKIP_MAX {
@@ -329,6 +330,7 @@ mod linux {
                 Ok(r) => {
                     // A datagram longer than the buffer is truncated: drop it (it cannot be a Blip packet).
                     if r.flags.contains(MsgFlags::MSG_TRUNC) {
+                        skipped.truncated += 1;
                         continue;
                     }
                     let segment = r.cmsgs().ok().and_then(|mut c| {
@@ -337,7 +339,10 @@ mod linux {
                             _ => None,
                         })
                     });
-                    let Some(from) = r.address.as_ref().and_then(to_std) else { continue };
+                    let Some(from) = r.address.as_ref().and_then(to_std) else {
+                        skipped.unaddressed += 1;
+                        continue;
+                    };
                     return Ok(Some((from, r.bytes, segment)));
                 }
                 // Non-blocking, so EINTR is as good as "nothing now": the caller polls again.
@@ -346,6 +351,13 @@ mod linux {
             }
         }
         Ok(None)
+    }
+
+    /// Datagrams a read dropped before the sink: longer than the buffer, or from no IPv4/IPv6 address.
+    #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+    pub(crate) struct Skipped {
+        pub(crate) truncated: u64,
+        pub(crate) unaddressed: u64,
     }
 
     /// What one [`read_turn`] found.
@@ -359,6 +371,8 @@ mod linux {
         pub(crate) reads: u64,
         /// The turn ended after a lone datagram that followed an empty turn.
         pub(crate) lone: bool,
+        /// Datagrams dropped unread.
+        pub(crate) skipped: Skipped,
     }
 
     /// One turn of [`recv_one`] reads of `sock`, each datagram or GRO batch split for `sink`: until the
@@ -380,7 +394,7 @@ mod linux {
         let mut turn = Turn::default();
         for _ in 0..max_reads {
             turn.reads += 1;
-            match recv_one(sock, buf, cmsg) {
+            match recv_one(sock, buf, cmsg, &mut turn.skipped) {
                 Ok(Some((from, len, segment))) => {
                     let n = super::split(from, &mut buf[..len], segment, sink);
                     turn.batches += u64::from(n > 1);

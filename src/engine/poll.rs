@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use polling::{Event, Events, PollMode, Poller};
 
-use super::backend::{Backend, BackendKind, RECEIVE_ALL_PASSES, Wake};
+use super::backend::{Backend, BackendKind, BackendStats, RECEIVE_ALL_PASSES, Wake};
 use super::offload::{self, Batch, Commit, Gso, Lent};
 
 /// Datagrams (or GSO batches) per recvmmsg/sendmmsg call.
@@ -104,6 +104,9 @@ pub struct PollBackend {
     #[cfg(test)]
     reads: [u64; 2],
     send_errors: u64,
+    /// Datagrams dropped unread: longer than a receive buffer, or from no IPv4/IPv6 address.
+    truncated: u64,
+    unaddressed: u64,
     /// Lent by `send_buffer` when the open batch has no room (or there is none).
     scratch: Vec<u8>,
     lent: Lent,
@@ -165,6 +168,8 @@ impl PollBackend {
             #[cfg(test)]
             reads: [0; 2],
             send_errors: 0,
+            truncated: 0,
+            unaddressed: 0,
             scratch: Vec::new(),
             lent: Lent::Nothing,
             #[cfg(target_os = "linux")]
@@ -223,6 +228,8 @@ impl PollBackend {
                 self.reads[which] += turn.reads;
             }
             self.gro_batches += turn.batches;
+            self.truncated += turn.skipped.truncated;
+            self.unaddressed += turn.skipped.unaddressed;
             self.lone |= turn.lone;
             result?;
             return Ok(turn.datagrams);
@@ -238,6 +245,8 @@ impl PollBackend {
                 &mut self.recv_bufs,
                 #[cfg(target_os = "linux")]
                 &mut self.mmsg,
+                #[cfg(target_os = "linux")]
+                (&mut self.truncated, &mut self.unaddressed),
                 sink,
             )?;
             total += n;
@@ -410,8 +419,16 @@ impl Backend for PollBackend {
         Arc::new(PollWaker(self.poller.clone()))
     }
 
-    fn send_errors(&self) -> u64 {
-        self.send_errors
+    fn stats(&self) -> BackendStats {
+        BackendStats {
+            send_errors: self.send_errors,
+            gso_sends: self.gso.sends,
+            gso_fallbacks: self.gso.fallbacks,
+            gro_batches: self.gro_batches,
+            truncated: self.truncated,
+            unaddressed: self.unaddressed,
+            ..BackendStats::default()
+        }
     }
 }
 
@@ -489,10 +506,13 @@ mod linux {
         }
     }
 
+    /// One `recvmmsg` of up to `BATCH` datagrams into `bufs`, each handed to `sink`; truncated and
+    /// unaddressed ones are dropped and counted in `dropped` (truncated, unaddressed).
     pub(super) fn recv_batch(
         sock: &UdpSocket,
         bufs: &mut [u8],
         mmsg: &mut Mmsg,
+        dropped: (&mut u64, &mut u64),
         sink: &mut dyn FnMut(SocketAddr, &mut [u8]),
     ) -> io::Result<usize> {
         let count = {
@@ -507,7 +527,9 @@ mod linux {
                         // A datagram longer than the buffer is truncated: drop it (it cannot be a Blip packet).
                         if !r.flags.contains(MsgFlags::MSG_TRUNC) {
                             mmsg.results[n] = (r.bytes, r.address.as_ref().and_then(offload::to_std));
+                            *dropped.1 += u64::from(mmsg.results[n].1.is_none());
                         } else {
+                            *dropped.0 += 1;
                             mmsg.results[n] = (0, None);
                         }
                         n += 1;

@@ -138,7 +138,7 @@ pub(crate) fn send_plan(
                 expect.next,
                 expect.group.len(),
                 expect.unicast.len(),
-                tx.send_errors()
+                tx.stats().send_errors
             );
             rx.receive(Some(Duration::from_millis(100)), &mut |src, bytes| {
                 if src == tx_addr {

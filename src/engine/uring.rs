@@ -64,7 +64,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::{EnterFlags, IoUring, Probe, cqueue, opcode, squeue, types};
 
-use super::backend::{Backend, BackendKind, RECEIVE_ALL_PASSES, Wake};
+use super::backend::{Backend, BackendKind, BackendStats, RECEIVE_ALL_PASSES, Wake};
 use super::offload::{self, Batch, Commit, Gso, Lent};
 use mem::{BufRing, Region};
 
@@ -414,9 +414,9 @@ pub struct UringStats {
     pub gso_fallbacks: u64,
     /// Receive buffers that held a GRO batch (several datagrams, split before the sink).
     pub gro_batches: u64,
-    /// Datagrams dropped because they did not fit a receive buffer (MSG_TRUNC).
+    /// Datagrams dropped because they did not fit a receive buffer (MSG_TRUNC), plain reads included.
     pub truncated: u64,
-    /// Receive completions that could not be parsed or named an unknown address family.
+    /// Receive completions (and plain reads) that could not be parsed or named an unknown address family.
     pub malformed: u64,
     /// Receive completions with an error other than ENOBUFS.
     pub recv_errors: u64,
@@ -805,6 +805,8 @@ impl State {
         self.stats.gro_batches += turn.batches;
         self.stats.received += turn.datagrams as u64;
         self.stats.plain_received += turn.datagrams as u64;
+        self.stats.truncated += turn.skipped.truncated;
+        self.stats.malformed += turn.skipped.unaddressed;
         turn
     }
 
@@ -1461,8 +1463,19 @@ impl Backend for UringBackend {
         self.st.eventfd.clone()
     }
 
-    fn send_errors(&self) -> u64 {
-        self.st.stats.send_errors
+    fn stats(&self) -> BackendStats {
+        let s = &self.st.stats;
+        BackendStats {
+            send_errors: s.send_errors,
+            gso_sends: s.gso_sends,
+            gso_fallbacks: s.gso_fallbacks,
+            gro_batches: s.gro_batches,
+            truncated: s.truncated,
+            unaddressed: s.malformed,
+            recv_errors: s.recv_errors,
+            enobufs: s.enobufs,
+            plain_switches: s.plain_switches,
+        }
     }
 }
 

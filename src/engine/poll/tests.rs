@@ -25,7 +25,7 @@ fn run(tx: &mut PollBackend, tx_addr: SocketAddr, rx: &mut PollBackend, rx_addr:
         tx.gso_segments(),
         tx.gso_sends(),
         tx.gso_fallbacks(),
-        tx.send_errors(),
+        tx.stats().send_errors,
         rx.gro(),
         rx.gro_batches()
     );
@@ -37,7 +37,7 @@ fn gso_to_gro_arrives_datagram_by_datagram() {
     let (mut rx, rx_addr) = backend(group, 46_301, PollOptions::default());
     let (mut tx, tx_addr) = backend(group, 46_302, PollOptions::default());
     run(&mut tx, tx_addr, &mut rx, rx_addr, SocketAddr::from((group, 46_301)));
-    assert_eq!(tx.send_errors(), 0);
+    assert_eq!(tx.stats().send_errors, 0);
     if tx.gso_segments() == 0 {
         eprintln!("UDP GSO unavailable here: sent one datagram per send");
         return;
@@ -57,7 +57,7 @@ fn lent_send_buffers_arrive_datagram_by_datagram() {
     let (mut rx, rx_addr) = backend(group, 46_331, PollOptions::default());
     let (mut tx, tx_addr) = backend(group, 46_332, PollOptions::default());
     send_plan(&mut tx, tx_addr, &mut rx, rx_addr, SocketAddr::from((group, 46_331)), true);
-    assert_eq!(tx.send_errors(), 0);
+    assert_eq!(tx.stats().send_errors, 0);
     assert!(tx.gso_segments() == 0 || tx.gso_sends() > 0, "GSO on but no GSO send");
     // Committing without a lent buffer, or more than was lent, is refused.
     let dest = SocketAddr::from((group, 46_331));
@@ -73,7 +73,7 @@ fn gso_to_receiver_without_gro() {
     let (mut tx, tx_addr) = backend(group, 46_304, PollOptions::default());
     assert!(!rx.gro());
     run(&mut tx, tx_addr, &mut rx, rx_addr, SocketAddr::from((group, 46_303)));
-    assert_eq!(tx.send_errors(), 0);
+    assert_eq!(tx.stats().send_errors, 0);
     assert_eq!(rx.gro_batches(), 0);
     assert!(tx.gso_segments() == 0 || tx.gso_sends() > 0);
 }
@@ -85,7 +85,7 @@ fn gso_off_sends_one_datagram_per_send() {
     let (mut tx, tx_addr) = backend(group, 46_306, PollOptions { gso: false, gro: true });
     assert_eq!(tx.gso_segments(), 0);
     run(&mut tx, tx_addr, &mut rx, rx_addr, SocketAddr::from((group, 46_305)));
-    assert_eq!(tx.send_errors(), 0);
+    assert_eq!(tx.stats().send_errors, 0);
     assert_eq!((tx.gso_sends(), tx.gso_fallbacks(), rx.gro_batches()), (0, 0, 0));
 }
 
@@ -123,14 +123,14 @@ fn refused_gso_send_is_resent_and_the_cap_lowered() {
         .unwrap();
     }
     assert_eq!(got, (0..K).collect::<Vec<_>>());
-    assert_eq!(tx.send_errors(), 0);
+    assert_eq!(tx.stats().send_errors, 0);
     assert_eq!(tx.gso_fallbacks(), 1);
     assert_eq!(tx.gso_segments(), 64);
     // From now on batches stay within 64 segments and go out as GSO sends.
     let before = tx.gso_sends();
     run(&mut tx, tx_addr, &mut rx, rx_addr, dest);
     assert!(tx.gso_sends() > before);
-    assert_eq!((tx.send_errors(), tx.gso_fallbacks()), (0, 1));
+    assert_eq!((tx.stats().send_errors, tx.gso_fallbacks()), (0, 1));
 }
 
 /// A lone datagram goes out at `flush`, not when a batch fills.

@@ -136,7 +136,7 @@ fn group_ten_thousand_in_order() {
         tx.stats()
     );
     assert_eq!(rx.stats().truncated + rx.stats().malformed + rx.stats().recv_errors, 0);
-    assert_eq!(tx.send_errors(), 0);
+    assert_eq!(tx.stats().send_errors, 0);
 }
 
 #[test]
@@ -221,11 +221,11 @@ fn unicast_and_send_errors() {
     a.queue_send("[::1]:9".parse().unwrap(), b"refused").unwrap();
     a.flush().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while a.send_errors() == 0 {
+    while a.stats().send_errors == 0 {
         assert!(Instant::now() < deadline, "send error not counted within 5 s");
         a.receive(Some(Duration::from_millis(10)), &mut |_, _| {}).unwrap();
     }
-    assert_eq!(a.send_errors(), 1);
+    assert_eq!(a.stats().send_errors, 1);
 }
 
 #[test]
@@ -429,7 +429,7 @@ fn lent_send_buffers_arrive_datagram_by_datagram() {
     send_plan(&mut tx, from, &mut rx, rx_addr, dest, true);
     assert_eq!(rx.stats().truncated + rx.stats().malformed + rx.stats().recv_errors, 0);
     settle(&mut tx, GSO_N as u64);
-    assert_eq!((tx.send_errors(), tx.stats().sent), (0, GSO_N as u64));
+    assert_eq!((tx.stats().send_errors, tx.stats().sent), (0, GSO_N as u64));
     assert!(tx.gso_segments() == 0 || tx.stats().gso_sends > 0, "GSO on but no GSO send");
     // Committing without a lent buffer, or more than was lent, is refused.
     assert_eq!(tx.commit_send(dest, 10).unwrap_err().kind(), io::ErrorKind::InvalidInput);
@@ -448,7 +448,7 @@ fn gso_to_gro_arrives_datagram_by_datagram() {
     let mut tx = backend(group, 46_312, UringOptions::default());
     assert!(rx.max_datagram() >= if rx.gro() { 65_535 } else { 2048 - RECV_OVERHEAD });
     run_plan(&mut tx, &mut rx, SocketAddr::from((group, 46_311)));
-    assert_eq!(tx.send_errors(), 0);
+    assert_eq!(tx.stats().send_errors, 0);
     assert_eq!(tx.stats().sent, GSO_N as u64);
     if tx.gso_segments() == 0 {
         eprintln!("UDP GSO unavailable here: sent one datagram per send");
@@ -472,7 +472,7 @@ fn gso_to_receiver_without_gro() {
     let mut tx = backend(group, 46_314, UringOptions::default());
     assert!(!rx.gro());
     run_plan(&mut tx, &mut rx, SocketAddr::from((group, 46_313)));
-    assert_eq!(tx.send_errors(), 0);
+    assert_eq!(tx.stats().send_errors, 0);
     assert_eq!(rx.stats().gro_batches, 0);
     assert!(tx.gso_segments() == 0 || tx.stats().gso_sends > 0);
 }
@@ -488,7 +488,7 @@ fn gso_off_sends_one_datagram_per_send() {
     let mut tx = backend(group, 46_316, UringOptions { gso: false, ..UringOptions::default() });
     assert_eq!(tx.gso_segments(), 0);
     run_plan(&mut tx, &mut rx, SocketAddr::from((group, 46_315)));
-    assert_eq!(tx.send_errors(), 0);
+    assert_eq!(tx.stats().send_errors, 0);
     let (t, r) = (tx.stats(), rx.stats());
     assert_eq!((t.sent, t.gso_sends, t.gso_fallbacks, r.gro_batches), (GSO_N as u64, 0, 0, 0));
 }
@@ -551,7 +551,7 @@ fn refused_gso_send_falls_back_for_good() {
         assert!(Instant::now() < deadline, "refused GSO send not seen within 10 s: {:?}", tx.stats());
         tx.receive(Some(Duration::from_millis(10)), &mut |_, _| {}).unwrap();
     }
-    assert_eq!(tx.send_errors(), 10);
+    assert_eq!(tx.stats().send_errors, 10);
     assert_eq!(tx.gso_segments(), 0, "still coalescing after a refused GSO send");
     // From now on one datagram per send: all arrive.
     for k in 0..20u8 {
@@ -591,7 +591,7 @@ fn gso_past_the_segment_cap_lowers_it() {
         assert!(Instant::now() < deadline, "refused GSO send not seen within 10 s: {:?}", tx.stats());
         tx.receive(Some(Duration::from_millis(10)), &mut |_, _| {}).unwrap();
     }
-    assert_eq!(tx.send_errors(), 150);
+    assert_eq!(tx.stats().send_errors, 150);
     assert_eq!(tx.gso_segments(), 64);
     for k in 0..150 {
         tx.queue_send(dest, &[k as u8; 100]).unwrap();
@@ -653,7 +653,7 @@ fn lone_datagram_leaves_by_sendto() {
     // Refused by the kernel (an IPv6 destination on an IPv4 socket; nothing is sent): counted, not returned.
     tx.queue_send("[::1]:9".parse().unwrap(), b"refused").unwrap();
     tx.receive(Some(Duration::ZERO), &mut |_, _| {}).unwrap();
-    assert_eq!((tx.stats().plain_sends, tx.send_errors()), (1, 1), "{:?}", tx.stats());
+    assert_eq!((tx.stats().plain_sends, tx.stats().send_errors), (1, 1), "{:?}", tx.stats());
 }
 
 /// Spins `rx.receive(Some(ZERO))`, collecting the first byte of each datagram from `from`, until `done`
