@@ -251,12 +251,13 @@ fn ping_pong_then_burst(backend: BackendChoice) {
         }
     }
     assert_eq!(got, [2 * ROUND_TRIPS, 2 * ROUND_TRIPS + BURST]);
-    if backend == BackendChoice::Uring {
+    if a.info().backend == BackendKind::Uring {
         // The ping-pong is sparse traffic on spinning nodes: io_uring took the group socket's multishot
         // receive down at least once at each end (counters are published every 50 ms of duty cycles).
         let switches = |n: &blip::Node| n.stats().backend.plain_switches;
         while switches(&a) == 0 || switches(&b) == 0 {
-            assert!(std::time::Instant::now() < deadline, "no switch to plain reads: {:?}", a.stats().backend);
+            let (sa, sb) = (a.stats().backend, b.stats().backend);
+            assert!(std::time::Instant::now() < deadline, "no switch to plain reads: {sa:?}, {sb:?}");
             a.duty_cycle(Some(Duration::ZERO)).unwrap();
             b.duty_cycle(Some(Duration::ZERO)).unwrap();
         }

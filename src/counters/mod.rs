@@ -34,8 +34,8 @@
 //!
 //! - Line 1 names the format and its version; a reader rejects versions it does not know.
 //! - `key value` lines: the identity keys above (ids in hex, `uptime_ms` in milliseconds), then one line
-//!   per node counter with a decimal value (the fields of [`Stats`] and
-//!   [`NodeStats`], under their field names). A reader keeps counter keys it does not
+//!   per node counter with a decimal value (the fields of [`Stats`], [`NodeStats`] and
+//!   [`BackendStats`], under their field names). A reader keeps counter keys it does not
 //!   know in [`Snapshot::extra`] and skips other unknown lines, so counters can be added within version 1.
 //! - `member <node id> <session> <name>`: a node that announced itself. `peer <role> <session> node=<id|->
 //!   addr=<address|-> key=value...`: one row of [`PeerStats`].
@@ -249,7 +249,17 @@ counter_fields!(
     BackendStats,
     backend_list,
     backend_set,
-    [send_errors, gso_sends, gso_fallbacks, gro_batches, truncated, unaddressed, recv_errors, enobufs, plain_switches]
+    [
+        send_errors,
+        gso_sends,
+        gso_fallbacks,
+        gro_batches,
+        truncated,
+        malformed_reads,
+        recv_errors,
+        enobufs,
+        plain_switches
+    ]
 );
 
 fn node_list(s: &NodeStats, out: &mut Vec<(&str, u64)>) {
@@ -304,7 +314,8 @@ impl Snapshot {
         out
     }
 
-    /// The node counter called `name` (a field of [`Stats`] or [`NodeStats`], or an extra one).
+    /// The node counter called `name` (a field of [`Stats`], [`NodeStats`] or [`BackendStats`], or an extra
+    /// one).
     pub fn counter(&self, name: &str) -> Option<u64> {
         self.counters().into_iter().find(|(k, _)| *k == name).map(|(_, v)| v)
     }
@@ -554,6 +565,22 @@ mod tests {
         assert_eq!(Snapshot::decode(text.as_bytes()).unwrap(), s);
         assert_eq!(s.counter("naks_received"), Some(7));
         assert_eq!(s.counter("from_the_future"), Some(9));
+    }
+
+    /// Every node counter has its own name (the format is flat: a name used twice would be decoded into
+    /// one field), and each survives a round trip on its own: distinct values for all of them come back.
+    #[test]
+    fn every_node_counter_has_its_own_name() {
+        let mut names = Vec::new();
+        node_list(&NodeStats::default(), &mut names);
+        let mut stats = NodeStats::default();
+        for (i, (name, _)) in names.iter().enumerate() {
+            assert!(node_set(&mut stats, name, i as u64 + 1), "{name} is listed but not decoded");
+        }
+        let mut back = Vec::new();
+        node_list(&stats, &mut back);
+        let values: Vec<u64> = back.iter().map(|(_, v)| *v).collect();
+        assert_eq!(values, (1..=names.len() as u64).collect::<Vec<_>>(), "a name is used twice: {back:?}");
     }
 
     #[test]

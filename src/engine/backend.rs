@@ -31,6 +31,7 @@ impl std::fmt::Display for BackendKind {
 /// Every backend has the same fields; one that never meets an event leaves its field at 0 (the poll backend
 /// has no provided buffers to run dry, for example).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BackendStats {
     /// Datagrams the kernel refused to send (counted and dropped, see [`Backend::queue_send`]).
     pub send_errors: u64,
@@ -42,9 +43,11 @@ pub struct BackendStats {
     pub gro_batches: u64,
     /// Datagrams dropped because they did not fit a receive buffer (they cannot be Blip packets).
     pub truncated: u64,
-    /// Reads dropped because the kernel's answer named no IPv4 or IPv6 source, or could not be parsed.
-    pub unaddressed: u64,
-    /// Failed receives, other than "nothing ready" and io_uring's `enobufs`.
+    /// Reads dropped because the kernel's answer named no IPv4 or IPv6 source or could not be made sense of
+    /// (io_uring: `UringStats::malformed`, which also counts completions naming an unknown buffer).
+    pub malformed_reads: u64,
+    /// Failed receives the backend counted and went on from (io_uring), other than "nothing ready" and
+    /// `enobufs`. The poll backend returns a failed receive as an error instead and leaves this at 0.
     pub recv_errors: u64,
     /// io_uring: times the provided receive buffers ran dry (the kernel dropped what found no buffer).
     pub enobufs: u64,

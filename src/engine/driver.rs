@@ -61,7 +61,7 @@ impl Default for IdleStrategy {
     }
 }
 
-/// Counters of a running node: the protocol's plus the engine's own.
+/// Counters of a running node: the protocol's, the engine's own, and its backend's.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeStats {
     /// Protocol counters.

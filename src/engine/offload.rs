@@ -340,7 +340,7 @@ mod linux {
                         })
                     });
                     let Some(from) = r.address.as_ref().and_then(to_std) else {
-                        skipped.unaddressed += 1;
+                        skipped.malformed_reads += 1;
                         continue;
                     };
                     return Ok(Some((from, r.bytes, segment)));
@@ -357,7 +357,7 @@ mod linux {
     #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
     pub(crate) struct Skipped {
         pub(crate) truncated: u64,
-        pub(crate) unaddressed: u64,
+        pub(crate) malformed_reads: u64,
     }
 
     /// What one [`read_turn`] found.

@@ -106,7 +106,7 @@ pub struct PollBackend {
     send_errors: u64,
     /// Datagrams dropped unread: longer than a receive buffer, or from no IPv4/IPv6 address.
     truncated: u64,
-    unaddressed: u64,
+    malformed_reads: u64,
     /// Lent by `send_buffer` when the open batch has no room (or there is none).
     scratch: Vec<u8>,
     lent: Lent,
@@ -169,7 +169,7 @@ impl PollBackend {
             reads: [0; 2],
             send_errors: 0,
             truncated: 0,
-            unaddressed: 0,
+            malformed_reads: 0,
             scratch: Vec::new(),
             lent: Lent::Nothing,
             #[cfg(target_os = "linux")]
@@ -229,7 +229,7 @@ impl PollBackend {
             }
             self.gro_batches += turn.batches;
             self.truncated += turn.skipped.truncated;
-            self.unaddressed += turn.skipped.unaddressed;
+            self.malformed_reads += turn.skipped.malformed_reads;
             self.lone |= turn.lone;
             result?;
             return Ok(turn.datagrams);
@@ -246,7 +246,7 @@ impl PollBackend {
                 #[cfg(target_os = "linux")]
                 &mut self.mmsg,
                 #[cfg(target_os = "linux")]
-                (&mut self.truncated, &mut self.unaddressed),
+                (&mut self.truncated, &mut self.malformed_reads),
                 sink,
             )?;
             total += n;
@@ -426,7 +426,7 @@ impl Backend for PollBackend {
             gso_fallbacks: self.gso.fallbacks,
             gro_batches: self.gro_batches,
             truncated: self.truncated,
-            unaddressed: self.unaddressed,
+            malformed_reads: self.malformed_reads,
             ..BackendStats::default()
         }
     }
@@ -507,7 +507,7 @@ mod linux {
     }
 
     /// One `recvmmsg` of up to `BATCH` datagrams into `bufs`, each handed to `sink`; truncated and
-    /// unaddressed ones are dropped and counted in `dropped` (truncated, unaddressed).
+    /// unaddressed ones are dropped and counted in `dropped` (truncated, malformed reads).
     pub(super) fn recv_batch(
         sock: &UdpSocket,
         bufs: &mut [u8],

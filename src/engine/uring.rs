@@ -602,6 +602,7 @@ impl State {
                     self.recv_armed[i] = false;
                     if ud == UD_RECV_GROUP && self.group_read == GroupRead::Cancelling {
                         self.group_read = GroupRead::Plain;
+                        self.stats.plain_switches += 1;
                     } else if res != -libc::ECANCELED {
                         self.rearm[i] = true;
                         self.stats.rearms += 1;
@@ -806,7 +807,7 @@ impl State {
         self.stats.received += turn.datagrams as u64;
         self.stats.plain_received += turn.datagrams as u64;
         self.stats.truncated += turn.skipped.truncated;
-        self.stats.malformed += turn.skipped.unaddressed;
+        self.stats.malformed += turn.skipped.malformed_reads;
         turn
     }
 
@@ -961,8 +962,8 @@ impl UringBackend {
         self.setup_flags
     }
 
-    /// The counters.
-    pub fn stats(&self) -> UringStats {
+    /// The io_uring backend's own counters, a superset of what [`Backend::stats`] reports for it.
+    pub fn uring_stats(&self) -> UringStats {
         self.st.stats
     }
 
@@ -1084,7 +1085,6 @@ impl UringBackend {
     /// Puts the group socket on plain reads: cancels its multishot receive (its final completion, reaped
     /// later, completes the switch), or switches at once if none is armed.
     fn go_plain(&mut self) -> io::Result<()> {
-        self.st.stats.plain_switches += 1;
         self.st.sparse_spins = 0;
         self.st.plain_empty = true;
         if self.st.recv_armed[0] {
@@ -1102,6 +1102,7 @@ impl UringBackend {
         } else {
             self.st.rearm[0] = false;
             self.st.group_read = GroupRead::Plain;
+            self.st.stats.plain_switches += 1;
         }
         Ok(())
     }
@@ -1471,7 +1472,7 @@ impl Backend for UringBackend {
             gso_fallbacks: s.gso_fallbacks,
             gro_batches: s.gro_batches,
             truncated: s.truncated,
-            unaddressed: s.malformed,
+            malformed_reads: s.malformed,
             recv_errors: s.recv_errors,
             enobufs: s.enobufs,
             plain_switches: s.plain_switches,

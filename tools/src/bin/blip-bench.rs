@@ -874,8 +874,8 @@ fn raw_throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
     let segment = per_datagram * (c.size + 2);
     let gso = (!a.no_gso).then_some(segment);
     let ready = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (c2, r2, s2) = (c.clone(), ready.clone(), stop.clone());
+    let sent_all = Arc::new(AtomicBool::new(false));
+    let (c2, r2, s2) = (c.clone(), ready.clone(), sent_all.clone());
     // Returns (delivered, seconds from the first datagram to the last, the process's CPU seconds when the
     // traffic ended): a receiver that waits out the kernel's drops spins for `RAW_QUIET` after the last
     // datagram, and that spin is not the cost of moving the messages.
@@ -886,7 +886,7 @@ fn raw_throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
         let (mut got, mut first, mut last) = (0u64, None::<Instant>, Instant::now());
         let mut idle_since = Instant::now();
         let mut cpu_at_quiet = None;
-        while got < n && !s2.load(Ordering::Relaxed) {
+        while got < n {
             let k = b
                 .receive(Some(Duration::ZERO), &mut |_, bytes| {
                     let mut off = 0;
@@ -902,13 +902,14 @@ fn raw_throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
                 last = Instant::now();
                 idle_since = last;
                 cpu_at_quiet = None;
-            } else if first.is_some() {
+            } else if first.is_some() || s2.load(Ordering::Relaxed) {
                 let quiet = idle_since.elapsed();
                 if quiet > RAW_QUIET {
                     break; // the sender is done and the rest was dropped by the kernel
                 }
                 if quiet > RAW_QUIET_SAMPLE && cpu_at_quiet.is_none() {
-                    cpu_at_quiet = Some(cpu_seconds());
+                    // This thread spun through `quiet` on a core of its own; that is not traffic either.
+                    cpu_at_quiet = Some(cpu_seconds() - quiet.as_secs_f64());
                 }
             }
         }
@@ -946,8 +947,9 @@ fn raw_throughput(c: &Common, a: &ThroughputArgs) -> Result<Row> {
         }
     }
     b.flush().map_err(|e| e.to_string())?;
+    // Once all is sent, a receiver that never saw a datagram gives up after `RAW_QUIET` too.
+    sent_all.store(true, Ordering::SeqCst);
     let (got, secs, cpu_end) = rx.join().map_err(|_| "raw receiver panicked")??;
-    stop.store(true, Ordering::SeqCst);
     progress.done();
     let cpu = cpu_end - cpu0;
     let rate = got as f64 / secs.max(1e-9);
