@@ -197,6 +197,38 @@ fn outage_longer_than_window_yields_exact_loss_then_resumes() {
     assert_eq!(r.delivered + r.lost_messages, r.expected, "{r:?}");
 }
 
+/// A receiver cut off until long after the sender went idle, under "drop after": what the sender no longer
+/// retains is reported as an exact loss once the receiver hears the sender again (a heartbeat, then the
+/// repair of what the sender still retains), with no new data from the sender to close the gap.
+#[test]
+fn unrecoverable_tail_of_an_idle_sender_is_reported_without_new_data() {
+    let until = Duration::from_millis(1500);
+    let cfg = SimConfig {
+        seed: 23,
+        receivers: 2,
+        messages: 2000,
+        message_size: 1000,
+        protocol: Config {
+            window: 64,
+            slow_receiver: SlowReceiverPolicy::DropAfter(Duration::from_millis(5)),
+            ..Config::default()
+        },
+        blackouts: vec![Blackout { receiver: 0, from: Duration::from_millis(2), until }],
+        ..SimConfig::default()
+    };
+    let r = run(&cfg);
+    assert!(r.in_order && r.duplicates == 0 && r.unreported_gaps == 0 && r.corrupt == 0, "{r:?}");
+    assert!(r.loss_events >= 1 && r.lost_messages > 64, "more than the window was lost: {r:?}");
+    assert_eq!(r.delivered + r.lost_messages, r.expected, "{r:?}");
+    // Idle since long before the blackout ended, the sender heartbeats at most `heartbeat_max` apart.
+    println!(
+        "{} messages lost, all accounted for at {:.1} ms (blackout until {until:?})",
+        r.lost_messages, r.virtual_ms
+    );
+    let latest = (until + Config::default().heartbeat_max).as_secs_f64() * 1e3 + 50.0;
+    assert!(r.virtual_ms <= latest, "the loss was reported at {} ms: {r:?}", r.virtual_ms);
+}
+
 fn stalled_burst(policy: SlowReceiverPolicy) -> SimReport {
     let cfg = SimConfig {
         seed: 12,
