@@ -788,8 +788,8 @@ impl State {
         if to_the_end {
             self.plain_empty = false;
         }
-        // Without GRO, what a multishot receive buffer holds: a longer datagram is dropped either way.
-        let room = if self.gro { self.plain_buf.len() } else { self.buffer_size.min(self.plain_buf.len()) };
+        // What a multishot receive buffer holds (`max_datagram`): a longer datagram is dropped either way.
+        let room = (self.recv_size - RECV_OVERHEAD - self.recv_control).min(self.plain_buf.len());
         let (turn, result) = offload::read_turn(
             &self.group,
             &mut self.plain_buf[..room],
