@@ -15,15 +15,15 @@
 //!   datagrams wait in the socket meanwhile, nothing is lost.
 //! - **Sparse traffic, spinning**: an armed multishot receive costs every datagram a round of task work
 //!   before user space sees it (a 64-byte round trip of a ping-pong measured 9.2 against 5.1 us for a spun
-//!   plain read on this machine kind). So after [`PLAIN_AFTER`] spinning receives in a row (`receive` with a
-//!   zero timeout) that each found at most one datagram, with nothing to submit and no send in flight
-//!   (replies and pings leave by `sendto`, see below), the group socket's multishot receive is cancelled
-//!   and the socket is read by plain non-blocking `recvmsg` calls (GRO batches split as above); the ring is
-//!   then entered only when a send or submission is waiting, and every [`ENTER_EVERY`] receives otherwise
-//!   (for the unicast socket's multishot receive and the waker). A read that finds a GRO batch or several
-//!   datagrams (bulk traffic), [`PLAIN_SENDING`] receives in a row with sends in the ring (bulk sending),
-//!   or a `receive` that may wait arms the multishot receive again; the datagrams
-//!   queued meanwhile wait in the socket, so nothing is lost or reordered.
+//!   plain read on this machine kind). So after `PLAIN_AFTER` (256) spinning receives in a row (`receive`
+//!   with a zero timeout) that each found at most one datagram, with nothing to submit and no send in
+//!   flight (replies and pings leave by `sendto`, see below), the group socket's multishot receive is
+//!   cancelled and the socket is read by plain non-blocking `recvmsg` calls (GRO batches split as above);
+//!   the ring is then entered only when a send or submission is waiting, and every `ENTER_EVERY` (4)
+//!   receives otherwise (for the unicast socket's multishot receive and the waker). A read that finds a GRO
+//!   batch or several datagrams (bulk traffic), `PLAIN_SENDING` (8) receives in a row with sends in the ring
+//!   (bulk sending), or a `receive` that may wait arms the multishot receive again; the datagrams queued
+//!   meanwhile wait in the socket, so nothing is lost or reordered.
 //! - **Send**: [`UringOptions::send_batch`] slots, each with its own buffer, address, iovec and msghdr at
 //!   stable addresses. `queue_send` copies into a free slot and queues a `SendMsg`; `flush` (or `receive`)
 //!   submits; a completion frees its slot. When every slot is busy, `queue_send` submits and reaps (bounded).
