@@ -19,7 +19,7 @@ use clap::Parser;
 )]
 struct Cli {
     /// Directory of counters sockets [default: $BLIP_COUNTERS_DIR, else $XDG_RUNTIME_DIR/blip, else
-    /// /tmp/blip-<uid>].
+    /// /tmp/blip-$UID].
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Read this socket only instead of every socket of the directory (repeatable).
