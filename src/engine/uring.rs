@@ -977,7 +977,7 @@ impl UringBackend {
         self.st.unicast.local_addr()
     }
 
-    /// Largest datagram a receive buffer holds whole (65,535 bytes with GRO on).
+    /// Largest datagram a receive buffer holds whole (with GRO on, more than any UDP datagram).
     pub fn max_datagram(&self) -> usize {
         self.st.recv_size - RECV_OVERHEAD - self.st.recv_control
     }

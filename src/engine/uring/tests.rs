@@ -808,7 +808,7 @@ fn plain_reads_count_truncated_datagrams() {
     // Without GRO a plain read has a multishot buffer's room (`max_datagram`, 1904 bytes by default), so
     // 2000 bytes are truncated, as the multishot receive truncates them.
     let mut rx = backend(group, 46_347, UringOptions { gro: false, ..UringOptions::default() });
-    let mut tx = backend(group, 46_348, UringOptions { buffer_size: 4096, ..UringOptions::default() });
+    let mut tx = backend(group, 46_348, UringOptions::default());
     let (from, dest) = (tx.unicast_addr().unwrap(), SocketAddr::from((group, 46_347)));
     let mut got = Vec::new();
     spin_until(&mut rx, from, &mut got, "plain reads", |rx, _| rx.st.group_read == GroupRead::Plain);
