@@ -288,6 +288,20 @@ pub(crate) fn gso_refused(errno: i32) -> bool {
     matches!(errno, libc::EINVAL | libc::EIO | libc::EOPNOTSUPP | libc::EMSGSIZE)
 }
 
+/// Datagrams reads dropped before the sink: longer than the buffer, or from no IPv4/IPv6 address.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Skipped {
+    pub(crate) truncated: u64,
+    pub(crate) malformed_reads: u64,
+}
+
+impl std::ops::AddAssign for Skipped {
+    fn add_assign(&mut self, other: Skipped) {
+        self.truncated += other.truncated;
+        self.malformed_reads += other.malformed_reads;
+    }
+}
+
 #[cfg(target_os = "linux")]
 pub(crate) use linux::{RECV_CMSG_ROOM, Turn, enable_gro, probe_segments, read_turn, to_std};
 
@@ -303,7 +317,7 @@ mod linux {
         ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, sendmsg, setsockopt, sockopt,
     };
 
-    use super::{GSO_SEGMENTS_MAX, GSO_SEGMENTS_OLD};
+    use super::{GSO_SEGMENTS_MAX, GSO_SEGMENTS_OLD, Skipped};
 
     /// Bytes of the control buffer a [`recv_one`] needs: room for the `UDP_GRO` control message, and then
     /// some (only that one is expected).
@@ -351,13 +365,6 @@ mod linux {
             }
         }
         Ok(None)
-    }
-
-    /// Datagrams a read dropped before the sink: longer than the buffer, or from no IPv4/IPv6 address.
-    #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-    pub(crate) struct Skipped {
-        pub(crate) truncated: u64,
-        pub(crate) malformed_reads: u64,
     }
 
     /// What one [`read_turn`] found.

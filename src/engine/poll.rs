@@ -105,8 +105,7 @@ pub struct PollBackend {
     reads: [u64; 2],
     send_errors: u64,
     /// Datagrams dropped unread: longer than a receive buffer, or from no IPv4/IPv6 address.
-    truncated: u64,
-    malformed_reads: u64,
+    skipped: offload::Skipped,
     /// Lent by `send_buffer` when the open batch has no room (or there is none).
     scratch: Vec<u8>,
     lent: Lent,
@@ -168,8 +167,7 @@ impl PollBackend {
             #[cfg(test)]
             reads: [0; 2],
             send_errors: 0,
-            truncated: 0,
-            malformed_reads: 0,
+            skipped: offload::Skipped::default(),
             scratch: Vec::new(),
             lent: Lent::Nothing,
             #[cfg(target_os = "linux")]
@@ -228,8 +226,7 @@ impl PollBackend {
                 self.reads[which] += turn.reads;
             }
             self.gro_batches += turn.batches;
-            self.truncated += turn.skipped.truncated;
-            self.malformed_reads += turn.skipped.malformed_reads;
+            self.skipped += turn.skipped;
             self.lone |= turn.lone;
             result?;
             return Ok(turn.datagrams);
@@ -246,7 +243,7 @@ impl PollBackend {
                 #[cfg(target_os = "linux")]
                 &mut self.mmsg,
                 #[cfg(target_os = "linux")]
-                (&mut self.truncated, &mut self.malformed_reads),
+                &mut self.skipped,
                 sink,
             )?;
             total += n;
@@ -425,8 +422,8 @@ impl Backend for PollBackend {
             gso_sends: self.gso.sends,
             gso_fallbacks: self.gso.fallbacks,
             gro_batches: self.gro_batches,
-            truncated: self.truncated,
-            malformed_reads: self.malformed_reads,
+            truncated: self.skipped.truncated,
+            malformed_reads: self.skipped.malformed_reads,
             ..BackendStats::default()
         }
     }
@@ -507,12 +504,12 @@ mod linux {
     }
 
     /// One `recvmmsg` of up to `BATCH` datagrams into `bufs`, each handed to `sink`; truncated and
-    /// unaddressed ones are dropped and counted in `dropped` (truncated, malformed reads).
+    /// unaddressed ones are dropped and counted in `skipped`.
     pub(super) fn recv_batch(
         sock: &UdpSocket,
         bufs: &mut [u8],
         mmsg: &mut Mmsg,
-        dropped: (&mut u64, &mut u64),
+        skipped: &mut offload::Skipped,
         sink: &mut dyn FnMut(SocketAddr, &mut [u8]),
     ) -> io::Result<usize> {
         let count = {
@@ -527,9 +524,9 @@ mod linux {
                         // A datagram longer than the buffer is truncated: drop it (it cannot be a Blip packet).
                         if !r.flags.contains(MsgFlags::MSG_TRUNC) {
                             mmsg.results[n] = (r.bytes, r.address.as_ref().and_then(offload::to_std));
-                            *dropped.1 += u64::from(mmsg.results[n].1.is_none());
+                            skipped.malformed_reads += u64::from(mmsg.results[n].1.is_none());
                         } else {
-                            *dropped.0 += 1;
+                            skipped.truncated += 1;
                             mmsg.results[n] = (0, None);
                         }
                         n += 1;

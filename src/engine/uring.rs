@@ -789,7 +789,7 @@ impl State {
             self.plain_empty = false;
         }
         // What a multishot receive buffer holds (`max_datagram`): a longer datagram is dropped either way.
-        let room = (self.recv_size - RECV_OVERHEAD - self.recv_control).min(self.plain_buf.len());
+        let room = self.max_datagram().min(self.plain_buf.len());
         let (turn, result) = offload::read_turn(
             &self.group,
             &mut self.plain_buf[..room],
@@ -809,6 +809,11 @@ impl State {
         self.stats.truncated += turn.skipped.truncated;
         self.stats.malformed += turn.skipped.malformed_reads;
         turn
+    }
+
+    /// See [`UringBackend::max_datagram`].
+    fn max_datagram(&self) -> usize {
+        self.recv_size - RECV_OVERHEAD - self.recv_control
     }
 
     fn take_woken(&mut self) -> bool {
@@ -979,7 +984,7 @@ impl UringBackend {
 
     /// Largest datagram a receive buffer holds whole (with GRO on, more than any UDP datagram).
     pub fn max_datagram(&self) -> usize {
-        self.st.recv_size - RECV_OVERHEAD - self.st.recv_control
+        self.st.max_datagram()
     }
 
     /// Segments per GSO send at most (64 or 128), or 0 if the backend does not coalesce (GSO off, refused
