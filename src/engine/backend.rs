@@ -43,8 +43,9 @@ pub struct BackendStats {
     pub gro_batches: u64,
     /// Datagrams dropped because they did not fit a receive buffer (they cannot be Blip packets).
     pub truncated: u64,
-    /// Reads dropped because the kernel's answer named no IPv4 or IPv6 source or could not be made sense of
-    /// (io_uring: `UringStats::malformed`, which also counts completions naming an unknown buffer).
+    /// Reads dropped because the kernel's answer named no IPv4 or IPv6 source, had its control data cut (a
+    /// GRO batch's segment size may be lost), or could not be made sense of (io_uring:
+    /// `UringStats::malformed`, which also counts completions naming an unknown buffer).
     pub malformed_reads: u64,
     /// Failed receives the backend counted and went on from (io_uring), other than "nothing ready" and
     /// `enobufs`. The poll backend returns a failed receive as an error instead and leaves this at 0.

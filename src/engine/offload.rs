@@ -319,9 +319,10 @@ mod linux {
 
     use super::{GSO_SEGMENTS_MAX, GSO_SEGMENTS_OLD, Skipped};
 
-    /// Bytes of the control buffer a [`recv_one`] needs: room for the `UDP_GRO` control message, and then
-    /// some (only that one is expected).
-    pub(crate) const RECV_CMSG_ROOM: usize = 64;
+    /// Bytes of control data a GRO read makes room for: the `UDP_GRO` control message, and 40 bytes of what
+    /// socket options may put before it (a `SO_TIMESTAMP` timestamp takes 32). A read whose control data is cut
+    /// before the segment size is dropped (see [`recv_one`]).
+    pub(crate) const RECV_CMSG_ROOM: usize = 40 + super::GRO_CMSG_SPACE;
 
     /// Reads at most this many datagrams in one [`recv_one`], skipping unusable ones.
     const SKIP_MAX: usize = 32;
@@ -353,6 +354,12 @@ mod linux {
                             _ => None,
                         })
                     });
+                    // Cut control data without a segment size may have lost it, and a GRO batch would go up
+                    // as one datagram (socket options that add control messages before it can crowd it out).
+                    if segment.is_none() && r.flags.contains(MsgFlags::MSG_CTRUNC) {
+                        skipped.malformed_reads += 1;
+                        continue;
+                    }
                     let Some(from) = r.address.as_ref().and_then(to_std) else {
                         skipped.malformed_reads += 1;
                         continue;

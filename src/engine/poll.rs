@@ -115,7 +115,9 @@ pub struct PollBackend {
 
 impl PollBackend {
     /// Takes ownership of the node's sockets (already non-blocking and configured) and registers them, with
-    /// the default [`PollOptions`] (GSO and GRO where the kernel has them).
+    /// the default [`PollOptions`] (GSO and GRO where the kernel has them). Control messages that socket
+    /// options add to reads get 40 bytes before GRO's segment size (a `SO_TIMESTAMP` takes 32); a read that
+    /// lost the segment size is dropped (`BackendStats::malformed_reads`).
     pub fn new(group: UdpSocket, unicast: UdpSocket, max_datagram: usize) -> io::Result<PollBackend> {
         PollBackend::with_options(group, unicast, max_datagram, PollOptions::default())
     }
@@ -139,10 +141,13 @@ impl PollBackend {
         let slot_size = if gso.is_on() { max_datagram.max(offload::GSO_BUFFER) } else { max_datagram };
         let poller = Arc::new(Poller::new()?);
         // SAFETY (polling's contract, not memory safety in this crate): each socket is deleted from the poller
-        // in `Drop` before it is closed.
+        // before it is closed: in `Drop`, or here if the second registration fails.
         unsafe {
             poller.add_with_mode(&group, Event::readable(KEY_GROUP), PollMode::Level)?;
-            poller.add_with_mode(&unicast, Event::readable(KEY_UNICAST), PollMode::Level)?;
+            if let Err(e) = poller.add_with_mode(&unicast, Event::readable(KEY_UNICAST), PollMode::Level) {
+                let _ = poller.delete(&group);
+                return Err(e);
+            }
         }
         Ok(PollBackend {
             poller,

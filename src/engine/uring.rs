@@ -416,7 +416,8 @@ pub struct UringStats {
     pub gro_batches: u64,
     /// Datagrams dropped because they did not fit a receive buffer (MSG_TRUNC), plain reads included.
     pub truncated: u64,
-    /// Receive completions (and plain reads) that could not be parsed or named an unknown address family.
+    /// Receive completions (and plain reads) that could not be parsed, named an unknown address family, or
+    /// had their control data cut under GRO.
     pub malformed: u64,
     /// Receive completions with an error other than ENOBUFS.
     pub recv_errors: u64,
@@ -477,6 +478,11 @@ struct SendSlot {
 struct Stashed {
     bid: u16,
     len: u32,
+}
+
+impl Stashed {
+    /// The buffer id of an entry already delivered (never a real one: there are at most 32,768 buffers).
+    const TAKEN: u16 = u16::MAX;
 }
 
 /// A zeroed msghdr: null pointers and zero lengths.
@@ -603,12 +609,20 @@ impl State {
                     if ud == UD_RECV_GROUP && self.group_read == GroupRead::Cancelling {
                         self.group_read = GroupRead::Plain;
                         self.stats.plain_switches += 1;
-                    } else if res != -libc::ECANCELED {
+                    } else {
+                        // Cancelled too, when a cancel that reported failure (EALREADY) took effect after all
+                        // and the group socket stayed on its multishot receive: without a new one it would
+                        // never be read again. (While the backend drains, nothing acts on this.)
                         self.rearm[i] = true;
                         self.stats.rearms += 1;
                     }
                 }
                 if res < 0 {
+                    // A receive can fail after the kernel picked a buffer for it: give that buffer back, or
+                    // the ring shrinks for good.
+                    if let Some(bid) = cqueue::buffer_select(flags).filter(|b| *b < self.buffers) {
+                        self.recycle(bid);
+                    }
                     match -res {
                         libc::ENOBUFS => self.stats.enobufs += 1,
                         libc::ECANCELED => {}
@@ -654,8 +668,13 @@ impl State {
     /// datagrams if it holds a GRO batch), then gives the buffer back to the ring (published at the end of
     /// the reap). Returns the datagrams delivered.
     fn deliver(&mut self, bid: u16, len: u32, sink: &mut dyn FnMut(SocketAddr, &mut [u8])) -> usize {
-        if bid >= self.buffers || len as usize > self.recv_size {
+        if bid >= self.buffers {
             self.stats.malformed += 1;
+            return 0;
+        }
+        if len as usize > self.recv_size {
+            self.stats.malformed += 1;
+            self.recycle(bid);
             return 0;
         }
         let mut delivered = 0;
@@ -674,6 +693,15 @@ impl State {
             // Parsed on a shared reborrow; what the sink gets is the payload's place, reborrowed mutably.
             let parsed = match types::RecvMsgOut::parse(buf, &self.recv_msg[0]) {
                 Ok(out) if out.is_payload_truncated() => Err(true),
+                // Cut control data without a segment size may have lost it: a GRO batch would go up as one
+                // datagram. (Socket options that add control messages before it can crowd it out.)
+                Ok(out)
+                    if self.gro
+                        && out.is_control_data_truncated()
+                        && offload::gro_segment(out.control_data()).is_none() =>
+                {
+                    Err(false)
+                }
                 Ok(out) => match addr::decode(out.name_data()) {
                     Some(from) => {
                         let segment = if self.gro { offload::gro_segment(out.control_data()) } else { None };
@@ -846,6 +874,9 @@ impl UringBackend {
     /// Takes ownership of the group socket (bound to the group's port, joined) and the unicast socket (bound
     /// to an ephemeral port on the interface; it sends everything), both non-blocking, and sets up the ring,
     /// the buffers, and a multishot receive on each socket. Call it on the thread that will use the backend.
+    /// Control messages that socket options add to reads get 40 bytes before GRO's segment size (a
+    /// `SO_TIMESTAMP` takes 32); a read that lost the segment size is dropped
+    /// (`BackendStats::malformed_reads`).
     pub fn new(group: UdpSocket, unicast: UdpSocket, opts: UringOptions) -> Result<UringBackend, UringError> {
         UringBackend::with_ladder(group, unicast, opts, 0)
     }
@@ -868,7 +899,7 @@ impl UringBackend {
         };
         // With GRO a buffer holds a whole batch: header, source address, control message, 64 KiB of payload.
         let (nbufs, recv_size) = if gro {
-            let size = (RECV_OVERHEAD + offload::GRO_CMSG_SPACE + offload::GRO_MAX_PAYLOAD).next_multiple_of(64);
+            let size = (RECV_OVERHEAD + offload::RECV_CMSG_ROOM + offload::GRO_MAX_PAYLOAD).next_multiple_of(64);
             (opts.buffers.min(GRO_BUFFERS), size.max(opts.buffer_size))
         } else {
             (opts.buffers, opts.buffer_size)
@@ -883,8 +914,13 @@ impl UringBackend {
         let eventfd = Arc::new(EventFd::new().map_err(UringError::Setup)?);
         let buffers = usize::from(nbufs);
         let buf_ring = BufRing::new(nbufs).map_err(UringError::Setup)?;
-        let recv_bufs = Region::new(buffers * recv_size, mem::page_size()).map_err(UringError::Setup)?;
-        let send_bufs = Region::new(nslots * slot_size, 64).map_err(UringError::Setup)?;
+        // Checked: on a 32-bit target valid-looking options can overflow, and a wrapped size would hand the
+        // kernel buffer addresses past the allocation.
+        let too_big = || UringError::InvalidOptions("buffers too large for this address space".into());
+        let recv_bufs = Region::new(buffers.checked_mul(recv_size).ok_or_else(too_big)?, mem::page_size())
+            .map_err(UringError::Setup)?;
+        let send_bufs =
+            Region::new(nslots.checked_mul(slot_size).ok_or_else(too_big)?, 64).map_err(UringError::Setup)?;
         let wake_buf = Region::new(size_of::<u64>(), align_of::<u64>()).map_err(UringError::Setup)?;
         let slots = (0..nslots)
             .map(|_| SendSlot {
@@ -901,7 +937,7 @@ impl UringBackend {
         recv_msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         // Only the lengths matter to a multishot receive: the kernel reserves this much room for control data
         // in every buffer, between the source address and the payload.
-        let recv_control = if gro { offload::GRO_CMSG_SPACE } else { 0 };
+        let recv_control = if gro { offload::RECV_CMSG_ROOM } else { 0 };
         recv_msg.msg_controllen = recv_control as _;
         let mut free = Vec::with_capacity(nslots);
         free.extend((0..nslots as u16).rev());
@@ -1205,8 +1241,13 @@ impl UringBackend {
         }
         let mut delivered = 0;
         for k in 0..self.st.stash.len() {
-            let s = self.st.stash[k];
-            delivered += self.st.deliver(s.bid, s.len, sink);
+            // Marked taken before it is delivered: if the sink panics and the backend is used again, the
+            // entries already handed over are not delivered and recycled a second time (the one being
+            // delivered leaks its buffer instead).
+            let s = std::mem::replace(&mut self.st.stash[k], Stashed { bid: Stashed::TAKEN, len: 0 });
+            if s.bid != Stashed::TAKEN {
+                delivered += self.st.deliver(s.bid, s.len, sink);
+            }
         }
         self.st.stash.clear();
         self.st.buf_ring.publish();

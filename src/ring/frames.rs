@@ -99,9 +99,9 @@ impl FrameProducer {
     pub fn push_parts(&mut self, flags: u8, head: &[u8], body: &[u8]) -> Option<Fenced> {
         let len = head.len() + body.len();
         let start = self.reserve(len)?;
-        let at = start + FRAME_HEADER_LEN;
+        let at = start.wrapping_add(FRAME_HEADER_LEN);
         self.w.write(at, head);
-        self.w.write(at + head.len(), body);
+        self.w.write(at.wrapping_add(head.len()), body);
         Some(self.publish(start, len, flags, 0))
     }
 
@@ -109,7 +109,7 @@ impl FrameProducer {
     #[inline]
     fn publish(&mut self, start: usize, len: usize, flags: u8, kind: u8) -> Fenced {
         self.w.write(start, &header(len, flags, kind));
-        self.w.publish_fenced(start + FRAME_HEADER_LEN + len)
+        self.w.publish_fenced(start.wrapping_add(FRAME_HEADER_LEN + len))
     }
 
     /// Publishes an empty [`MARKER`] frame. Returns `None` when full.
@@ -136,14 +136,14 @@ impl std::ops::Deref for FrameClaim<'_> {
     type Target = [u8];
     #[inline]
     fn deref(&self) -> &[u8] {
-        self.producer.w.region(self.start + FRAME_HEADER_LEN, self.len)
+        self.producer.w.region(self.start.wrapping_add(FRAME_HEADER_LEN), self.len)
     }
 }
 
 impl std::ops::DerefMut for FrameClaim<'_> {
     #[inline]
     fn deref_mut(&mut self) -> &mut [u8] {
-        self.producer.w.region_mut(self.start + FRAME_HEADER_LEN, self.len)
+        self.producer.w.region_mut(self.start.wrapping_add(FRAME_HEADER_LEN), self.len)
     }
 }
 
@@ -269,6 +269,34 @@ mod tests {
             c.advance(4 + 4 + len);
         }
         assert!(c.peek().is_none());
+    }
+
+    /// As above, with the positions passing `usize::MAX` (after 4 GiB on a 32-bit target).
+    #[test]
+    fn frames_survive_the_wrap_of_the_positions() {
+        let (w, r) = super::super::ends_from(128, usize::MAX - 200);
+        let max_payload = w.capacity() / 2 - FRAME_HEADER_LEN;
+        let (mut p, mut c) = (FrameProducer { w, max_payload }, FrameConsumer { r });
+        for round in 0..2000u32 {
+            let len = (round as usize * 7) % 57;
+            assert!(p.push_parts(WHOLE, &round.to_le_bytes(), &vec![round as u8; len]).is_some(), "round {round}");
+            let got = frames(c.peek().unwrap());
+            assert_eq!(got, vec![(WHOLE, 0, [&round.to_le_bytes()[..], &vec![round as u8; len]].concat())]);
+            c.advance(4 + 4 + len);
+        }
+        assert!(c.peek().is_none());
+        assert!(p.w.tail < 1 << 20, "the positions wrapped");
+    }
+
+    /// A reader that frees more than was published would let the producer write over what it reads next:
+    /// refused.
+    #[test]
+    #[should_panic(expected = "ring advanced past what is published")]
+    fn advancing_past_what_is_published_panics() {
+        let (mut p, mut c) = frame_ring(64);
+        assert!(p.push_parts(WHOLE, &[], &[1; 8]).is_some());
+        let n = c.peek().unwrap().len();
+        c.advance(n + 4);
     }
 
     /// Two threads, a million frames of varying size: every frame arrives once, in order, intact.

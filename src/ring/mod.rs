@@ -4,7 +4,8 @@
 //! variant for messages from a publisher to the engine, whose records are wire frames.
 //!
 //! Layout: a power-of-two byte buffer; positions are ever-increasing `usize` counters (masked to index), so
-//! full and empty are told apart without a spare slot. Each record is an 8-byte header (`len: u32`,
+//! full and empty are told apart without a spare slot. They wrap around (on a 32-bit target after 4 GiB), so
+//! they are added and subtracted modulo `usize::MAX + 1`: the distance from head to tail stays right. Each record is an 8-byte header (`len: u32`,
 //! `tag: u32`) followed by the payload, padded to 8 bytes. A record never wraps: when it does not fit before
 //! the end of the buffer, the producer writes a padding record to the end and starts at index 0.
 //!
@@ -137,11 +138,11 @@ impl Writer {
     #[inline]
     fn free(&mut self, need: usize) -> bool {
         let cap = self.capacity();
-        if self.tail + need - self.cached_head <= cap {
+        if self.tail.wrapping_sub(self.cached_head) + need <= cap {
             return true;
         }
         self.cached_head = self.shared.head.load(Ordering::Acquire);
-        self.tail + need - self.cached_head <= cap
+        self.tail.wrapping_sub(self.cached_head) + need <= cap
     }
 
     /// Whether `size` bytes that must not cross the end of the buffer could be reserved now.
@@ -162,7 +163,7 @@ impl Writer {
                 return None;
             }
             pad(self, to_end);
-            self.publish(self.tail + to_end);
+            self.publish(self.tail.wrapping_add(to_end));
         } else if !self.free(size) {
             return None;
         }
@@ -173,7 +174,7 @@ impl Writer {
     #[inline]
     fn free_bytes(&mut self) -> usize {
         self.cached_head = self.shared.head.load(Ordering::Acquire);
-        self.capacity() - (self.tail - self.cached_head)
+        self.capacity() - self.tail.wrapping_sub(self.cached_head)
     }
 
     #[inline]
@@ -244,7 +245,7 @@ impl Reader {
         if self.head == self.cached_tail {
             self.cached_tail = self.shared.tail.load(Ordering::Acquire);
         }
-        self.cached_tail - self.head
+        self.cached_tail.wrapping_sub(self.head)
     }
 
     /// Bytes from `head` to the end of the buffer.
@@ -254,28 +255,44 @@ impl Reader {
     }
 
     /// The published bytes [head + offset, head + offset + len), which must not cross the end of the buffer.
+    /// Panics otherwise: the rings' public readers reach here with lengths read from the buffer and counts
+    /// given by their callers, and a slice past `tail` would overlap what the producer is writing.
     #[inline]
     fn bytes(&self, offset: usize, len: usize) -> &[u8] {
-        debug_assert!(offset + len <= self.cached_tail - self.head && offset + len <= self.to_end());
-        self.shared.touch(self.head + offset, len, false);
-        // SAFETY: the range lies below the Acquire-loaded `tail`, so the producer finished writing it and does
-        // not touch it until `head` moves past it (only `advance`, which needs `&mut self`, moves it); it does
-        // not cross the end of the buffer.
-        unsafe { std::slice::from_raw_parts(self.shared.ptr(self.head + offset), len) }
+        let avail = self.cached_tail.wrapping_sub(self.head).min(self.to_end());
+        assert!(offset <= avail && len <= avail - offset, "ring read past what is published");
+        let at = self.head.wrapping_add(offset);
+        self.shared.touch(at, len, false);
+        // SAFETY: the range (checked above) lies below the Acquire-loaded `tail`, so the producer finished
+        // writing it and does not touch it until `head` moves past it (only `advance`, which needs `&mut
+        // self`, moves it); it does not cross the end of the buffer.
+        unsafe { std::slice::from_raw_parts(self.shared.ptr(at), len) }
     }
 
-    /// Frees `n` bytes from `head` for the producer.
+    /// Frees `n` bytes from `head` for the producer. Panics past what is published: `head` beyond `tail`
+    /// would let [`bytes`](Self::bytes) and the producer's room check go wrong.
     #[inline]
     fn advance(&mut self, n: usize) {
-        self.head += n;
+        assert!(n <= self.cached_tail.wrapping_sub(self.head), "ring advanced past what is published");
+        self.head = self.head.wrapping_add(n);
         self.shared.head.store(self.head, Ordering::Release);
     }
 }
 
 /// Both ends of a new buffer of at least `capacity` bytes.
 fn ends(capacity: usize) -> (Writer, Reader) {
+    ends_from(capacity, 0)
+}
+
+/// [`ends`] with both positions at `start` (tests start near the wrap of the counters).
+fn ends_from(capacity: usize, start: usize) -> (Writer, Reader) {
     let shared = Arc::new(Shared::new(capacity));
-    (Writer { shared: shared.clone(), tail: 0, cached_head: 0 }, Reader { shared, head: 0, cached_tail: 0 })
+    shared.head.store(start, Ordering::Relaxed);
+    shared.tail.store(start, Ordering::Relaxed);
+    (
+        Writer { shared: shared.clone(), tail: start, cached_head: start },
+        Reader { shared, head: start, cached_tail: start },
+    )
 }
 
 /// Creates a ring of at least `capacity` bytes (rounded up to a power of two, at least 64).
@@ -390,7 +407,7 @@ impl Claim<'_> {
         assert_ne!(tag, PAD, "tag u32::MAX is reserved");
         let w = &mut self.producer.w;
         w.write(self.start, &header(self.len, tag));
-        w.publish(self.start + padded(self.len));
+        w.publish(self.start.wrapping_add(padded(self.len)));
     }
 }
 
@@ -398,14 +415,14 @@ impl std::ops::Deref for Claim<'_> {
     type Target = [u8];
     #[inline]
     fn deref(&self) -> &[u8] {
-        self.producer.w.region(self.start + HEADER, self.len)
+        self.producer.w.region(self.start.wrapping_add(HEADER), self.len)
     }
 }
 
 impl std::ops::DerefMut for Claim<'_> {
     #[inline]
     fn deref_mut(&mut self) -> &mut [u8] {
-        self.producer.w.region_mut(self.start + HEADER, self.len)
+        self.producer.w.region_mut(self.start.wrapping_add(HEADER), self.len)
     }
 }
 
@@ -475,6 +492,23 @@ impl std::ops::Deref for Record<'_> {
 mod tests {
     use super::*;
     use std::time::{Duration, Instant};
+
+    /// Records through a ring whose positions pass `usize::MAX` (after 4 GiB on a 32-bit target): lengths
+    /// that keep the records from lining up with the wrap of the buffer, each read back whole.
+    #[test]
+    fn positions_wrap_around() {
+        let (w, r) = ends_from(256, usize::MAX - 300);
+        let (mut p, mut c) = (Producer { w }, Consumer { r });
+        for i in 0..2_000u32 {
+            let len = (i as usize * 7) % 60;
+            assert!(p.push(i, &vec![i as u8; len]), "record {i}");
+            let rec = c.peek().expect("a record");
+            assert_eq!((rec.tag(), &rec[..]), (i, &vec![i as u8; len][..]), "record {i}");
+            rec.release();
+            assert!(c.peek().is_none());
+        }
+        assert!(p.w.tail < 1 << 20, "the positions wrapped");
+    }
 
     #[test]
     fn fills_wraps_and_empties() {

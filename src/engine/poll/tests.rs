@@ -281,3 +281,43 @@ fn receive_all_reads_both_sockets_to_the_end() {
     got.sort_unstable();
     assert_eq!(got, [6, 100, 100, 100]);
 }
+
+/// A GRO read whose control data was cut before the segment size (a `SO_TIMESTAMPING` record fills the
+/// room first) is dropped and counted, not handed up as one datagram; with a plain timestamp, which leaves
+/// room, the batch arrives datagram by datagram.
+#[test]
+fn reads_whose_control_data_lost_the_segment_size_are_dropped() {
+    use nix::sys::socket::{TimestampingFlag, setsockopt, sockopt};
+    let group = Ipv4Addr::new(239, 255, 203, 9);
+    let flags = TimestampingFlag::SOF_TIMESTAMPING_SOFTWARE | TimestampingFlag::SOF_TIMESTAMPING_RX_SOFTWARE;
+    for (port, crowded) in [(46_321, false), (46_323, true)] {
+        let sock = group_socket(group, port);
+        if crowded {
+            setsockopt(&sock, sockopt::Timestamping, &flags).expect("SO_TIMESTAMPING");
+        } else {
+            setsockopt(&sock, sockopt::ReceiveTimestamp, &true).expect("SO_TIMESTAMP");
+        }
+        let mut rx = PollBackend::with_options(sock, unicast_socket(), 2048, PollOptions::default()).unwrap();
+        let (mut tx, _) = backend(group, port + 1, PollOptions::default());
+        if !rx.gro() || tx.gso_segments() == 0 {
+            eprintln!("skipping: no UDP GSO/GRO here");
+            return;
+        }
+        for i in 0..8u8 {
+            tx.queue_send(SocketAddr::from((group, port)), &[i; FULL]).unwrap();
+        }
+        tx.flush().unwrap();
+        let mut got = 0;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got < 8 && rx.stats().malformed_reads == 0 {
+            assert!(Instant::now() < deadline, "nothing within 5 s ({got} delivered, crowded: {crowded})");
+            rx.receive(Some(Duration::from_millis(20)), &mut |_, d| {
+                assert_eq!(d.len(), FULL, "a datagram of the batch, not the batch");
+                got += 1;
+            })
+            .unwrap();
+        }
+        let want = if crowded { (0, 1, 0) } else { (8, 0, 1) };
+        assert_eq!((got, rx.stats().malformed_reads, rx.gro_batches()), want, "crowded: {crowded}");
+    }
+}

@@ -3,7 +3,7 @@
 //! port, and they run one at a time (the fd-count test needs a quiet process). A test that finds io_uring
 //! unavailable prints why and passes.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
@@ -837,4 +837,89 @@ fn plain_reads_count_truncated_datagrams() {
         }
     );
     assert!(common.plain_switches >= 1);
+}
+
+/// Sends one GSO batch of 8 full datagrams to a receiver whose group socket has `option` set, and returns
+/// the datagrams it delivered (waiting in the ring, so the multishot receive reads them) and its stats;
+/// `None` where GSO or GRO is missing.
+fn gso_batch_to(group: Ipv4Addr, port: u16, option: impl FnOnce(&UdpSocket)) -> Option<(usize, UringStats)> {
+    let sock = group_socket(group, port);
+    option(&sock);
+    let mut rx = UringBackend::new(sock, unicast_socket(), UringOptions::default()).expect("UringBackend::new");
+    let mut tx = backend(group, port + 1, UringOptions::default());
+    if !rx.gro() || tx.gso_segments() == 0 {
+        eprintln!("skipping: no UDP GSO/GRO here");
+        return None;
+    }
+    let dest = SocketAddr::from((group, port));
+    for i in 0..8u8 {
+        tx.queue_send(dest, &[i; FULL]).unwrap();
+    }
+    tx.flush().unwrap();
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got < 8 && rx.uring_stats().malformed == 0 {
+        assert!(Instant::now() < deadline, "nothing within 10 s ({got} delivered, {:?})", rx.uring_stats());
+        rx.receive(Some(Duration::from_millis(20)), &mut |_, d| {
+            assert_eq!(d.len(), FULL, "a datagram of the batch, not the batch");
+            got += 1;
+        })
+        .unwrap();
+    }
+    Some((got, rx.uring_stats()))
+}
+
+/// Socket options that add control messages of their own come before the GRO segment size. A timestamp
+/// leaves it room; a `SO_TIMESTAMPING` record (64 bytes) crowds it out, and the batch is dropped and
+/// counted instead of being handed up as one datagram.
+#[test]
+fn receives_whose_control_data_lost_the_segment_size_are_dropped() {
+    use nix::sys::socket::{TimestampingFlag, setsockopt, sockopt};
+    let _serial = serial();
+    if !available() {
+        return;
+    }
+    let group = Ipv4Addr::new(239, 255, 203, 23);
+    let stamped = |s: &UdpSocket| setsockopt(s, sockopt::ReceiveTimestamp, &true).expect("SO_TIMESTAMP");
+    let Some((got, stats)) = gso_batch_to(group, 46_349, stamped) else { return };
+    assert_eq!((got, stats.malformed, stats.gro_batches), (8, 0, 1), "{stats:?}");
+    let flags = TimestampingFlag::SOF_TIMESTAMPING_SOFTWARE | TimestampingFlag::SOF_TIMESTAMPING_RX_SOFTWARE;
+    let crowded = |s: &UdpSocket| setsockopt(s, sockopt::Timestamping, &flags).expect("SO_TIMESTAMPING");
+    let Some((got, stats)) = gso_batch_to(group, 46_351, crowded) else { return };
+    assert_eq!((got, stats.malformed), (0, 1), "{stats:?}");
+}
+
+/// Receive completions reaped without a sink wait in the stash for the next receive. A sink that panics
+/// while they are delivered, in a backend used again after the panic was caught, must not get the ones
+/// already delivered a second time (their buffers were given back to the kernel after the first).
+#[test]
+fn a_panicking_sink_does_not_get_stashed_datagrams_twice() {
+    let _serial = serial();
+    if !available() {
+        return;
+    }
+    let group = Ipv4Addr::new(239, 255, 203, 24);
+    let mut rx = backend(group, 46_353, UringOptions::default());
+    let mut tx = backend(group, 46_354, UringOptions::default());
+    let dest = SocketAddr::from((group, 46_353));
+    for i in 0..3u8 {
+        tx.queue_send(dest, &[i; 100]).unwrap();
+        tx.flush().unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rx.st.stash.len() < 3 {
+        assert!(Instant::now() < deadline, "3 datagrams not stashed within 10 s ({})", rx.st.stash.len());
+        rx.wait(Some(Duration::from_millis(20))).unwrap();
+        rx.reap(None);
+    }
+    let mut got = Vec::new();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rx.receive(Some(Duration::ZERO), &mut |_, d| {
+            assert_ne!(d[0], 1, "the sink fails on datagram 1");
+            got.push(d[0]);
+        })
+    }));
+    assert!(caught.is_err());
+    rx.receive(Some(Duration::ZERO), &mut |_, d| got.push(d[0])).unwrap();
+    assert_eq!(got, [0, 2], "datagram 1 is lost with the panic, 0 is not delivered again");
 }
