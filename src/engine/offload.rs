@@ -327,49 +327,68 @@ mod linux {
     /// Reads at most this many datagrams in one [`recv_one`], skipping unusable ones.
     const SKIP_MAX: usize = 32;
 
-    /// One non-blocking read (a `recvmsg` into `buf`, with `UDP_GRO` control data into `cmsg`):
-    /// `Some((source, length, segment size if the kernel coalesced))`, `None` when nothing is ready. A
-    /// truncated or unaddressed read is skipped (the next one is tried) and counted in `skipped`. Both
-    /// backends read this way when a read must hand over one datagram or GRO batch at once.
+    /// One non-blocking read (a `recvmsg` into `buf`, with `UDP_GRO` control data into `cmsg` when the socket
+    /// has GRO on, `None` otherwise): `Some((source, length, segment size if the kernel coalesced))`, `None`
+    /// when nothing is ready. A truncated or unaddressed read is skipped (the next one is tried) and counted
+    /// in `skipped`, and so is, with GRO on, one whose control data was cut with no segment size left in it
+    /// (a batch must not go up as one datagram). Both backends read this way when a read must hand over one datagram
+    /// or GRO batch at once.
     #[inline]
     pub(crate) fn recv_one(
         sock: &UdpSocket,
         buf: &mut [u8],
-        cmsg: &mut [u8],
+        mut cmsg: Option<&mut [u8]>,
         skipped: &mut Skipped,
     ) -> io::Result<Option<(SocketAddr, usize, Option<usize>)>> {
         // Bounded: every skipped read consumed a datagram.
         for _ in 0..SKIP_MAX {
+            if let Some(c) = cmsg.as_deref_mut() {
+                // Zeroed so that cut control data is read only as far as the kernel wrote it (see below).
+                c.fill(0);
+            }
             let mut iov = [IoSliceMut::new(&mut *buf)];
-            match recvmsg::<SockaddrStorage>(sock.as_raw_fd(), &mut iov, Some(&mut *cmsg), MsgFlags::MSG_DONTWAIT) {
+            let (flags, len, from, parsed) = match recvmsg::<SockaddrStorage>(
+                sock.as_raw_fd(),
+                &mut iov,
+                cmsg.as_deref_mut(),
+                MsgFlags::MSG_DONTWAIT,
+            ) {
                 Ok(r) => {
-                    // A datagram longer than the buffer is truncated: drop it (it cannot be a Blip packet).
-                    if r.flags.contains(MsgFlags::MSG_TRUNC) {
-                        skipped.truncated += 1;
-                        continue;
-                    }
-                    let segment = r.cmsgs().ok().and_then(|mut c| {
+                    // nix parses nothing when the control data was cut: that case is read below.
+                    let parsed = r.cmsgs().ok().and_then(|mut c| {
                         c.find_map(|m| match m {
                             ControlMessageOwned::UdpGroSegments(s) => usize::try_from(s).ok().filter(|s| *s > 0),
                             _ => None,
                         })
                     });
-                    // Cut control data without a segment size may have lost it, and a GRO batch would go up
-                    // as one datagram (socket options that add control messages before it can crowd it out).
-                    if segment.is_none() && r.flags.contains(MsgFlags::MSG_CTRUNC) {
-                        skipped.malformed_reads += 1;
-                        continue;
-                    }
-                    let Some(from) = r.address.as_ref().and_then(to_std) else {
-                        skipped.malformed_reads += 1;
-                        continue;
-                    };
-                    return Ok(Some((from, r.bytes, segment)));
+                    (r.flags, r.bytes, r.address.as_ref().and_then(to_std), parsed)
                 }
                 // Non-blocking, so EINTR is as good as "nothing now": the caller polls again.
                 Err(Errno::EAGAIN | Errno::EINTR | Errno::ECONNREFUSED) => return Ok(None),
                 Err(e) => return Err(e.into()),
+            };
+            // A datagram longer than the buffer is truncated: drop it (it cannot be a Blip packet).
+            if flags.contains(MsgFlags::MSG_TRUNC) {
+                skipped.truncated += 1;
+                continue;
             }
+            let segment = match cmsg.as_deref() {
+                // Socket options that add control messages can crowd the segment size out: without it a
+                // batch would go up as one datagram.
+                Some(c) if flags.contains(MsgFlags::MSG_CTRUNC) => match super::gro_segment(c) {
+                    None => {
+                        skipped.malformed_reads += 1;
+                        continue;
+                    }
+                    s => s,
+                },
+                _ => parsed,
+            };
+            let Some(from) = from else {
+                skipped.malformed_reads += 1;
+                continue;
+            };
+            return Ok(Some((from, len, segment)));
         }
         Ok(None)
     }
@@ -389,16 +408,16 @@ mod linux {
         pub(crate) skipped: Skipped,
     }
 
-    /// One turn of [`recv_one`] reads of `sock`, each datagram or GRO batch split for `sink`: until the
-    /// socket is found empty, after `max_reads` reads or once `max_datagrams` are delivered. When the last
-    /// turn found the socket empty (`*empty`), a read that returns a lone datagram ends the turn instead
-    /// (`Turn::lone`): it reaches the application a system call sooner (the round trip of a ping-pong), and
-    /// the next turn reads on until empty. Clear `*empty` first to read to the end regardless. On return,
+    /// One turn of [`recv_one`] reads of `sock` (`cmsg`: `None` when it has GRO off), each datagram or GRO
+    /// batch split for `sink`: until the socket is found empty, after `max_reads` reads or once
+    /// `max_datagrams` are delivered. When the last turn found the socket empty (`*empty`), a read that
+    /// returns a lone datagram ends the turn instead (`Turn::lone`): it reaches the application a system
+    /// call sooner (the round trip of a ping-pong), and the next turn reads on until empty. Clear `*empty` first to read to the end regardless. On return,
     /// `*empty` tells whether this turn found the socket empty without reading anything.
     pub(crate) fn read_turn(
         sock: &UdpSocket,
         buf: &mut [u8],
-        cmsg: &mut [u8],
+        mut cmsg: Option<&mut [u8]>,
         empty: &mut bool,
         max_reads: usize,
         max_datagrams: usize,
@@ -408,7 +427,7 @@ mod linux {
         let mut turn = Turn::default();
         for _ in 0..max_reads {
             turn.reads += 1;
-            match recv_one(sock, buf, cmsg, &mut turn.skipped) {
+            match recv_one(sock, buf, cmsg.as_deref_mut(), &mut turn.skipped) {
                 Ok(Some((from, len, segment))) => {
                     let n = super::split(from, &mut buf[..len], segment, sink);
                     turn.batches += u64::from(n > 1);

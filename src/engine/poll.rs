@@ -116,8 +116,9 @@ pub struct PollBackend {
 impl PollBackend {
     /// Takes ownership of the node's sockets (already non-blocking and configured) and registers them, with
     /// the default [`PollOptions`] (GSO and GRO where the kernel has them). Control messages that socket
-    /// options add to reads get 40 bytes before GRO's segment size (a `SO_TIMESTAMP` takes 32); a read that
-    /// lost the segment size is dropped (`BackendStats::malformed_reads`).
+    /// options add to reads get 40 bytes before GRO's segment size (a `SO_TIMESTAMP` takes 32); a read whose
+    /// control data was cut with no segment size in it is dropped (`BackendStats::malformed_reads`), whether
+    /// or not it held a batch.
     pub fn new(group: UdpSocket, unicast: UdpSocket, max_datagram: usize) -> io::Result<PollBackend> {
         PollBackend::with_options(group, unicast, max_datagram, PollOptions::default())
     }
@@ -220,7 +221,7 @@ impl PollBackend {
             let (turn, result) = offload::read_turn(
                 sock,
                 &mut self.recv_bufs[..RECV_SIZE],
-                &mut self.mmsg.cmsg,
+                Some(&mut self.mmsg.cmsg),
                 &mut self.sparse[which],
                 GRO_READS,
                 DRAIN_DATAGRAMS,

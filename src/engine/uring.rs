@@ -821,7 +821,7 @@ impl State {
         let (turn, result) = offload::read_turn(
             &self.group,
             &mut self.plain_buf[..room],
-            &mut self.plain_cmsg,
+            if self.gro { Some(&mut self.plain_cmsg) } else { None },
             &mut self.plain_empty,
             PLAIN_READS,
             usize::MAX,
@@ -875,8 +875,8 @@ impl UringBackend {
     /// to an ephemeral port on the interface; it sends everything), both non-blocking, and sets up the ring,
     /// the buffers, and a multishot receive on each socket. Call it on the thread that will use the backend.
     /// Control messages that socket options add to reads get 40 bytes before GRO's segment size (a
-    /// `SO_TIMESTAMP` takes 32); a read that lost the segment size is dropped
-    /// (`BackendStats::malformed_reads`).
+    /// `SO_TIMESTAMP` takes 32); a read whose control data was cut with no segment size in it is dropped
+    /// (`BackendStats::malformed_reads`), whether or not it held a batch.
     pub fn new(group: UdpSocket, unicast: UdpSocket, opts: UringOptions) -> Result<UringBackend, UringError> {
         UringBackend::with_ladder(group, unicast, opts, 0)
     }
