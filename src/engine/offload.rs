@@ -97,6 +97,16 @@ pub(crate) fn gro_segment(mut control: &[u8]) -> Option<usize> {
     None
 }
 
+/// The segment size a read's control data gives ([`gro_segment`]), or `Err` when that data was cut
+/// (`cut`: `MSG_CTRUNC`) with none in it: control messages that socket options add before it can crowd it
+/// out, and a GRO batch must not go up as one datagram. Both backends judge their reads with GRO on by this.
+pub(crate) fn read_segment(control: &[u8], cut: bool) -> Result<Option<usize>, ()> {
+    match gro_segment(control) {
+        None if cut => Err(()),
+        segment => Ok(segment),
+    }
+}
+
 /// Hands `payload` to `sink` as the datagrams it holds: cut into `segment`-byte pieces (the last may be
 /// shorter) when the kernel coalesced it (`Some(segment)`), whole otherwise. Returns the datagrams delivered.
 pub(crate) fn split(
@@ -288,7 +298,8 @@ pub(crate) fn gso_refused(errno: i32) -> bool {
     matches!(errno, libc::EINVAL | libc::EIO | libc::EOPNOTSUPP | libc::EMSGSIZE)
 }
 
-/// Datagrams reads dropped before the sink: longer than the buffer, or from no IPv4/IPv6 address.
+/// Reads dropped before the sink: longer than the buffer, from no IPv4/IPv6 address, or whose control data
+/// lost the GRO segment size.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Skipped {
     pub(crate) truncated: u64,
@@ -313,9 +324,7 @@ mod linux {
     use std::sync::OnceLock;
 
     use nix::errno::Errno;
-    use nix::sys::socket::{
-        ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, sendmsg, setsockopt, sockopt,
-    };
+    use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, recvmsg, sendmsg, setsockopt, sockopt};
 
     use super::{GSO_SEGMENTS_MAX, GSO_SEGMENTS_OLD, Skipped};
 
@@ -330,9 +339,8 @@ mod linux {
     /// One non-blocking read (a `recvmsg` into `buf`, with `UDP_GRO` control data into `cmsg` when the socket
     /// has GRO on, `None` otherwise): `Some((source, length, segment size if the kernel coalesced))`, `None`
     /// when nothing is ready. A truncated or unaddressed read is skipped (the next one is tried) and counted
-    /// in `skipped`, and so is, with GRO on, one whose control data was cut with no segment size left in it
-    /// (a batch must not go up as one datagram). Both backends read this way when a read must hand over one datagram
-    /// or GRO batch at once.
+    /// in `skipped`, and so is one that [`read_segment`](super::read_segment) refuses. Both backends read
+    /// this way when a read must hand over one datagram or GRO batch at once.
     #[inline]
     pub(crate) fn recv_one(
         sock: &UdpSocket,
@@ -347,22 +355,13 @@ mod linux {
                 c.fill(0);
             }
             let mut iov = [IoSliceMut::new(&mut *buf)];
-            let (flags, len, from, parsed) = match recvmsg::<SockaddrStorage>(
+            let (flags, len, from) = match recvmsg::<SockaddrStorage>(
                 sock.as_raw_fd(),
                 &mut iov,
                 cmsg.as_deref_mut(),
                 MsgFlags::MSG_DONTWAIT,
             ) {
-                Ok(r) => {
-                    // nix parses nothing when the control data was cut: that case is read below.
-                    let parsed = r.cmsgs().ok().and_then(|mut c| {
-                        c.find_map(|m| match m {
-                            ControlMessageOwned::UdpGroSegments(s) => usize::try_from(s).ok().filter(|s| *s > 0),
-                            _ => None,
-                        })
-                    });
-                    (r.flags, r.bytes, r.address.as_ref().and_then(to_std), parsed)
-                }
+                Ok(r) => (r.flags, r.bytes, r.address.as_ref().and_then(to_std)),
                 // Non-blocking, so EINTR is as good as "nothing now": the caller polls again.
                 Err(Errno::EAGAIN | Errno::EINTR | Errno::ECONNREFUSED) => return Ok(None),
                 Err(e) => return Err(e.into()),
@@ -372,17 +371,11 @@ mod linux {
                 skipped.truncated += 1;
                 continue;
             }
-            let segment = match cmsg.as_deref() {
-                // Socket options that add control messages can crowd the segment size out: without it a
-                // batch would go up as one datagram.
-                Some(c) if flags.contains(MsgFlags::MSG_CTRUNC) => match super::gro_segment(c) {
-                    None => {
-                        skipped.malformed_reads += 1;
-                        continue;
-                    }
-                    s => s,
-                },
-                _ => parsed,
+            // Read from the raw bytes, as far as the kernel wrote them (nix parses nothing once they are cut).
+            let cut = flags.contains(MsgFlags::MSG_CTRUNC);
+            let Ok(segment) = cmsg.as_deref().map_or(Ok(None), |c| super::read_segment(c, cut)) else {
+                skipped.malformed_reads += 1;
+                continue;
             };
             let Some(from) = from else {
                 skipped.malformed_reads += 1;
@@ -412,8 +405,9 @@ mod linux {
     /// batch split for `sink`: until the socket is found empty, after `max_reads` reads or once
     /// `max_datagrams` are delivered. When the last turn found the socket empty (`*empty`), a read that
     /// returns a lone datagram ends the turn instead (`Turn::lone`): it reaches the application a system
-    /// call sooner (the round trip of a ping-pong), and the next turn reads on until empty. Clear `*empty` first to read to the end regardless. On return,
-    /// `*empty` tells whether this turn found the socket empty without reading anything.
+    /// call sooner (the round trip of a ping-pong), and the next turn reads on until empty. Clear `*empty`
+    /// first to read to the end regardless. On return, `*empty` tells whether this turn found the socket
+    /// empty without reading anything.
     pub(crate) fn read_turn(
         sock: &UdpSocket,
         buf: &mut [u8],

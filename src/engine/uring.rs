@@ -693,23 +693,20 @@ impl State {
             // Parsed on a shared reborrow; what the sink gets is the payload's place, reborrowed mutably.
             let parsed = match types::RecvMsgOut::parse(buf, &self.recv_msg[0]) {
                 Ok(out) if out.is_payload_truncated() => Err(true),
-                // Cut control data without a segment size may have lost it: a GRO batch would go up as one
-                // datagram. (Socket options that add control messages before it can crowd it out.)
-                Ok(out)
-                    if self.gro
-                        && out.is_control_data_truncated()
-                        && offload::gro_segment(out.control_data()).is_none() =>
-                {
-                    Err(false)
-                }
-                Ok(out) => match addr::decode(out.name_data()) {
-                    Some(from) => {
-                        let segment = if self.gro { offload::gro_segment(out.control_data()) } else { None };
-                        let start = out.payload_data().as_ptr() as usize - buf.as_ptr() as usize;
-                        Ok((from, segment, start..start + out.payload_data().len()))
+                Ok(out) => {
+                    let segment = if self.gro {
+                        offload::read_segment(out.control_data(), out.is_control_data_truncated())
+                    } else {
+                        Ok(None)
+                    };
+                    match (addr::decode(out.name_data()), segment) {
+                        (Some(from), Ok(segment)) => {
+                            let start = out.payload_data().as_ptr() as usize - buf.as_ptr() as usize;
+                            Ok((from, segment, start..start + out.payload_data().len()))
+                        }
+                        _ => Err(false),
                     }
-                    None => Err(false),
-                },
+                }
                 Err(()) => Err(false),
             };
             match parsed {

@@ -1,11 +1,11 @@
 //! Membership: each node announces itself every `announce_interval`, says when it leaves, and is reported
 //! expired after `member_timeout` of silence. A known node id heard with a new session is a restart.
 
-use super::events::EventQueue;
 use std::time::{Duration, Instant};
 
 use super::Event;
 use super::config::Config;
+use super::events::EventQueue;
 use crate::wire::{MemberRepr, MemberState};
 
 /// A node this endpoint has heard announce itself.

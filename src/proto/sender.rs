@@ -2,12 +2,11 @@
 //! answers NAKs from stored bytes, heartbeats while idle, and applies flow control from receivers' STATUS.
 
 use std::collections::VecDeque;
-
-use super::events::EventQueue;
 use std::time::{Duration, Instant};
 
 use super::Now;
 use super::config::{Config, SlowReceiverPolicy};
+use super::events::EventQueue;
 use super::peers::PeerCounters;
 use super::ratelimit::TokenBucket;
 use super::window::Window;

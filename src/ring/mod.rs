@@ -4,9 +4,9 @@
 //! variant for messages from a publisher to the engine, whose records are wire frames.
 //!
 //! Layout: a power-of-two byte buffer; positions are ever-increasing `usize` counters (masked to index), so
-//! full and empty are told apart without a spare slot. They wrap around (on a 32-bit target after 4 GiB), so
-//! they are added and subtracted modulo `usize::MAX + 1`: the distance from head to tail stays right. Each record is an 8-byte header (`len: u32`,
-//! `tag: u32`) followed by the payload, padded to 8 bytes. A record never wraps: when it does not fit before
+//! full and empty are told apart without a spare slot. They wrap around (on a 32-bit target after 4 GiB),
+//! so they are added and subtracted modulo `usize::MAX + 1`: the distance from head to tail stays right.
+//! Each record is an 8-byte header (`len: u32`, `tag: u32`) followed by the payload, padded to 8 bytes. A record never wraps: when it does not fit before
 //! the end of the buffer, the producer writes a padding record to the end and starts at index 0.
 //!
 //! Synchronisation: the producer publishes a record with a Release store of `tail` after writing it (the
